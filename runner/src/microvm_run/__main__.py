@@ -1,0 +1,3 @@
+from microvm_run.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""Command line: parse, validate, plan, then either print the plan or launch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from microvm_run import contract, host
+from microvm_run.plan import (
+    ACCELS,
+    NETS,
+    SUPERVISORS,
+    LaunchPlan,
+    PlanError,
+    RunOptions,
+    build_plan,
+)
+from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_spec
+
+EPILOG = """\
+environment:
+  WORK_DIR               project directory shared at /work (default: the current directory)
+  AGENT_HOME             the agent's persistent home (default: per project, see README)
+  MICROVM_RUN_SPEC       the flavor's spec (set by the flavor packages; --spec overrides)
+  MICROVM_ACCEL, MICROVM_NET, MICROVM_BOOT_TIMEOUT, MICROVM_SUPERVISOR,
+  MICROVM_MEM, MICROVM_VCPUS   defaults for the options of the same name
+  DIRENV_ALLOW=1         evaluate the project's dev shell on the host (runs its Nix code)
+  ANTHROPIC_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY
+                         passed to the agent as credentials (never in argv or on disk in a share)
+
+exit status: the agent's own; 2 bad input; 124 the guest did not come up in time;
+125 the guest or the runner failed without an agent exit status.
+"""
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    env = dict(os.environ if environ is None else environ)
+    parser = _parser(env)
+    args = parser.parse_args(argv)
+    try:
+        spec = _load_spec(args.spec)
+        options = _options(args)
+        facts = host.gather(spec, env, work_dir_arg=args.work_dir, allow_home=args.allow_home)
+        plan = build_plan(spec, options, facts)
+    except (SpecError, PlanError) as err:
+        print(f"microvm-run: {err}", file=sys.stderr)
+        return contract.EXIT_BAD_INPUT
+    if args.dry_run:
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else _describe(plan))
+        return 0
+    try:
+        _check_runnable(spec, options.accel)
+    except PlanError as err:
+        print(f"microvm-run: {err}", file=sys.stderr)
+        return contract.EXIT_BAD_INPUT
+    from microvm_run import launch  # noqa: PLC0415 - keeps --dry-run imports small
+
+    try:
+        return launch.launch(plan, env)
+    except launch.LaunchError as err:
+        print(f"microvm-run: {err}", file=sys.stderr)
+        return contract.EXIT_NO_STATUS
+
+
+def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="microvm-run",
+        description="Start the agent in a throw-away microVM with WORK_DIR shared at /work.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--spec", default=env.get("MICROVM_RUN_SPEC"), help="the flavor's guest spec (TOML)")
+    add("--work-dir", help="project directory (default: $WORK_DIR or the current directory)")
+    add("--accel", default=env.get("MICROVM_ACCEL", "kvm"), choices=ACCELS,
+        help="kvm (default) or tcg (software emulation: slow, works without KVM)")
+    add("--net", default=env.get("MICROVM_NET", "user"), choices=NETS,
+        help="user: QEMU user-mode networking (default); none: no network device")
+    add("--boot-timeout", type=float, metavar="SECONDS",
+        default=_float_env(env, "MICROVM_BOOT_TIMEOUT", 60.0),
+        help="stop the VM if the guest has not come up by then (default 60)")
+    add("--supervisor", default=env.get("MICROVM_SUPERVISOR", "auto"), choices=SUPERVISORS,
+        help="how virtiofsd runs: systemd user units, child processes, or auto (default)")
+    add("--mem", metavar="MIB", default=env.get("MICROVM_MEM"),
+        help="guest memory in MiB (default: the flavor's)")
+    add("--vcpus", metavar="N", default=env.get("MICROVM_VCPUS"),
+        help="guest vCPUs (default: the flavor's)")
+    add("--allow-home", action="store_true", help="allow WORK_DIR to be your home directory")
+    add("--dry-run", action="store_true", help="print the launch plan and start nothing")
+    add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    add("agent_args", nargs="*", metavar="-- ARGS", help="extra arguments for the agent")
+    return parser  # fmt: skip
+
+
+def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        return float(env.get(name, default))
+    except ValueError:
+        return default
+
+
+def _load_spec(path: str | None) -> Spec:
+    if not path:
+        raise SpecError("no spec: pass --spec FILE or set MICROVM_RUN_SPEC (the flavor packages do)")
+    return load_spec(Path(path))
+
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    if not args.boot_timeout > 0:
+        raise PlanError(f"--boot-timeout must be positive, not {args.boot_timeout:g}")
+    return RunOptions(
+        accel=args.accel,
+        net=args.net,
+        supervisor=args.supervisor,
+        boot_timeout_s=args.boot_timeout,
+        memory_mib=_bounded("--mem", args.mem, 64, MAX_MEMORY_MIB),
+        vcpus=_bounded("--vcpus", args.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1)),
+        agent_args=tuple(args.agent_args),
+    )
+
+
+def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise PlanError(f"{flag} must be a whole number, not {raw!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise PlanError(f"{flag} {value} is out of range {low}..{high}")
+    return value
+
+
+def _check_runnable(spec: Spec, accel: str) -> None:
+    """Host prerequisites that only matter when actually launching."""
+    for what, path in (("qemu", spec.qemu), ("virtiofsd", spec.virtiofsd)):
+        if not os.access(path, os.X_OK):
+            raise PlanError(f"{what} {path} is missing or not executable")
+    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+        if not os.access(path, os.R_OK):
+            raise PlanError(f"{what} {path} is missing or not readable")
+    if accel == "kvm":
+        kvm = Path("/dev/kvm")
+        if not kvm.exists():
+            raise PlanError(
+                "/dev/kvm does not exist: enable virtualisation (BIOS, kvm_intel/kvm_amd) "
+                "or use --accel tcg (slow)"
+            )
+        if not os.access(kvm, os.R_OK | os.W_OK):
+            raise PlanError(
+                "/dev/kvm is not accessible: add yourself to its group "
+                "(sudo usermod -aG kvm $USER, then log in again) or use --accel tcg"
+            )
+
+
+def _describe(plan: LaunchPlan) -> str:
+    lines = [
+        f"agent        {plan.agent} (spec {plan.spec})",
+        f"instance     {plan.instance_id}",
+        f"work dir     {plan.work_dir} -> /work",
+        f"agent home   {plan.agent_home}",
+        f"runtime dir  {plan.runtime_dir}",
+        f"resources    {plan.memory_mib} MiB, {plan.vcpus} vCPU, accel {plan.accel}, "
+        f"net {plan.net}, boot timeout {plan.boot_timeout_s:g} s",
+        f"virtiofsd    {plan.supervisor} ({plan.supervisor_reason})",
+    ]
+    for daemon in plan.virtiofsd:
+        where = f"unit {daemon.unit}" if plan.supervisor == "systemd" else "child process"
+        lines.append(f"  share {daemon.tag}: {daemon.shared_dir} ({where})")
+        lines.append(f"    {' '.join(daemon.argv)}")
+    for var, _ in plan.credentials:
+        lines.append(f"credential   {var} (from the environment, passed via fw_cfg)")
+    lines.append("launch data")
+    lines += [f"  {line}" for line in plan.launch_data.splitlines()]
+    lines.append("qemu")
+    lines.append("  " + " ".join(plan.qemu_argv))
+    return "\n".join(lines)

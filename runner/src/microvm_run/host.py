@@ -1,0 +1,114 @@
+"""Facts about the host, gathered before planning (reads only, no processes)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+
+from microvm_run import home
+from microvm_run.plan import HostFacts, PlanError
+from microvm_run.spec import Spec
+
+
+def resolve_work_dir(raw: str, user_home: Path | None, allow_home: bool) -> Path:
+    """The project directory, resolved; refuse what must never be shared."""
+    path = Path(raw).expanduser()
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise PlanError(f"WORK_DIR {raw} does not exist") from None
+    except (OSError, RuntimeError) as err:
+        raise PlanError(f"WORK_DIR {raw} cannot be resolved: {err}") from None
+    if not resolved.is_dir():
+        raise PlanError(f"WORK_DIR {raw} is not a directory")
+    if not os.access(resolved, os.R_OK | os.X_OK):
+        raise PlanError(f"WORK_DIR {raw} is not readable")
+    if resolved == Path("/"):
+        raise PlanError("WORK_DIR is /: refusing to share the whole file system")
+    if user_home is not None and resolved == user_home.resolve() and not allow_home:
+        raise PlanError(
+            f"WORK_DIR is your home directory {resolved}: refusing to share it "
+            "(keys, tokens, history); pass --allow-home to do it anyway"
+        )
+    return resolved
+
+
+def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -> Path:
+    override = environ.get("AGENT_HOME")
+    if override:
+        return Path(override).expanduser().absolute()
+    return home.agent_home(spec.agent, work_dir, data_home(environ))
+
+
+def data_home(environ: Mapping[str, str]) -> Path:
+    value = environ.get("XDG_DATA_HOME")
+    if value and Path(value).is_absolute():
+        return Path(value)
+    return Path(environ.get("HOME") or Path.home()) / ".local" / "share"
+
+
+def runtime_base(environ: Mapping[str, str], uid: int) -> Path:
+    value = environ.get("XDG_RUNTIME_DIR")
+    if value and Path(value).is_absolute():
+        return Path(value) / "microvm-run"
+    # No runtime dir (containers, some CI): a per-user dir under /tmp whose
+    # ownership and mode launch.py checks before use.
+    return Path("/tmp") / f"microvm-run-{uid}"
+
+
+def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
+    """Does a systemd user manager answer?  Connect to its private socket.
+
+    systemd-run --user and systemctl --user reach the manager through
+    $XDG_RUNTIME_DIR/systemd/private when there is no session bus, so a
+    successful connect there is the honest, cheap test (no process started).
+    """
+    if not shutil.which("systemd-run") or not shutil.which("systemctl"):
+        return False, "systemd-run/systemctl not on PATH"
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        return False, "XDG_RUNTIME_DIR is not set"
+    private = Path(runtime) / "systemd" / "private"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(private))
+    except OSError as err:
+        return False, f"no user manager at {private} ({err.strerror or err})"
+    finally:
+        probe.close()
+    return True, f"user manager at {private}"
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(4)
+
+
+def gather(
+    spec: Spec,
+    environ: Mapping[str, str],
+    *,
+    work_dir_arg: str | None,
+    allow_home: bool,
+    instance_id: str | None = None,
+) -> HostFacts:
+    raw_work = work_dir_arg or environ.get("WORK_DIR") or os.getcwd()
+    user_home = Path(environ["HOME"]) if environ.get("HOME") else None
+    work_dir = resolve_work_dir(raw_work, user_home, allow_home)
+    uid, gid = os.getuid(), os.getgid()
+    manager, reason = user_manager(environ)
+    return HostFacts(
+        uid=uid,
+        gid=gid,
+        work_dir=work_dir,
+        agent_home=resolve_agent_home(spec, work_dir, environ),
+        runtime_base=runtime_base(environ, uid),
+        instance_id=instance_id or new_instance_id(),
+        environ=environ,
+        user_manager=manager,
+        user_manager_reason=reason,
+    )

@@ -1,0 +1,436 @@
+"""Carry out a LaunchPlan: start the daemons, run QEMU, clean up.
+
+The runner runs QEMU as a child and waits for it instead of exec'ing it,
+because three things must happen after QEMU has started: the boot deadline
+(a guest that never reports ``ready`` is stopped), reading the agent's exit
+status from the status port, and removing what the launch created (units,
+child daemons, sockets, credentials, the runtime dir).  QEMU gets a
+parent-death signal, so even a SIGKILLed runner leaves no VM running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import sys
+import termios
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from microvm_run import process
+from microvm_run.contract import (
+    EXIT_BOOT_DEADLINE,
+    EXIT_NO_STATUS,
+    GuestStatus,
+)
+from microvm_run.plan import LaunchPlan, VirtiofsdPlan
+
+SOCKET_DEADLINE_S = 10.0
+STOP_GRACE_S = 5.0
+_POLL_S = 0.01
+
+
+class LaunchError(RuntimeError):
+    """The launch failed before or around the guest; one line for the user."""
+
+
+class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class Daemon:
+    """A started virtiofsd: its plan, its pid and a pidfd to watch it."""
+
+    plan: VirtiofsdPlan
+    pid: int
+    pidfd: int
+    popen: Any = None  # the child, when supervised as one
+
+
+@dataclass
+class Instance:
+    """What this launch created, so cleanup removes exactly that."""
+
+    plan: LaunchPlan
+    daemons: list[Daemon] = field(default_factory=list)
+    qemu: Any = None
+    runtime_dir_created: bool = False
+    signum: int | None = None
+    cleaning: bool = False
+
+
+def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
+    instance = Instance(plan)
+    with _terminal_restored(), _signals_forwarded(instance):
+        try:
+            _prepare_dirs(plan, instance)
+            _write_launch_files(plan, environ)
+            listener = _listen(plan.status_socket)
+            _start_daemons(plan, instance, environ)
+            _wait_for_sockets(instance)
+            instance.qemu = process.spawn(plan.qemu_argv, env=environ)
+            return _supervise(instance, listener)
+        except Interrupted as stop:
+            process.log(f"interrupted by {stop}; cleaning up")
+            return 128 + stop.signum
+        except LaunchError:
+            _show_daemon_logs(instance)
+            raise
+        finally:
+            _cleanup(instance, environ)
+
+
+# -- preparing ---------------------------------------------------------------
+
+
+def _prepare_dirs(plan: LaunchPlan, instance: Instance) -> None:
+    for directory in plan.dirs_to_create:
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise LaunchError(f"cannot create {directory}: {err.strerror}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise LaunchError(f"{directory} is not writable")
+    base = plan.runtime_dir.parent
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = base.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise LaunchError(f"{base} is not a directory owned by you; remove it")
+        if info.st_mode & 0o077:
+            base.chmod(0o700)
+        plan.runtime_dir.mkdir(mode=0o700)
+    except FileExistsError:
+        raise LaunchError(f"runtime dir {plan.runtime_dir} already exists") from None
+    except OSError as err:
+        raise LaunchError(f"cannot create runtime dir {plan.runtime_dir}: {err.strerror}") from None
+    instance.runtime_dir_created = True
+
+
+def _write_launch_files(plan: LaunchPlan, environ: Mapping[str, str]) -> None:
+    _write_private(plan.launch_file, plan.launch_data.encode())
+    if plan.credentials:
+        plan.credentials[0][1].parent.mkdir(mode=0o700)
+    for var, path in plan.credentials:
+        _write_private(path, environ[var].encode())
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+    except OSError as err:
+        raise LaunchError(f"cannot write {path}: {err.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _listen(path: Path) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.setblocking(False)
+    return listener
+
+
+# -- virtiofsd ----------------------------------------------------------------
+
+
+def _start_daemons(plan: LaunchPlan, instance: Instance, environ: Mapping[str, str]) -> None:
+    for daemon in plan.virtiofsd:
+        if plan.supervisor == "systemd":
+            instance.daemons.append(_start_unit(daemon, environ))
+        else:
+            instance.daemons.append(_start_child(daemon, environ))
+
+
+def _start_unit(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:
+    result = process.run(
+        [
+            "systemd-run", "--user", "--quiet", "--collect",
+            f"--unit={daemon.unit}",
+            f"--property=StandardOutput=append:{daemon.log}",
+            f"--property=StandardError=append:{daemon.log}",
+            "--", *daemon.argv,
+        ],
+        env=environ,
+        timeout=30,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise LaunchError(
+            f"systemd-run could not start {daemon.unit}: {_last_line(result.stderr)}"
+        )
+    shown = process.run(
+        ["systemctl", "--user", "show", "--property=MainPID", "--value", daemon.unit],
+        env=environ,
+        timeout=30,
+    )
+    pid = int(shown.stdout.strip() or 0) if shown.returncode == 0 else 0
+    if pid <= 0:
+        raise LaunchError(f"virtiofsd for share {daemon.tag} exited at once")
+    return Daemon(plan=daemon, pid=pid, pidfd=_pidfd(pid, daemon))
+
+
+def _start_child(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:
+    with daemon.log.open("ab") as log:
+        child = process.spawn(
+            daemon.argv, env=environ, stdin=process.DEVNULL, stdout=log, stderr=log
+        )
+    return Daemon(plan=daemon, pid=child.pid, pidfd=_pidfd(child.pid, daemon), popen=child)
+
+
+def _pidfd(pid: int, daemon: VirtiofsdPlan) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise LaunchError(f"virtiofsd for share {daemon.tag} exited at once") from None
+
+
+def _wait_for_sockets(instance: Instance) -> None:
+    deadline = time.monotonic() + SOCKET_DEADLINE_S
+    for daemon in instance.daemons:
+        while not daemon.plan.socket.exists():
+            if _exited(daemon.pidfd):
+                raise LaunchError(
+                    f"virtiofsd for share {daemon.plan.tag} ({daemon.plan.shared_dir}) "
+                    "exited before its socket appeared"
+                )
+            if time.monotonic() > deadline:
+                raise LaunchError(
+                    f"virtiofsd for share {daemon.plan.tag} did not create "
+                    f"{daemon.plan.socket} within {SOCKET_DEADLINE_S:.0f} s"
+                )
+            time.sleep(_POLL_S)
+
+
+def _exited(pidfd: int) -> bool:
+    poller = selectors.DefaultSelector()
+    try:
+        poller.register(pidfd, selectors.EVENT_READ)
+        return bool(poller.select(0))
+    finally:
+        poller.close()
+
+
+# -- supervising --------------------------------------------------------------
+
+
+def _supervise(instance: Instance, listener: socket.socket) -> int:
+    plan = instance.plan
+    qemu_pidfd = os.pidfd_open(instance.qemu.pid)
+    poller = selectors.DefaultSelector()
+    poller.register(qemu_pidfd, selectors.EVENT_READ, "qemu")
+    poller.register(listener, selectors.EVENT_READ, "listener")
+    for daemon in instance.daemons:
+        poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
+    status = GuestStatus()
+    buffer = b""
+    deadline = time.monotonic() + plan.boot_timeout_s
+    failure: str | None = None
+    code: int | None = None
+    try:
+        while True:
+            timeout = None if status.ready else max(0.0, deadline - time.monotonic())
+            events = poller.select(timeout)
+            if not events and not status.ready:
+                failure = (
+                    f"the guest did not come up within {plan.boot_timeout_s:g} s "
+                    f"(--boot-timeout); stopping it. With --accel kvm on a host whose KVM "
+                    "cannot run this kernel, try --accel tcg; see `microvm-run --help`"
+                )
+                code = EXIT_BOOT_DEADLINE
+                _stop_qemu(instance)
+                break
+            for key, _ in events:
+                if key.data == "qemu":
+                    instance.qemu.wait()
+                    return _final(instance, status, buffer + _drain(poller), failure, code)
+                if key.data == "listener":
+                    conn, _ = listener.accept()
+                    conn.setblocking(False)
+                    poller.unregister(listener)
+                    poller.register(conn, selectors.EVENT_READ, "status")
+                elif key.data == "status":
+                    chunk = key.fileobj.recv(4096)  # type: ignore[union-attr]
+                    if not chunk:
+                        poller.unregister(key.fileobj)
+                        continue
+                    buffer += chunk
+                    *lines, rest = buffer.split(b"\n")
+                    buffer = rest
+                    was_ready = status.ready
+                    for line in lines:
+                        status = status.feed(line.decode(errors="replace"))
+                    if status.ready and not was_ready:
+                        _remove_credentials(plan)
+                elif isinstance(key.data, Daemon):
+                    poller.unregister(key.fileobj)
+                    if status.exit_code is None and failure is None:
+                        failure = (
+                            f"virtiofsd for share {key.data.plan.tag} died while the VM ran; "
+                            "stopping the VM"
+                        )
+                        code = EXIT_NO_STATUS
+                        _stop_qemu(instance)
+        instance.qemu.wait()
+        return _final(instance, status, buffer, failure, code)
+    finally:
+        poller.close()
+        os.close(qemu_pidfd)
+
+
+def _drain(poller: selectors.BaseSelector) -> bytes:
+    """Read what the guest wrote before QEMU ended (``exit N`` may be there)."""
+    data = b""
+    for key in list(poller.get_map().values()):
+        if key.data == "status":
+            conn = key.fileobj
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(4096):  # type: ignore[union-attr]
+                    data += chunk
+    return data
+
+
+def _final(
+    instance: Instance, status: GuestStatus, pending: bytes, failure: str | None, code: int | None
+) -> int:
+    for line in pending.split(b"\n"):
+        status = status.feed(line.decode(errors="replace"))
+    if status.exit_code is not None:
+        return status.exit_code
+    if instance.signum is not None:
+        process.log(f"stopped by {signal.Signals(instance.signum).name}")
+        return 128 + instance.signum
+    if failure is not None:
+        process.log(failure)
+        _show_daemon_logs(instance)
+        return code if code is not None else EXIT_NO_STATUS
+    rc = instance.qemu.returncode
+    process.log(
+        "the guest ended without reporting an exit status "
+        f"(QEMU exit status {rc}; kernel panic, crash or killed?)"
+    )
+    return EXIT_NO_STATUS
+
+
+def _stop_qemu(instance: Instance) -> None:
+    qemu = instance.qemu
+    if qemu is None or qemu.poll() is not None:
+        return
+    qemu.send_signal(signal.SIGTERM)
+    try:
+        qemu.wait(timeout=STOP_GRACE_S)
+    except Exception:  # noqa: BLE001 - plumbum/subprocess timeout types differ
+        qemu.kill()
+        qemu.wait()
+
+
+def _remove_credentials(plan: LaunchPlan) -> None:
+    # QEMU read them into fw_cfg at start-up; the guest has them now.
+    for _, path in plan.credentials:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# -- cleaning up ----------------------------------------------------------------
+
+
+def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
+    instance.cleaning = True
+    _stop_qemu(instance)
+    for daemon in instance.daemons:
+        _stop_daemon(daemon, environ)
+    if instance.runtime_dir_created:
+        shutil.rmtree(instance.plan.runtime_dir, ignore_errors=True)
+
+
+def _stop_daemon(daemon: Daemon, environ: Mapping[str, str]) -> None:
+    # virtiofsd exits by itself once QEMU disconnects; stop it only if not.
+    if not _wait_exited(daemon.pidfd, 1.0):
+        if daemon.popen is not None:
+            daemon.popen.terminate()
+        else:
+            process.run(["systemctl", "--user", "stop", daemon.plan.unit], env=environ, timeout=30)
+        if not _wait_exited(daemon.pidfd, STOP_GRACE_S):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(daemon.pidfd, signal.SIGKILL)
+            _wait_exited(daemon.pidfd, STOP_GRACE_S)
+    if daemon.popen is not None:
+        daemon.popen.wait()
+    os.close(daemon.pidfd)
+
+
+def _wait_exited(pidfd: int, timeout: float) -> bool:
+    poller = selectors.DefaultSelector()
+    try:
+        poller.register(pidfd, selectors.EVENT_READ)
+        return bool(poller.select(timeout))
+    finally:
+        poller.close()
+
+
+def _show_daemon_logs(instance: Instance) -> None:
+    for daemon in instance.daemons:
+        with contextlib.suppress(OSError):
+            text = daemon.plan.log.read_text(errors="replace").strip()
+            if text:
+                tail = "\n  ".join(text.splitlines()[-5:])
+                process.log(f"virtiofsd {daemon.plan.tag} log:\n  {tail}")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+# -- process-wide state, restored on the way out ----------------------------------
+
+
+@contextlib.contextmanager
+def _terminal_restored() -> Iterator[None]:
+    """QEMU puts the terminal in raw mode; put it back even if QEMU is killed."""
+    saved = None
+    with contextlib.suppress(termios.error, OSError):
+        if sys.stdin.isatty():
+            saved = termios.tcgetattr(sys.stdin.fileno())
+    try:
+        yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+
+
+@contextlib.contextmanager
+def _signals_forwarded(instance: Instance) -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP: stop QEMU if it runs, else abort the start-up."""
+
+    def handle(signum: int, _frame: FrameType | None) -> None:
+        instance.signum = signum
+        qemu = instance.qemu
+        if qemu is None:
+            if not instance.cleaning:
+                raise Interrupted(signum)
+            return
+        if qemu.poll() is None:
+            qemu.send_signal(signal.SIGTERM)
+
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handle) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

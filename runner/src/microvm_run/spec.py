@@ -1,0 +1,257 @@
+"""The guest spec: the one file through which Nix describes a flavor's guest.
+
+Nix (``lib/spec.nix``) generates one TOML file per flavor from the evaluated
+NixOS configuration; the runner reads it here and nowhere else.  This module
+is the schema: every key, its type and its meaning, with a version so that a
+spec from a newer generator is refused instead of misread.
+
+Spec version 1::
+
+    spec_version = 1
+
+    [agent]
+    name = "claude"                      # [a-z][a-z0-9-]{0,31}
+    command = ["claude", "--dangerously-skip-permissions"]
+    api_key_vars = ["ANTHROPIC_API_KEY"] # host variables passed as secrets
+
+    [guest]
+    contract = 1                         # guest contract version (contract.py)
+    machine = "microvm"                  # "microvm" or "q35"
+    kernel = "/nix/store/...-linux/bzImage"
+    initrd = "/nix/store/...-initrd/initrd"
+    kernel_params = ["init=/nix/store/.../init"]
+    memory_mib = 4096
+    vcpus = 4
+
+    [host]
+    qemu = "/nix/store/...-qemu/bin/qemu-system-x86_64"
+    virtiofsd = "/nix/store/...-virtiofsd/bin/virtiofsd"
+
+    [[shares]]
+    tag = "work"                         # virtiofs tag, [A-Za-z0-9_-]{1,32}
+    source = "work"                      # see SHARE_SOURCES
+    mount_point = "/work"
+    read_only = false                    # optional, default false
+
+Relative paths in ``[guest]`` and ``[host]`` are resolved against the spec
+file's directory, so a test guest can ship a spec beside its kernel.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPEC_VERSION = 1
+SUPPORTED_CONTRACTS = (1,)
+MACHINES = ("microvm", "q35")
+
+# Where each kind of share comes from on the host (resolved in plan.py).
+SHARE_SOURCES = {
+    "work": "the project directory (WORK_DIR)",
+    "home": "the per-project agent home (AGENT_HOME)",
+    "nix-store": "the host's /nix/store (must be read_only)",
+    "cri-storage": "container image storage under the agent home",
+}
+
+_AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_TAG = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ENV_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_VCPUS = 255
+MAX_MEMORY_MIB = 1024 * 1024
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Share:
+    tag: str
+    source: str
+    mount_point: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    path: Path
+    agent: str
+    command: tuple[str, ...]
+    api_key_vars: tuple[str, ...]
+    contract: int
+    machine: str
+    kernel: Path
+    initrd: Path
+    kernel_params: tuple[str, ...]
+    memory_mib: int
+    vcpus: int
+    qemu: Path
+    virtiofsd: Path
+    shares: tuple[Share, ...]
+
+    def share_by_source(self, source: str) -> Share | None:
+        return next((s for s in self.shares if s.source == source), None)
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and validate a spec file; raise SpecError with one clear line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise SpecError(f"cannot read spec {path}: {err.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise SpecError(f"spec {path} is not valid TOML: {err}") from None
+    return parse_spec(data, path)
+
+
+def parse_spec(data: dict[str, Any], path: Path) -> Spec:
+    """Validate the decoded TOML of a spec (pure; the schema lives here)."""
+    where = f"spec {path}"
+    version = data.get("spec_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SpecError(f"{where}: missing or non-integer spec_version")
+    if version > SPEC_VERSION:
+        raise SpecError(
+            f"{where}: spec_version {version} is newer than this microvm-run "
+            f"understands ({SPEC_VERSION}); update microvm-run"
+        )
+    if version < 1:
+        raise SpecError(f"{where}: invalid spec_version {version}")
+    _no_unknown(data, {"spec_version", "agent", "guest", "host", "shares"}, where)
+
+    agent = _table(data, "agent", where)
+    guest = _table(data, "guest", where)
+    host = _table(data, "host", where)
+    _no_unknown(agent, {"name", "command", "api_key_vars"}, f"{where} [agent]")
+    _no_unknown(
+        guest,
+        {"contract", "machine", "kernel", "initrd", "kernel_params", "memory_mib", "vcpus"},
+        f"{where} [guest]",
+    )
+    _no_unknown(host, {"qemu", "virtiofsd"}, f"{where} [host]")
+
+    name = _str(agent, "name", f"{where} [agent]")
+    if not _AGENT_NAME.fullmatch(name):
+        raise SpecError(f"{where}: agent.name {name!r} must match {_AGENT_NAME.pattern}")
+    command = _str_list(agent, "command", f"{where} [agent]")
+    if not command:
+        raise SpecError(f"{where}: agent.command must not be empty")
+    key_vars = _str_list(agent, "api_key_vars", f"{where} [agent]", default=[])
+    for var in key_vars:
+        if not _ENV_VAR.fullmatch(var):
+            raise SpecError(f"{where}: agent.api_key_vars has invalid name {var!r}")
+
+    contract = _int(guest, "contract", f"{where} [guest]", 1, 1 << 16)
+    if contract not in SUPPORTED_CONTRACTS:
+        raise SpecError(
+            f"{where}: guest contract {contract} is not supported by this "
+            f"microvm-run (supports {', '.join(map(str, SUPPORTED_CONTRACTS))})"
+        )
+    machine = _str(guest, "machine", f"{where} [guest]")
+    if machine not in MACHINES:
+        raise SpecError(f"{where}: guest.machine {machine!r} must be one of {', '.join(MACHINES)}")
+
+    base = path.parent
+    shares = tuple(_share(item, i, where) for i, item in enumerate(_shares(data, where)))
+    _check_unique(shares, where)
+    return Spec(
+        path=path,
+        agent=name,
+        command=tuple(command),
+        api_key_vars=tuple(key_vars),
+        contract=contract,
+        machine=machine,
+        kernel=base / _str(guest, "kernel", f"{where} [guest]"),
+        initrd=base / _str(guest, "initrd", f"{where} [guest]"),
+        kernel_params=tuple(_str_list(guest, "kernel_params", f"{where} [guest]", default=[])),
+        memory_mib=_int(guest, "memory_mib", f"{where} [guest]", 64, MAX_MEMORY_MIB),
+        vcpus=_int(guest, "vcpus", f"{where} [guest]", 1, MAX_VCPUS),
+        qemu=base / _str(host, "qemu", f"{where} [host]"),
+        virtiofsd=base / _str(host, "virtiofsd", f"{where} [host]"),
+        shares=shares,
+    )
+
+
+def _shares(data: dict[str, Any], where: str) -> list[Any]:
+    shares = data.get("shares", [])
+    if not isinstance(shares, list):
+        raise SpecError(f"{where}: shares must be an array of tables ([[shares]])")
+    return shares
+
+
+def _share(item: Any, index: int, where: str) -> Share:
+    ctx = f"{where} shares[{index}]"
+    if not isinstance(item, dict):
+        raise SpecError(f"{ctx}: must be a table")
+    _no_unknown(item, {"tag", "source", "mount_point", "read_only"}, ctx)
+    tag = _str(item, "tag", ctx)
+    if not _TAG.fullmatch(tag):
+        raise SpecError(f"{ctx}: tag {tag!r} must match {_TAG.pattern}")
+    source = _str(item, "source", ctx)
+    if source not in SHARE_SOURCES:
+        raise SpecError(f"{ctx}: source {source!r} must be one of {', '.join(SHARE_SOURCES)}")
+    mount_point = _str(item, "mount_point", ctx)
+    if not mount_point.startswith("/"):
+        raise SpecError(f"{ctx}: mount_point {mount_point!r} must be absolute")
+    read_only = item.get("read_only", False)
+    if not isinstance(read_only, bool):
+        raise SpecError(f"{ctx}: read_only must be true or false")
+    if source == "nix-store" and not read_only:
+        raise SpecError(f"{ctx}: the nix-store share must be read_only")
+    return Share(tag=tag, source=source, mount_point=mount_point, read_only=read_only)
+
+
+def _check_unique(shares: tuple[Share, ...], where: str) -> None:
+    for attr in ("tag", "mount_point", "source"):
+        seen: set[str] = set()
+        for share in shares:
+            value = getattr(share, attr)
+            if value in seen:
+                raise SpecError(f"{where}: two shares have the same {attr} {value!r}")
+            seen.add(value)
+    if not any(s.source == "work" for s in shares):
+        raise SpecError(f"{where}: no share with source 'work' (the project must be shared)")
+
+
+def _no_unknown(table: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}")
+
+
+def _table(data: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = data.get(key)
+    if not isinstance(value, dict):
+        raise SpecError(f"{where}: missing table [{key}]")
+    return value
+
+
+def _str(table: dict[str, Any], key: str, where: str) -> str:
+    value = table.get(key)
+    if not isinstance(value, str) or not value:
+        raise SpecError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _str_list(
+    table: dict[str, Any], key: str, where: str, default: list[str] | None = None
+) -> list[str]:
+    value = table.get(key, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{where}: {key} must be an array of strings")
+    return value
+
+
+def _int(table: dict[str, Any], key: str, where: str, low: int, high: int) -> int:
+    value = table.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SpecError(f"{where}: {key} must be an integer")
+    if not low <= value <= high:
+        raise SpecError(f"{where}: {key} = {value} is out of range {low}..{high}")
+    return value

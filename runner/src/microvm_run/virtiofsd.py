@@ -1,0 +1,52 @@
+"""virtiofsd command lines (the Rust virtiofsd dialect that nixpkgs ships)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from microvm_run.contract import GUEST_UID
+
+# overlayfs inside the guest (container storage) keeps its metadata in
+# trusted.* xattrs, which an unprivileged virtiofsd may not set: store them
+# under user.* on the host instead.
+_CRI_XATTRMAP = ":map:trusted.:user.virtiofs.trusted.:"
+
+
+def virtiofsd_argv(
+    virtiofsd: Path,
+    *,
+    shared_dir: Path,
+    socket: Path,
+    uid: int,
+    gid: int,
+    read_only: bool,
+    source: str,
+) -> list[str]:
+    """One unprivileged virtiofsd for one share.
+
+    The namespace maps the invoking user to 0; guest uid 1000 (the agent) is
+    translated to that 0 too, so what the agent writes is owned by the user.
+    No ``--tag``: QEMU 7.1-8.0 crash on the tag it announces.
+    """
+    argv = [
+        str(virtiofsd),
+        f"--shared-dir={shared_dir}",
+        f"--socket-path={socket}",
+        "--sandbox=namespace",
+        f"--uid-map=:0:{uid}:1:",
+        f"--gid-map=:0:{gid}:1:",
+        f"--translate-uid=map:{GUEST_UID}:0:1",
+        f"--translate-gid=map:{GUEST_UID}:0:1",
+        "--xattr",
+        "--cache=auto",
+    ]
+    if read_only:
+        argv.append("--readonly")
+    if source == "cri-storage":
+        argv.append(f"--xattrmap={_CRI_XATTRMAP}")
+    return argv
+
+
+def unit_name(basename: str, agent: str, tag: str, instance_id: str) -> str:
+    """The transient user unit: ``<basename>-<agent>-vm-virtiofsd-<tag>-<id>``."""
+    return f"{basename}-{agent}-vm-virtiofsd-{tag}-{instance_id}"
