@@ -76,19 +76,43 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--spec", default=env.get("MICROVM_RUN_SPEC"), help="the flavor's guest spec (TOML)")
     add("--work-dir", help="project directory (default: $WORK_DIR or the current directory)")
-    add("--accel", default=env.get("MICROVM_ACCEL", "kvm"), choices=ACCELS,
-        help="kvm (default) or tcg (software emulation: slow, works without KVM)")
-    add("--net", default=env.get("MICROVM_NET", "user"), choices=NETS,
-        help="user: QEMU user-mode networking (default); none: no network device")
-    add("--boot-timeout", type=float, metavar="SECONDS",
+    add(
+        "--accel",
+        default=env.get("MICROVM_ACCEL", "kvm"),
+        choices=ACCELS,
+        help="kvm (default) or tcg (software emulation: slow, works without KVM)",
+    )
+    add(
+        "--net",
+        default=env.get("MICROVM_NET", "user"),
+        choices=NETS,
+        help="user: QEMU user-mode networking (default); none: no network device",
+    )
+    add(
+        "--boot-timeout",
+        type=float,
+        metavar="SECONDS",
         default=_float_env(env, "MICROVM_BOOT_TIMEOUT", 60.0),
-        help="stop the VM if the guest has not come up by then (default 60)")
-    add("--supervisor", default=env.get("MICROVM_SUPERVISOR", "auto"), choices=SUPERVISORS,
-        help="how virtiofsd runs: systemd user units, child processes, or auto (default)")
-    add("--mem", metavar="MIB", default=env.get("MICROVM_MEM"),
-        help="guest memory in MiB (default: the flavor's)")
-    add("--vcpus", metavar="N", default=env.get("MICROVM_VCPUS"),
-        help="guest vCPUs (default: the flavor's)")
+        help="stop the VM if the guest has not come up by then (default 60)",
+    )
+    add(
+        "--supervisor",
+        default=env.get("MICROVM_SUPERVISOR", "auto"),
+        choices=SUPERVISORS,
+        help="how virtiofsd runs: systemd user units, child processes, or auto (default)",
+    )
+    add(
+        "--mem",
+        metavar="MIB",
+        default=env.get("MICROVM_MEM"),
+        help="guest memory in MiB (default: the flavor's)",
+    )
+    add(
+        "--vcpus",
+        metavar="N",
+        default=env.get("MICROVM_VCPUS"),
+        help="guest vCPUs (default: the flavor's)",
+    )
     add("--allow-home", action="store_true", help="allow WORK_DIR to be your home directory")
     add("--dry-run", action="store_true", help="print the launch plan and start nothing")
     add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -105,7 +129,9 @@ def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _load_spec(path: str | None) -> Spec:
     if not path:
-        raise SpecError("no spec: pass --spec FILE or set MICROVM_RUN_SPEC (the flavor packages do)")
+        raise SpecError(
+            "no spec: pass --spec FILE or set MICROVM_RUN_SPEC (the flavor packages do)"
+        )
     return load_spec(Path(path))
 
 

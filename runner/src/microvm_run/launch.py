@@ -43,7 +43,9 @@ class LaunchError(RuntimeError):
     """The launch failed before or around the guest; one line for the user."""
 
 
-class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+class Interrupted(Exception):
+    """A signal arrived before QEMU started: abort the start-up."""
+
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -169,9 +171,7 @@ def _start_unit(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:
         timeout=30,
     )  # fmt: skip
     if result.returncode != 0:
-        raise LaunchError(
-            f"systemd-run could not start {daemon.unit}: {_last_line(result.stderr)}"
-        )
+        raise LaunchError(f"systemd-run could not start {daemon.unit}: {_last_line(result.stderr)}")
     shown = process.run(
         ["systemctl", "--user", "show", "--property=MainPID", "--value", daemon.unit],
         env=environ,
@@ -228,101 +228,122 @@ def _exited(pidfd: int) -> bool:
 
 
 def _supervise(instance: Instance, listener: socket.socket) -> int:
-    plan = instance.plan
-    qemu_pidfd = os.pidfd_open(instance.qemu.pid)
-    poller = selectors.DefaultSelector()
-    poller.register(qemu_pidfd, selectors.EVENT_READ, "qemu")
-    poller.register(listener, selectors.EVENT_READ, "listener")
-    for daemon in instance.daemons:
-        poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
-    status = GuestStatus()
-    buffer = b""
-    deadline = time.monotonic() + plan.boot_timeout_s
-    failure: str | None = None
-    code: int | None = None
+    watcher = _Watcher(instance, listener)
     try:
+        return watcher.run()
+    finally:
+        watcher.close()
+
+
+class _Watcher:
+    """Follows QEMU, the status port and the daemons until QEMU ends."""
+
+    def __init__(self, instance: Instance, listener: socket.socket) -> None:
+        self.instance = instance
+        self.listener = listener
+        self.qemu_pidfd = os.pidfd_open(instance.qemu.pid)
+        self.poller = selectors.DefaultSelector()
+        self.poller.register(self.qemu_pidfd, selectors.EVENT_READ, "qemu")
+        self.poller.register(listener, selectors.EVENT_READ, "listener")
+        for daemon in instance.daemons:
+            self.poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
+        self.conn: socket.socket | None = None
+        self.status = GuestStatus()
+        self.buffer = b""
+        self.failure: str | None = None
+        self.code = EXIT_NO_STATUS
+
+    def run(self) -> int:
+        plan = self.instance.plan
+        deadline = time.monotonic() + plan.boot_timeout_s
         while True:
-            timeout = None if status.ready else max(0.0, deadline - time.monotonic())
-            events = poller.select(timeout)
-            if not events and not status.ready:
-                failure = (
+            timeout = None if self.status.ready else max(0.0, deadline - time.monotonic())
+            events = self.poller.select(timeout)
+            if not events and not self.status.ready:
+                self._fail(
                     f"the guest did not come up within {plan.boot_timeout_s:g} s "
-                    f"(--boot-timeout); stopping it. With --accel kvm on a host whose KVM "
-                    "cannot run this kernel, try --accel tcg; see `microvm-run --help`"
+                    "(--boot-timeout); stopped it. If this host's KVM cannot run the "
+                    "guest kernel, try --accel tcg",
+                    EXIT_BOOT_DEADLINE,
                 )
-                code = EXIT_BOOT_DEADLINE
-                _stop_qemu(instance)
-                break
             for key, _ in events:
                 if key.data == "qemu":
-                    instance.qemu.wait()
-                    return _final(instance, status, buffer + _drain(poller), failure, code)
+                    self.instance.qemu.wait()
+                    self._read_status(until_eof=True)
+                    return self._result()
                 if key.data == "listener":
-                    conn, _ = listener.accept()
-                    conn.setblocking(False)
-                    poller.unregister(listener)
-                    poller.register(conn, selectors.EVENT_READ, "status")
+                    self._accept()
                 elif key.data == "status":
-                    chunk = key.fileobj.recv(4096)  # type: ignore[union-attr]
-                    if not chunk:
-                        poller.unregister(key.fileobj)
-                        continue
-                    buffer += chunk
-                    *lines, rest = buffer.split(b"\n")
-                    buffer = rest
-                    was_ready = status.ready
-                    for line in lines:
-                        status = status.feed(line.decode(errors="replace"))
-                    if status.ready and not was_ready:
-                        _remove_credentials(plan)
+                    self._read_status(until_eof=False)
                 elif isinstance(key.data, Daemon):
-                    poller.unregister(key.fileobj)
-                    if status.exit_code is None and failure is None:
-                        failure = (
+                    self.poller.unregister(key.fileobj)
+                    if self.status.exit_code is None:
+                        self._fail(
                             f"virtiofsd for share {key.data.plan.tag} died while the VM ran; "
-                            "stopping the VM"
+                            "stopped the VM",
+                            EXIT_NO_STATUS,
                         )
-                        code = EXIT_NO_STATUS
-                        _stop_qemu(instance)
-        instance.qemu.wait()
-        return _final(instance, status, buffer, failure, code)
-    finally:
-        poller.close()
-        os.close(qemu_pidfd)
 
+    def _accept(self) -> None:
+        self.conn, _ = self.listener.accept()
+        self.conn.setblocking(False)
+        self.poller.unregister(self.listener)
+        self.poller.register(self.conn, selectors.EVENT_READ, "status")
 
-def _drain(poller: selectors.BaseSelector) -> bytes:
-    """Read what the guest wrote before QEMU ended (``exit N`` may be there)."""
-    data = b""
-    for key in list(poller.get_map().values()):
-        if key.data == "status":
-            conn = key.fileobj
-            with contextlib.suppress(OSError):
-                while chunk := conn.recv(4096):  # type: ignore[union-attr]
-                    data += chunk
-    return data
+    def _read_status(self, until_eof: bool) -> None:
+        if self.conn is None:
+            return
+        while True:
+            try:
+                chunk = self.conn.recv(4096)
+            except (BlockingIOError, ConnectionResetError):
+                break
+            if not chunk:
+                self.poller.unregister(self.conn)
+                self.conn.close()
+                self.conn = None
+                break
+            self.buffer += chunk
+            if not until_eof:
+                break
+        *lines, self.buffer = self.buffer.split(b"\n")
+        if until_eof:
+            lines.append(self.buffer)
+        was_ready = self.status.ready
+        for line in lines:
+            self.status = self.status.feed(line.decode(errors="replace"))
+        if self.status.ready and not was_ready:
+            _remove_credentials(self.instance.plan)
 
+    def _fail(self, message: str, code: int) -> None:
+        if self.failure is None:
+            self.failure, self.code = message, code
+        _stop_qemu(self.instance)
 
-def _final(
-    instance: Instance, status: GuestStatus, pending: bytes, failure: str | None, code: int | None
-) -> int:
-    for line in pending.split(b"\n"):
-        status = status.feed(line.decode(errors="replace"))
-    if status.exit_code is not None:
-        return status.exit_code
-    if instance.signum is not None:
-        process.log(f"stopped by {signal.Signals(instance.signum).name}")
-        return 128 + instance.signum
-    if failure is not None:
-        process.log(failure)
+    def _result(self) -> int:
+        instance = self.instance
+        if self.status.exit_code is not None:
+            return self.status.exit_code
+        if instance.signum is not None:
+            process.log(f"stopped by {signal.Signals(instance.signum).name}")
+            return 128 + instance.signum
+        if self.failure is not None:
+            process.log(self.failure)
+            _show_daemon_logs(instance)
+            return self.code
+        process.log(
+            "the guest ended without reporting an exit status "
+            f"(QEMU exit status {instance.qemu.returncode}; kernel panic, crash or killed?)"
+        )
         _show_daemon_logs(instance)
-        return code if code is not None else EXIT_NO_STATUS
-    rc = instance.qemu.returncode
-    process.log(
-        "the guest ended without reporting an exit status "
-        f"(QEMU exit status {rc}; kernel panic, crash or killed?)"
-    )
-    return EXIT_NO_STATUS
+        return EXIT_NO_STATUS
+
+    def close(self) -> None:
+        self.poller.close()
+        os.close(self.qemu_pidfd)
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
 
 
 def _stop_qemu(instance: Instance) -> None:
@@ -332,7 +353,7 @@ def _stop_qemu(instance: Instance) -> None:
     qemu.send_signal(signal.SIGTERM)
     try:
         qemu.wait(timeout=STOP_GRACE_S)
-    except Exception:  # noqa: BLE001 - plumbum/subprocess timeout types differ
+    except process.TimeoutExpired:
         qemu.kill()
         qemu.wait()
 

@@ -115,7 +115,14 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         "cri-storage": facts.agent_home / "cri-storage",
     }
     daemons = tuple(
-        _daemon(spec, share, sources[share.source], runtime_dir, basename, facts)
+        _daemon(
+            spec,
+            share,
+            sources[share.source],
+            runtime_dir=runtime_dir,
+            basename=basename,
+            facts=facts,
+        )
         for share in spec.shares
     )
     dirs = [facts.agent_home]
@@ -179,7 +186,13 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
 
 
 def _daemon(
-    spec: Spec, share: Share, shared_dir: Path, runtime_dir: Path, basename: str, facts: HostFacts
+    spec: Spec,
+    share: Share,
+    shared_dir: Path,
+    *,
+    runtime_dir: Path,
+    basename: str,
+    facts: HostFacts,
 ) -> VirtiofsdPlan:
     socket = _socket(runtime_dir / f"fs-{share.tag}.sock")
     argv = virtiofsd.virtiofsd_argv(
@@ -210,7 +223,9 @@ def _choose_supervisor(wanted: str, facts: HostFacts) -> tuple[str, str]:
     if facts.user_manager:
         return "systemd", facts.user_manager_reason
     if wanted == "systemd":
-        raise PlanError(f"--supervisor systemd: no systemd user manager ({facts.user_manager_reason})")
+        raise PlanError(
+            f"--supervisor systemd: no systemd user manager ({facts.user_manager_reason})"
+        )
     return "child", f"fallback: {facts.user_manager_reason}; virtiofsd runs as child processes"
 
 

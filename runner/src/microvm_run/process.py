@@ -19,6 +19,7 @@ from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 DEVNULL = subprocess.DEVNULL
+TimeoutExpired = subprocess.TimeoutExpired
 
 
 @dataclass(frozen=True)

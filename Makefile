@@ -1,0 +1,54 @@
+# agent-microvm: developer and CI entry points.  `make help` lists them.
+#
+# Set-up on a fresh Debian/Ubuntu machine (as root):  make setup
+# Tests (unit, Nix, integration with real VMs):       make test
+
+PREFIX ?= /opt/agent-microvm-test
+VENV ?= $(PREFIX)/venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv test lint unit integration nix-test-all bench
+
+help:
+	@echo "make setup        install host prerequisites and the test venv (root; Debian)"
+	@echo "make test         lint + unit + Nix logic + integration tests (real VMs under TCG)"
+	@echo "make unit         fast tests of the runner's pure parts"
+	@echo "make integration  real QEMU + virtiofsd + the busybox test guest"
+	@echo "make bench        print the bench/ tables"
+	@echo "make claude.run   run Claude Code on WORK_DIR (Nix host; also gemini.run, codex.run)"
+
+setup:
+	scripts/setup-host
+	$(MAKE) venv
+
+# A venv outside the repo and readable by everyone: the integration tests run
+# microvm-run as an unprivileged user, who cannot read root's Python.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: runner/pyproject.toml
+	/usr/bin/python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e 'runner[test]' ruff
+	chmod -R a+rX $(VENV)
+	touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check runner tests bench
+	$(VENV)/bin/ruff format --check runner tests bench
+
+unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: venv
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test: lint venv
+	$(MAKE) nix-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) bench/runner_overhead
+	@if [ -x bench/devshell_hit ]; then $(PY) bench/devshell_hit; fi
+
+-include nix.mk
