@@ -82,17 +82,20 @@ class VM:
             *options, "--", command,
         ]  # fmt: skip
 
-    def as_user(self, argv: Sequence[str], env: dict[str, str]) -> list[str]:
+    def as_user(self, argv: Sequence[str]) -> list[str]:
+        # The environment goes through execve, never argv: a key in `env
+        # K=V` would be visible in /proc/*/cmdline, the leak tests look for.
         return [
             "setpriv", f"--reuid={self.user.uid}", f"--regid={self.user.gid}", "--init-groups",
-            "env", "-i", *(f"{k}={v}" for k, v in env.items()), *argv,
+            *argv,
         ]  # fmt: skip
 
     def run(
         self, work_dir: Path, command: str, *options: str, **extra_env: str
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.as_user(self.argv(work_dir, command, *options), self.env(**extra_env)),
+            self.as_user(self.argv(work_dir, command, *options)),
+            env=self.env(**extra_env),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -104,7 +107,8 @@ class VM:
         self, work_dir: Path, command: str, *options: str, **extra_env: str
     ) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            self.as_user(self.argv(work_dir, command, *options), self.env(**extra_env)),
+            self.as_user(self.argv(work_dir, command, *options)),
+            env=self.env(**extra_env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -46,6 +46,13 @@ def test_one_virtiofsd_per_share_with_user_mapping(spec: Spec) -> None:
     assert not any(arg.startswith("--tag") for arg in work.argv)
 
 
+def test_root_gets_no_id_maps_which_virtiofsd_refuses_for_root(spec: Spec) -> None:
+    plan = build_plan(spec, RunOptions(), make_facts(uid=0, gid=0))
+    for daemon in plan.virtiofsd:
+        assert not any(arg.startswith(("--uid-map", "--gid-map")) for arg in daemon.argv)
+        assert "--translate-uid=map:1000:0:1" in daemon.argv
+
+
 def test_cri_storage_lives_in_the_home_and_keeps_overlay_xattrs(sample: dict[str, Any]) -> None:
     sample["shares"].append(
         {"tag": "cri", "source": "cri-storage", "mount_point": "/var/lib/containers"}
@@ -122,3 +129,17 @@ def test_instances_differ_only_by_id(spec: Spec) -> None:
     assert one.runtime_dir != two.runtime_dir
     assert one.agent_home == two.agent_home
     assert replace(one, instance_id="x") != one
+
+
+def test_enable_cri_is_checked_before_boot(sample: dict[str, Any]) -> None:
+    no_cri = parse_spec(sample, Path("/s.toml"))
+    with pytest.raises(PlanError, match="use the claude-cri flavor"):
+        build_plan(no_cri, RunOptions(), make_facts(environ={"ENABLE_CRI": "docker"}))
+    sample["shares"].append(
+        {"tag": "cri", "source": "cri-storage", "mount_point": "/var/lib/containers"}
+    )
+    cri = parse_spec(sample, Path("/s.toml"))
+    with pytest.raises(PlanError, match="unknown runtime 'dokcer'"):
+        build_plan(cri, RunOptions(), make_facts(environ={"ENABLE_CRI": "podman,dokcer"}))
+    plan = build_plan(cri, RunOptions(), make_facts(environ={"ENABLE_CRI": "docker, podman"}))
+    assert "export ENABLE_CRI=docker,podman" in plan.launch_data

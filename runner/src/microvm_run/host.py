@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -67,7 +65,7 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
     $XDG_RUNTIME_DIR/systemd/private when there is no session bus, so a
     successful connect there is the honest, cheap test (no process started).
     """
-    if not shutil.which("systemd-run") or not shutil.which("systemctl"):
+    if not _on_path("systemd-run", environ) or not _on_path("systemctl", environ):
         return False, "systemd-run/systemctl not on PATH"
     runtime = environ.get("XDG_RUNTIME_DIR")
     if not runtime:
@@ -84,8 +82,18 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
     return True, f"user manager at {private}"
 
 
+def _on_path(program: str, environ: Mapping[str, str]) -> bool:
+    # Not shutil.which: importing shutil costs more than this whole check.
+    for entry in environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(entry or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return True
+    return False
+
+
 def new_instance_id() -> str:
-    return secrets.token_hex(4)
+    # 32 random bits: collisions are also caught by the exclusive mkdir.
+    return os.urandom(4).hex()
 
 
 def gather(

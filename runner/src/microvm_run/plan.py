@@ -23,6 +23,8 @@ SUPERVISORS = ("auto", "systemd", "child")
 MAX_SOCKET_PATH = 107
 # Passed through from the host so the agent's TUI renders as it does there.
 TERMINAL_VARS = ("TERM", "COLORTERM", "LANG", "LC_ALL")
+# Container runtimes the cri guest module can start (modules/cri.nix).
+CRI_RUNTIMES = ("docker", "podman", "containerd", "crun", "cri-o")
 
 
 class PlanError(ValueError):
@@ -105,6 +107,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     if options.net not in NETS:
         raise PlanError(f"--net must be one of {', '.join(NETS)}, not {options.net!r}")
     supervisor, reason = _choose_supervisor(options.supervisor, facts)
+    cri = _cri_runtimes(spec, facts.environ.get("ENABLE_CRI", ""))
     runtime_dir = facts.runtime_base / facts.instance_id
     basename = home.project_basename(facts.work_dir)
 
@@ -138,7 +141,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     launch_data = contract.render_launch(
         facts.instance_id,
         [(s.tag, s.mount_point) for s in spec.shares],
-        _guest_env(facts),
+        _guest_env(facts, cri),
         [*spec.command, *options.agent_args],
     ).decode()
     memory_mib = options.memory_mib or spec.memory_mib
@@ -229,12 +232,28 @@ def _choose_supervisor(wanted: str, facts: HostFacts) -> tuple[str, str]:
     return "child", f"fallback: {facts.user_manager_reason}; virtiofsd runs as child processes"
 
 
-def _guest_env(facts: HostFacts) -> dict[str, str]:
+def _cri_runtimes(spec: Spec, raw: str) -> tuple[str, ...]:
+    """ENABLE_CRI, checked on the host so a typo never costs a boot."""
+    names = tuple(name for name in raw.replace(",", " ").split() if name)
+    unknown = [name for name in names if name not in CRI_RUNTIMES]
+    if unknown:
+        raise PlanError(
+            f"ENABLE_CRI: unknown runtime {unknown[0]!r} (known: {', '.join(CRI_RUNTIMES)})"
+        )
+    if names and spec.share_by_source("cri-storage") is None:
+        raise PlanError(
+            f"ENABLE_CRI is set but this flavor has no container runtimes; "
+            f"use the {spec.agent}-cri flavor"
+        )
+    return names
+
+
+def _guest_env(facts: HostFacts, cri: tuple[str, ...]) -> dict[str, str]:
     env = {name: facts.environ[name] for name in TERMINAL_VARS if facts.environ.get(name)}
     if facts.devshell_guest_file:
         env["MICROVM_DEVSHELL"] = facts.devshell_guest_file
-    if facts.environ.get("ENABLE_CRI"):
-        env["ENABLE_CRI"] = facts.environ["ENABLE_CRI"]
+    if cri:
+        env["ENABLE_CRI"] = ",".join(cri)
     return env
 
 

@@ -33,8 +33,11 @@ def virtiofsd_argv(
         f"--shared-dir={shared_dir}",
         f"--socket-path={socket}",
         "--sandbox=namespace",
-        f"--uid-map=:0:{uid}:1:",
-        f"--gid-map=:0:{gid}:1:",
+    ]
+    if uid != 0:
+        # virtiofsd refuses ID maps when run by root, who needs none.
+        argv += [f"--uid-map=:0:{uid}:1:", f"--gid-map=:0:{gid}:1:"]
+    argv += [
         f"--translate-uid=map:{GUEST_UID}:0:1",
         f"--translate-gid=map:{GUEST_UID}:0:1",
         "--xattr",
