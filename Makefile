@@ -34,8 +34,8 @@ $(VENV)/.installed: runner/pyproject.toml
 	touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check runner tests bench
-	$(VENV)/bin/ruff format --check runner tests bench
+	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit
+	$(VENV)/bin/ruff format --check runner tests bench/runner_overhead bench/devshell_hit
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

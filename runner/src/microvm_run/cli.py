@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from microvm_run import contract, host
@@ -50,7 +50,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_BAD_INPUT
     if args.dry_run:
-        print(json.dumps(plan.to_dict(), indent=2) if args.json else _describe(plan))
+        if args.json:
+            import json  # noqa: PLC0415 - only --json needs it
+
+            print(json.dumps(plan.to_dict(), indent=2))
+        else:
+            print(_describe(plan))
         return 0
     try:
         _check_runnable(spec, options.accel)
@@ -60,10 +65,36 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     from microvm_run import launch  # noqa: PLC0415 - keeps --dry-run imports small
 
     try:
+        launch.create_private_dirs(plan)
+        devshell_file = _prepare_devshell(spec, plan, env)
+        if devshell_file is not None:
+            plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
         return launch.launch(plan, env)
     except launch.LaunchError as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
+
+
+def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> str | None:
+    """With DIRENV_ALLOW=1, the project's dev shell for the guest (cached on the host)."""
+    allow = env.get("DIRENV_ALLOW") == "1"
+    if not allow:
+        return None
+    home_share = spec.share_by_source("home")
+    if home_share is None:
+        print("microvm-run: DIRENV_ALLOW=1 ignored: this flavor shares no home", file=sys.stderr)
+        return None
+    from microvm_run import devshell  # noqa: PLC0415 - only DIRENV_ALLOW=1 needs it
+
+    result = devshell.prepare(
+        plan.work_dir,
+        plan.agent_home,
+        allow=True,
+        progress=sys.stderr,
+        guest_home=home_share.mount_point,
+        env=env,
+    )
+    return result.guest_env_file
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:

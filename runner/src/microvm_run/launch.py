@@ -36,6 +36,7 @@ from microvm_run.plan import LaunchPlan, VirtiofsdPlan
 
 SOCKET_DEADLINE_S = 10.0
 STOP_GRACE_S = 5.0
+DAEMON_DEATH_GRACE_S = 1.0
 _POLL_S = 0.01
 
 
@@ -77,7 +78,8 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
     instance = Instance(plan)
     with _terminal_restored(), _signals_forwarded(instance):
         try:
-            _prepare_dirs(plan, instance)
+            create_private_dirs(plan)
+            _prepare_runtime_dir(plan, instance)
             _write_launch_files(plan, environ)
             listener = _listen(plan.status_socket)
             _start_daemons(plan, instance, environ)
@@ -97,7 +99,8 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
 # -- preparing ---------------------------------------------------------------
 
 
-def _prepare_dirs(plan: LaunchPlan, instance: Instance) -> None:
+def create_private_dirs(plan: LaunchPlan) -> None:
+    """The agent home (and what lives in it), 0700, before anything writes there."""
     for directory in plan.dirs_to_create:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -105,6 +108,9 @@ def _prepare_dirs(plan: LaunchPlan, instance: Instance) -> None:
             raise LaunchError(f"cannot create {directory}: {err.strerror}") from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise LaunchError(f"{directory} is not writable")
+
+
+def _prepare_runtime_dir(plan: LaunchPlan, instance: Instance) -> None:
     base = plan.runtime_dir.parent
     try:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -277,7 +283,12 @@ class _Watcher:
                     self._read_status(until_eof=False)
                 elif isinstance(key.data, Daemon):
                     self.poller.unregister(key.fileobj)
-                    if self.status.exit_code is None:
+                    # QEMU ending disconnects virtiofsd, which then exits; its
+                    # death may be seen first.  Only a daemon that dies under a
+                    # QEMU that stays up is a fault.
+                    if self.status.exit_code is None and not _wait_exited(
+                        self.qemu_pidfd, DAEMON_DEATH_GRACE_S
+                    ):
                         self._fail(
                             f"virtiofsd for share {key.data.plan.tag} died while the VM ran; "
                             "stopped the VM",

@@ -1,0 +1,538 @@
+"""The project's dev shell, evaluated on the host and cached in the agent home.
+
+With DIRENV_ALLOW=1 the runner evaluates the dev shell of the project in
+WORK_DIR (a flake, a flake-based devenv or a plain devenv) with
+``print-dev-env --json``, turns the exported variables into a plain POSIX sh
+file of ``export NAME='value'`` lines and caches it in the agent home.  The
+guest sources that file before the agent starts, so the guest never evaluates
+Nix, and a later launch with unchanged project files starts no process at all.
+
+Evaluating a project's Nix code runs the project's code, so nothing here
+happens without ``allow`` (the user's explicit DIRENV_ALLOW=1).  Commands are
+argv lists started through :mod:`microvm_run.process`; nothing is ever built
+into a shell string or ``eval``-ed, on the host or in the guest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from microvm_run import process
+
+# The files whose contents decide the dev shell.  Order and names are part of
+# the cache key, so moving content from one file to another changes the key.
+KEY_FILES = (
+    "flake.nix",
+    "flake.lock",
+    ".devenv.flake.nix",
+    "devenv.nix",
+    "devenv.yaml",
+    "devenv.lock",
+)
+# Bumped whenever the env file format or the filtering changes, so an old
+# runner's cache is never sourced by a new guest module (and vice versa).
+CACHE_FORMAT = "microvm-devshell/1"
+CACHE_SUBDIR = Path(".cache/microvm-devshell")
+ERROR_FILE = ".microvm-devshell.err"
+KEEP_ENTRIES = 5
+# Temp files left by a SIGKILLed runner; live ones are never this old.
+STALE_TEMP_SECONDS = 24 * 3600
+NIX_FEATURES = ("--extra-experimental-features", "nix-command flakes")
+
+# Exported variables of the dev shell that stay the guest's own.  Everything
+# not listed here passes through, as `nix develop` does.
+GUEST_OWN_VARS = frozenset(
+    {
+        # who and where the agent is: the guest sets these for its own user
+        "HOME", "USER", "LOGNAME", "SHELL", "PWD", "OLDPWD", "SHLVL", "HOSTNAME",
+        "MAIL", "XDG_RUNTIME_DIR",
+        # the terminal and display: the launch fragment carries the host's
+        "TERM", "COLORTERM", "TERMINFO", "DISPLAY", "WAYLAND_DISPLAY", "TZ",
+        # the host build sandbox's scratch space and plumbing, meaningless later
+        "TMPDIR", "TMP", "TEMP", "TEMPDIR", "NIX_BUILD_TOP", "NIX_LOG_FD",
+        "NIX_ENFORCE_PURITY", "NIX_REMOTE", "NIX_ATTRS_JSON_FILE", "NIX_ATTRS_SH_FILE",
+        # bash internals that declare -p may list as exported
+        "BASHOPTS", "SHELLOPTS", "PPID", "UID", "EUID",
+        # Nix points these at /no-cert-file.crt inside builds; the guest has its own CAs
+        "SSL_CERT_FILE", "NIX_SSL_CERT_FILE",
+        # code, not data: the guest never runs the project's bash hooks
+        "shellHook", "builder",
+    }
+)  # fmt: skip
+# Search paths the guest's system sets too: the dev shell's entries go first,
+# the guest's stay after them (for PATH: the system part the issue requires).
+PREPENDED_VARS = ("PATH", "XDG_DATA_DIRS", "XDG_CONFIG_DIRS", "TERMINFO_DIRS")
+_SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ProjectKind(enum.Enum):
+    FLAKE = "flake"
+    FLAKE_DEVENV = "flake-based devenv"
+    DEVENV = "devenv"
+
+
+@dataclass(frozen=True)
+class DevshellResult:
+    """What the launch flow needs: plain data, decided once per launch."""
+
+    status: Literal["disabled", "none", "hit", "evaluated", "failed"]
+    env_file: Path | None  # host path of the POSIX sh env file, under the agent home
+    guest_env_file: str | None  # the same file in the guest, for MICROVM_DEVSHELL
+    message: str | None  # one line for the host user, already written to progress
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    """Where one cache key's files live in the agent home."""
+
+    directory: Path
+    key: str
+
+    @property
+    def env_file(self) -> Path:
+        return self.directory / f"{self.key}.sh"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / f"{self.key}.log"
+
+    @property
+    def profile(self) -> Path:
+        # A Nix profile is a GC root: the host's garbage collector keeps the
+        # shell's closure while its env file is cached (the guest sees the
+        # host's /nix/store, so a collected path would vanish from its PATH).
+        return self.directory / f"{self.key}.profile"
+
+
+class _EvaluationFailed(Exception):
+    def __init__(self, summary: str, details: str) -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.details = details
+
+
+def detect(work_dir: Path) -> ProjectKind | None:
+    """The kind of dev shell WORK_DIR declares, from its files alone."""
+
+    def has(name: str) -> bool:
+        return (work_dir / name).is_file()
+
+    if has("flake.nix"):
+        return ProjectKind.FLAKE_DEVENV if has("devenv.nix") else ProjectKind.FLAKE
+    if has(".devenv.flake.nix") or has("devenv.nix"):
+        return ProjectKind.DEVENV
+    return None
+
+
+def evaluation_command(
+    kind: ProjectKind, work_dir: Path, *, nix: str = "nix", devenv: str = "devenv"
+) -> tuple[str, ...]:
+    """The argv that prints the dev shell as JSON (part of the cache key)."""
+    if kind is ProjectKind.DEVENV:
+        # devenv >= 1.0 has --json; older ones only print bash code, which we
+        # never source (it runs functions and the shellHook).
+        return (devenv, "print-dev-env", "--json")
+    # --no-write-lock-file: launching an agent must not edit the project (and a
+    # lock written mid-launch would change the key: the next launch would miss).
+    # A flake without a lock file has its inputs resolved at each evaluation.
+    command: tuple[str, ...] = (
+        nix,
+        *NIX_FEATURES,
+        "print-dev-env",
+        "--json",
+        "--no-write-lock-file",
+    )
+    if kind is ProjectKind.FLAKE_DEVENV:
+        # devenv's flake module reads PWD to find the project root.
+        command += ("--impure",)
+    return (*command, str(work_dir))
+
+
+def cache_key(work_dir: Path, command: Sequence[str]) -> str:
+    """sha256 over the key files (name and content, or absence) and the command.
+
+    Every field is length-prefixed, so no two different inputs can produce
+    the same byte stream (contents cannot move between files unnoticed).
+    """
+    digest = hashlib.sha256()
+
+    def field(tag: str, data: bytes) -> None:
+        digest.update(f"{tag}:{len(data)}:".encode())
+        digest.update(data)
+
+    field("format", CACHE_FORMAT.encode())
+    for name in KEY_FILES:
+        field("name", name.encode())
+        try:
+            field("content", (work_dir / name).read_bytes())
+        except FileNotFoundError:
+            field("absent", b"")
+        except OSError as error:
+            # A directory or an unreadable file: the evaluation will say more.
+            field("unreadable", str(error.errno).encode())
+    for arg in command:
+        field("arg", os.fsencode(arg))
+    return digest.hexdigest()[:32]
+
+
+def render_env(dev_env: Mapping[str, Any]) -> str:
+    """The POSIX sh env file for a ``print-dev-env --json`` document.
+
+    Only exported string variables survive, minus GUEST_OWN_VARS and the
+    derivation's output paths (store paths the guest cannot write to).
+    Values are single-quoted, so the file is data even for a hostile project.
+    """
+    variables = dev_env.get("variables")
+    if not isinstance(variables, Mapping):
+        raise ValueError('no "variables" object')
+    exported = {
+        name: spec["value"]
+        for name, spec in variables.items()
+        if isinstance(spec, Mapping)
+        and spec.get("type") == "exported"
+        and isinstance(spec.get("value"), str)
+        and _SH_NAME.fullmatch(name)
+    }
+    dropped = GUEST_OWN_VARS | set(exported.get("outputs", "out").split()) | {"outputs"}
+    lines = [f"# {CACHE_FORMAT}: dev shell environment written by microvm-run; data only"]
+    for name in sorted(exported):
+        value = exported[name]
+        if name in dropped:
+            continue
+        if name in PREPENDED_VARS:
+            entries = ":".join(entry for entry in value.split(":") if entry)
+            if entries:
+                # ${VAR:+:$VAR}: no empty entry (for PATH: the cwd) if unset.
+                lines.append(f'export {name}={shlex.quote(entries)}"${{{name}:+:${name}}}"')
+            continue
+        lines.append(f"export {name}={shlex.quote(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def prepare(
+    work_dir: Path,
+    agent_home: Path,
+    *,
+    allow: bool,
+    progress: TextIO,
+    guest_home: str = "/home/agent",
+    nix: str = "nix",
+    devenv: str = "devenv",
+    env: Mapping[str, str] | None = None,
+) -> DevshellResult:
+    """Make sure the dev shell's env file is cached; evaluate it on a miss.
+
+    A hit costs a few file reads and starts no process.  Progress and the
+    outcome line go to ``progress``; ``message`` repeats that outcome line
+    (without the ``microvm-run:`` prefix) for the caller's records: do not
+    print it again.  Ctrl-C during an evaluation stops it, leaves no cache
+    entry and re-raises KeyboardInterrupt.
+    """
+    if not allow:
+        return DevshellResult("disabled", None, None, None)
+    error_file = agent_home / ERROR_FILE
+    kind = detect(work_dir)
+    if kind is None:
+        _remove(error_file)
+        return DevshellResult("none", None, None, None)
+    command = evaluation_command(kind, work_dir, nix=nix, devenv=devenv)
+    paths = CachePaths(agent_home / CACHE_SUBDIR, cache_key(work_dir, command))
+    guest_file = f"{guest_home.rstrip('/')}/{CACHE_SUBDIR}/{paths.key}.sh"
+    if _is_hit(paths.env_file):
+        _remove(error_file)
+        return DevshellResult("hit", paths.env_file, guest_file, None)
+
+    child_env = {**(env if env is not None else os.environ), "PWD": str(work_dir)}
+    try:
+        elapsed = _evaluate(
+            kind, command, paths, work_dir=work_dir, child_env=child_env, progress=progress
+        )
+    except (_EvaluationFailed, OSError) as error:
+        # Whatever went wrong, the VM boots without the dev shell.
+        failure = _as_failure(error)
+        with contextlib.suppress(OSError):
+            _write_atomically(error_file, _error_report(command, work_dir, paths, failure))
+        message = f"dev shell evaluation failed (see {error_file}); starting without it"
+        if failure.summary:
+            message = f"{failure.summary}; {message}"
+        _say(progress, message)
+        return DevshellResult("failed", None, None, message)
+    with contextlib.suppress(OSError):  # housekeeping must not fail a ready shell
+        _remove(error_file)
+        _prune(paths)
+    message = f"dev shell ready ({elapsed:.1f} s)"
+    _say(progress, message)
+    return DevshellResult("evaluated", paths.env_file, guest_file, message)
+
+
+def _as_failure(error: Exception) -> _EvaluationFailed:
+    if isinstance(error, _EvaluationFailed):
+        return error
+    return _EvaluationFailed(f"cannot write the dev shell cache ({error})", "")
+
+
+def _is_hit(env_file: Path) -> bool:
+    try:
+        # Refresh the mtime: pruning keeps the most recently used entries.
+        os.utime(env_file)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return env_file.is_file()  # a read-only agent home still has its cache
+    return True
+
+
+def _evaluate(
+    kind: ProjectKind,
+    command: tuple[str, ...],
+    paths: CachePaths,
+    *,
+    work_dir: Path,
+    child_env: Mapping[str, str],
+    progress: TextIO,
+) -> float:
+    program = shutil.which(command[0], path=child_env.get("PATH", os.defpath))
+    if program is None:
+        raise _EvaluationFailed(_missing_program_summary(kind, command[0]), "")
+    argv = [program, *command[1:]]
+    if kind is not ProjectKind.DEVENV:
+        argv[-1:-1] = ["-L", "--profile", str(paths.profile)]
+    paths.directory.mkdir(parents=True, exist_ok=True)
+    label = f"{Path(command[0]).name} print-dev-env"
+    _say(progress, f"evaluating the dev shell ({label} in {work_dir}), log: {paths.log_file}")
+    started = time.monotonic()
+    with _temp_file(paths.directory, paths.key, ".json") as (json_path, json_out):
+        returncode = _run_with_progress(
+            argv,
+            cwd=work_dir,
+            env=child_env,
+            stdout=json_out,
+            log_file=paths.log_file,
+            progress=progress,
+        )
+        if returncode != 0:
+            raise _EvaluationFailed("", f"{label} exited with status {returncode}")
+        try:
+            text = render_env(json.loads(json_path.read_text(encoding="utf-8")))
+        except ValueError as error:
+            summary = f"{label} --json printed no dev shell ({error})"
+            if kind is ProjectKind.DEVENV:
+                summary += "; devenv 1.0 or newer is needed"
+            raise _EvaluationFailed(summary, "") from None
+    _write_atomically(paths.env_file, text)
+    return time.monotonic() - started
+
+
+def _run_with_progress(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    stdout: TextIO,
+    log_file: Path,
+    progress: TextIO,
+) -> int:
+    ticker = Progress(progress)
+    # stdin is /dev/null: Nix must not stop to ask about a flake's nixConfig
+    # while its prompt goes to the log file.
+    with open(os.devnull, "rb") as stdin, open(log_file, "wb") as log:
+        try:
+            child = process.spawn(argv, env=env, cwd=cwd, stdin=stdin, stdout=stdout, stderr=log)
+        except process.ProcessError as error:
+            raise _EvaluationFailed(str(error), "") from None
+        try:
+            while (returncode := child.poll()) is None:
+                time.sleep(0.05)
+                ticker.tick()
+        finally:
+            # Ctrl-C (or any error) while Nix runs: stop it before the caller
+            # goes on, so no evaluation outlives the launch that wanted it.
+            _stop(child)
+            ticker.close()
+    return int(returncode)
+
+
+def _stop(child: Any, grace: float = 5.0) -> None:
+    if child.poll() is not None:
+        return
+    child.terminate()
+    deadline = time.monotonic() + grace
+    while child.poll() is None:
+        if time.monotonic() > deadline:
+            child.kill()
+            child.wait()
+            return
+        time.sleep(0.02)
+
+
+class Progress:
+    """Elapsed time while an evaluation runs: one updating line on a TTY,
+    else a line every ``line_every`` seconds (logs stay short)."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        tty_every: float = 1.0,
+        line_every: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._clock = clock
+        self._started = clock()
+        self._tty = _isatty(stream)
+        self._every = tty_every if self._tty else line_every
+        self._next = self._every
+        self._drawn = False
+
+    def tick(self) -> None:
+        elapsed = self._clock() - self._started
+        if elapsed < self._next:
+            return
+        self._next = (elapsed // self._every + 1) * self._every
+        if self._tty:
+            self._stream.write(f"\rmicrovm-run: evaluating the dev shell... {elapsed:.0f} s")
+            self._drawn = True
+        else:
+            self._stream.write(f"microvm-run: still evaluating the dev shell ({elapsed:.0f} s)\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+            self._drawn = False
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _say(progress: TextIO, message: str) -> None:
+    progress.write(f"microvm-run: {message}\n")
+    progress.flush()
+
+
+def _missing_program_summary(kind: ProjectKind, program: str) -> str:
+    if kind is ProjectKind.DEVENV:
+        return (
+            f"this project uses devenv without a flake, but {program!r} is not on the "
+            "host's PATH (install devenv 1.0 or newer)"
+        )
+    return f"this project has a {kind.value}, but {program!r} is not on the host's PATH"
+
+
+def _error_report(
+    command: Sequence[str], work_dir: Path, paths: CachePaths, failure: _EvaluationFailed
+) -> str:
+    # shlex.join is for reading only: the command is never run from text.
+    lines = [
+        "microvm-run could not evaluate this project's dev shell on the host,",
+        "so this VM started without it (DIRENV_ALLOW=1).",
+        "",
+        f"command:   {shlex.join(command)}",
+        f"directory: {work_dir}",
+    ]
+    if failure.summary:
+        lines.append(f"problem:   {failure.summary}")
+    if failure.details:
+        lines.append(f"result:    {failure.details}")
+    log = _tail(paths.log_file)
+    if log:
+        lines += [f"log:       {paths.log_file} (host)", "", "--- last lines of the log ---", log]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _tail(path: Path, limit: int = 64 * 1024) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(0, os.SEEK_END)
+            file.seek(max(0, file.tell() - limit))
+            return file.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _temp_file(directory: Path, key: str, suffix: str) -> Iterator[tuple[Path, TextIO]]:
+    """A unique temp file in ``directory``, always removed on the way out."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=f"{suffix}.tmp")
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            yield path, file
+    finally:
+        _remove(path)
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part.
+
+    The temp file is unique (mkstemp), so concurrent launches never share one;
+    it is fsynced before the rename, so a crash cannot leave an empty entry.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _temp_file(target.parent, target.name, "") as (path, file):
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+        os.replace(path, target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(current: CachePaths) -> None:
+    """Keep the KEEP_ENTRIES most recently used keys, drop stale temp files."""
+    groups: dict[str, list[Path]] = {}
+    now = time.time()
+    for path in current.directory.iterdir():
+        if path.name.startswith("."):
+            if path.name.endswith(".tmp") and _age(path, now) > STALE_TEMP_SECONDS:
+                _remove(path)
+            continue
+        groups.setdefault(path.name.split(".", 1)[0], []).append(path)
+
+    def last_used(key: str) -> float:
+        # A hit refreshes its .sh; an evaluation in progress has a fresh log.
+        return -min(_age(path, now) for path in groups[key])
+
+    kept = set(sorted(groups, key=last_used, reverse=True)[:KEEP_ENTRIES]) | {current.key}
+    for key, files in groups.items():
+        if key not in kept:
+            for path in files:
+                _remove(path)
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.lstat().st_mtime
+    except OSError:
+        return float("inf")
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,208 @@
+"""devshell with real Nix (Debian's nix-bin is enough) on input-less fixture flakes.
+
+No VM: these prove the host half (evaluate, cache, hit, invalidate, fail,
+interrupt) and that the env file gives a POSIX shell the project's variables.
+The fixtures build their dev shells from builtins.derivation with /bin/bash
+as the builder, so nothing is fetched and nothing needs nixpkgs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from microvm_run.devshell import DevshellResult, prepare
+from tests.support.prereq import require
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "devshell"
+COUNTING_NIX = """#!/bin/sh
+echo call >> "$NIX_CALLS"
+exec {nix} "$@"
+"""
+
+
+def real_nix() -> str:
+    nix = shutil.which("nix")
+    require(nix is not None, "nix on PATH (Debian: apt-get install nix-bin)")
+    assert nix is not None
+    usable = os.access("/nix/store", os.W_OK) or Path("/nix/var/nix/daemon-socket/socket").exists()
+    require(usable, "a writable /nix/store or a running nix-daemon")
+    return nix
+
+
+class Host:
+    """A project copied from a fixture, an agent home, and nix behind a counter."""
+
+    def __init__(self, tmp_path: Path, fixture: str) -> None:
+        self.work = tmp_path / "project"
+        self.home = tmp_path / "home"
+        shutil.copytree(FIXTURES / fixture, self.work)
+        self.home.mkdir()
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        self.calls = tmp_path / "nix-calls"
+        (bin_dir / "nix").write_text(COUNTING_NIX.format(nix=real_nix()))
+        (bin_dir / "nix").chmod(0o755)
+        self.env = {
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "NIX_CALLS": str(self.calls),
+            # Offline: no binary cache lookups (there is nothing to fetch).
+            "NIX_CONFIG": "substituters =",
+        }
+
+    def prepare(self, **kwargs: Any) -> DevshellResult:
+        options: dict[str, Any] = {"allow": True, "progress": io.StringIO(), "env": self.env}
+        options.update(kwargs)
+        return prepare(self.work, self.home, **options)
+
+    def nix_calls(self) -> int:
+        return len(self.calls.read_text().splitlines()) if self.calls.exists() else 0
+
+    def cache_files(self) -> list[str]:
+        directory = self.home / ".cache/microvm-devshell"
+        return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
+
+
+def source(env_file: Path, names: list[str], shell: str = "sh") -> dict[str, str]:
+    script = '. "$1"; shift; for n in "$@"; do eval "printf \'%s\\0\' \\"\\${$n-<unset>}\\""; done'
+    out = subprocess.run(
+        [*shell.split(), "-c", script, "sh", str(env_file), *names],
+        env={"PATH": "/usr/bin:/bin", "HOME": "/home/agent", "TMPDIR": "/tmp"},
+        capture_output=True, check=True,
+    ).stdout  # fmt: skip
+    return dict(zip(names, out.decode().split("\0")[:-1], strict=True))
+
+
+def test_first_run_evaluates_and_caches_second_is_a_hit(tmp_path: Path) -> None:
+    host = Host(tmp_path, "simple")
+    first = host.prepare()
+    assert first.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
+    assert first.env_file is not None and first.env_file.is_file()
+    assert host.nix_calls() == 1
+    second = host.prepare()
+    assert (second.status, second.env_file, second.message) == ("hit", first.env_file, None)
+    assert host.nix_calls() == 1
+
+
+def test_a_hit_needs_no_nix_at_all(tmp_path: Path) -> None:
+    host = Host(tmp_path, "simple")
+    host.prepare()
+    result = host.prepare(env={**host.env, "PATH": str(tmp_path / "empty")})
+    assert result.status == "hit"
+
+
+def test_changing_flake_lock_invalidates(tmp_path: Path) -> None:
+    host = Host(tmp_path, "simple")
+    first = host.prepare()
+    (host.work / "flake.lock").write_text('{"nodes": {"root": {}}, "root": "root", "version": 7}\n')
+    second = host.prepare()
+    assert second.status == "evaluated" and second.env_file != first.env_file
+    assert host.nix_calls() == 2
+    assert host.prepare().status == "hit"
+
+
+def test_the_guest_shell_sees_the_project_variables(tmp_path: Path) -> None:
+    host = Host(tmp_path, "simple")
+    result = host.prepare()
+    assert result.env_file is not None
+    names = ["MY_PROJECT_VAR", "TRICKY_VAR", "PATH", "HOME", "TMPDIR", "IN_NIX_SHELL", "out"]
+    shells = ["dash", "busybox ash", "bash"]
+    for shell in (s for s in shells if shutil.which(s.split()[0])):
+        seen = source(result.env_file, names, shell)
+        assert seen == {
+            "MY_PROJECT_VAR": "hello-from-devshell",
+            "TRICKY_VAR": 'it\'s "quoted" $HOME `id`\nsecond line',
+            "PATH": "/fixture/bin:/fixture/sbin:/usr/bin:/bin",
+            "HOME": "/home/agent",
+            "TMPDIR": "/tmp",
+            "IN_NIX_SHELL": "impure",
+            "out": "<unset>",
+        }, shell
+
+
+def test_the_shell_closure_is_a_gc_root(tmp_path: Path) -> None:
+    host = Host(tmp_path, "simple")
+    result = host.prepare()
+    assert result.env_file is not None
+    profile = result.env_file.with_suffix(".profile")
+    assert profile.resolve().is_relative_to("/nix/store") and profile.resolve().exists()
+
+
+def test_broken_flake_boots_without_the_shell_and_leaves_the_error(tmp_path: Path) -> None:
+    host = Host(tmp_path, "broken")
+    result = host.prepare()
+    error_file = host.home / ".microvm-devshell.err"
+    assert (result.status, result.env_file, result.guest_env_file) == ("failed", None, None)
+    assert result.message == f"dev shell evaluation failed (see {error_file}); starting without it"
+    report = error_file.read_text()
+    assert "this dev shell is broken on purpose" in report
+    assert "print-dev-env" in report and str(host.work) in report
+    assert not [name for name in host.cache_files() if name.endswith(".sh")]
+    # Fixing the flake clears the error on the next launch.
+    shutil.copy(FIXTURES / "simple" / "flake.nix", host.work / "flake.nix")
+    assert host.prepare().status == "evaluated"
+    assert not error_file.exists()
+
+
+def test_flake_based_devenv_is_evaluated_impure_in_the_project(tmp_path: Path) -> None:
+    host = Host(tmp_path, "devenv-flake")
+    result = host.prepare()
+    assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
+    assert result.env_file is not None
+    assert source(result.env_file, ["FIXTURE_ROOT"]) == {"FIXTURE_ROOT": str(host.work)}
+
+
+CHILD = """
+import io, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+from microvm_run.devshell import prepare
+env = dict(arg.split("=", 1) for arg in sys.argv[3:])
+prepare(Path(sys.argv[1]), Path(sys.argv[2]), allow=True, progress=sys.stderr, env=env)
+"""
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
+    tmp_path: Path,
+) -> None:
+    host = Host(tmp_path, "slow")
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    flake = host.work / "flake.nix"
+    flake.write_text(flake.read_text().replace("@HOLD@", str(hold)))
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(host.work), str(host.home)]
+        + [f"{name}={value}" for name, value in host.env.items()],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        log = host.home / ".cache/microvm-devshell"
+        # The builder announces itself in the log while it holds.
+        wait_for(lambda: any("holding while" in p.read_text() for p in log.glob("*.log")))
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert b"KeyboardInterrupt" in stderr
+    assert not [name for name in host.cache_files() if name.endswith((".sh", ".tmp"))]
+    hold.unlink()
+    result = host.prepare()
+    assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
+    assert result.env_file is not None
+    assert source(result.env_file, ["SLOW_VAR"]) == {"SLOW_VAR": "finally"}

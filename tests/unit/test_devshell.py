@@ -1,0 +1,616 @@
+"""devshell: detection, the cache key, the env file, and prepare() with a fake nix.
+
+Real Nix runs in tests/integration/test_devshell_nix.py; here a small bash
+script stands in for it, recording its argv so the process boundary is seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from microvm_run import devshell, process
+from microvm_run.devshell import (
+    KEY_FILES,
+    Progress,
+    ProjectKind,
+    cache_key,
+    detect,
+    evaluation_command,
+    prepare,
+    render_env,
+)
+
+FAKE_NIX = r"""#!/bin/bash
+# Stands in for nix/devenv: records the call, prints $FAKE_JSON, exits $FAKE_STATUS.
+{
+  echo call
+  printf 'arg:%s\n' "$@"
+  printf 'pwd-var:%s\n' "$PWD"
+  printf 'cwd:%s\n' "$(pwd -P)"
+  printf 'stdin:%s\n' "$(readlink /proc/self/fd/0)"
+} >> "$FAKE_CALLS"
+echo "$$" > "$FAKE_CALLS.pid"
+echo "fake: evaluating the dev shell" >&2
+if [ -n "$FAKE_PARTIAL" ]; then printf '{"variables": {'; exec sleep 60; fi
+cat "$FAKE_JSON"
+exit "${FAKE_STATUS:-0}"
+"""
+
+DEV_ENV: dict[str, Any] = {
+    "bashFunctions": {"genericBuild": "echo never sourced"},
+    "variables": {
+        "MY_PROJECT_VAR": {"type": "exported", "value": "hello-from-devshell"},
+        "PATH": {"type": "exported", "value": "/nix/store/a-gcc/bin::/nix/store/b-ruff/bin"},
+        "HOME": {"type": "exported", "value": "/homeless-shelter"},
+        "TMPDIR": {"type": "exported", "value": "/tmp/nix-build-shell-env.drv-0"},
+        "out": {"type": "exported", "value": "/nix/store/c-shell-env"},
+        "dev": {"type": "exported", "value": "/nix/store/c-shell-env-dev"},
+        "outputs": {"type": "exported", "value": "out dev"},
+        "shellHook": {"type": "exported", "value": "echo hook"},
+        "LOCAL_ONLY": {"type": "var", "value": "not exported"},
+        "ARRAY": {"type": "array", "value": ["a", "b"]},
+        "bad-name": {"type": "exported", "value": "x"},
+    },
+}
+
+
+class Fake:
+    """A fake nix on PATH plus the project and agent home that prepare() needs."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.work = tmp_path / "project"
+        self.home = tmp_path / "home"
+        self.bin = tmp_path / "bin"
+        self.calls = tmp_path / "calls"
+        self.json = tmp_path / "dev-env.json"
+        for directory in (self.work, self.home, self.bin):
+            directory.mkdir()
+        (self.work / "flake.nix").write_text("{ outputs = _: { }; }\n")
+        for name in ("nix", "devenv"):
+            (self.bin / name).write_text(FAKE_NIX)
+            (self.bin / name).chmod(0o755)
+        self.set_json(DEV_ENV)
+        self.env = {
+            "PATH": f"{self.bin}:/usr/bin:/bin",
+            "FAKE_CALLS": str(self.calls),
+            "FAKE_JSON": str(self.json),
+        }
+
+    def set_json(self, document: Any) -> None:
+        self.json.write_text(json.dumps(document))
+
+    def prepare(self, **kwargs: Any) -> tuple[devshell.DevshellResult, str]:
+        progress = io.StringIO()
+        options: dict[str, Any] = {"allow": True, "progress": progress, "env": self.env}
+        options.update(kwargs)
+        result = prepare(self.work, self.home, **options)
+        return result, progress.getvalue()
+
+    def call_count(self) -> int:
+        if not self.calls.exists():
+            return 0
+        return self.calls.read_text().splitlines().count("call")
+
+    def args(self) -> list[str]:
+        lines = self.calls.read_text().splitlines()
+        return [line[4:] for line in lines if line.startswith("arg:")]
+
+    def recorded(self, prefix: str) -> str:
+        lines = self.calls.read_text().splitlines()
+        return next(line[len(prefix) :] for line in lines if line.startswith(prefix))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / ".cache/microvm-devshell"
+
+    def cache_files(self) -> list[str]:
+        if not self.cache_dir.exists():
+            return []
+        return sorted(path.name for path in self.cache_dir.iterdir())
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Fake:
+    return Fake(tmp_path)
+
+
+# --- detect -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "kind"),
+    [
+        ([], None),
+        (["flake.nix"], ProjectKind.FLAKE),
+        (["flake.nix", "flake.lock"], ProjectKind.FLAKE),
+        (["flake.nix", "devenv.nix"], ProjectKind.FLAKE_DEVENV),
+        (["flake.nix", "devenv.nix", "devenv.yaml"], ProjectKind.FLAKE_DEVENV),
+        ([".devenv.flake.nix"], ProjectKind.DEVENV),
+        (["devenv.nix", "devenv.yaml"], ProjectKind.DEVENV),
+        (["devenv.yaml", "shell.nix"], None),
+    ],
+)
+def test_detect_project_kind_from_files(
+    tmp_path: Path, files: list[str], kind: ProjectKind | None
+) -> None:
+    for name in files:
+        (tmp_path / name).write_text("")
+    assert detect(tmp_path) is kind
+
+
+def test_a_directory_named_flake_nix_is_not_a_flake(tmp_path: Path) -> None:
+    (tmp_path / "flake.nix").mkdir()
+    assert detect(tmp_path) is None
+
+
+# --- commands and the cache key ---------------------------------------------
+
+
+def test_flake_command_is_print_dev_env_json_without_touching_the_lock() -> None:
+    command = evaluation_command(ProjectKind.FLAKE, Path("/w/p"), nix="/bin/nix")
+    assert command[0] == "/bin/nix"
+    assert command[-1] == "/w/p"
+    assert {"print-dev-env", "--json", "--no-write-lock-file"} <= set(command)
+    assert "--impure" not in command
+
+
+def test_flake_devenv_command_is_impure() -> None:
+    assert "--impure" in evaluation_command(ProjectKind.FLAKE_DEVENV, Path("/w/p"))
+
+
+def test_devenv_command_asks_devenv_for_json() -> None:
+    command = evaluation_command(ProjectKind.DEVENV, Path("/w/p"), devenv="/opt/devenv")
+    assert command == ("/opt/devenv", "print-dev-env", "--json")
+
+
+def test_cache_key_is_stable_and_short(tmp_path: Path) -> None:
+    (tmp_path / "flake.nix").write_text("a")
+    key = cache_key(tmp_path, ["nix", "print-dev-env"])
+    assert key == cache_key(tmp_path, ["nix", "print-dev-env"])
+    assert len(key) == 32 and int(key, 16) >= 0
+
+
+@pytest.mark.parametrize("name", KEY_FILES)
+def test_each_key_file_changes_the_key(tmp_path: Path, name: str) -> None:
+    (tmp_path / "flake.nix").write_text("base")
+    before = cache_key(tmp_path, ["nix"])
+    (tmp_path / name).write_text("changed")
+    assert cache_key(tmp_path, ["nix"]) != before
+
+
+def test_absent_and_empty_files_differ(tmp_path: Path) -> None:
+    before = cache_key(tmp_path, ["nix"])
+    (tmp_path / "flake.lock").write_text("")
+    assert cache_key(tmp_path, ["nix"]) != before
+
+
+def test_content_cannot_move_between_files_unnoticed(tmp_path: Path) -> None:
+    # The reference setup concatenated contents without names: these collided.
+    (tmp_path / "flake.nix").write_text("ab")
+    first = cache_key(tmp_path, ["nix"])
+    (tmp_path / "flake.nix").write_text("a")
+    (tmp_path / "flake.lock").write_text("b")
+    assert cache_key(tmp_path, ["nix"]) != first
+
+
+def test_the_command_is_part_of_the_key(tmp_path: Path) -> None:
+    assert cache_key(tmp_path, ["nix", "--impure"]) != cache_key(tmp_path, ["nix"])
+    assert cache_key(tmp_path, ["a b"]) != cache_key(tmp_path, ["a", "b"])
+
+
+def test_other_files_do_not_change_the_key(tmp_path: Path) -> None:
+    before = cache_key(tmp_path, ["nix"])
+    (tmp_path / "main.py").write_text("print()")
+    assert cache_key(tmp_path, ["nix"]) == before
+
+
+# --- the env file -----------------------------------------------------------
+
+
+def source_in(shell: list[str], env_file: Path, names: list[str]) -> dict[str, str]:
+    """Source env_file in a clean shell and return the named variables."""
+    script = '. "$1"; shift; for n in "$@"; do eval "printf \'%s\\0\' \\"\\${$n-<unset>}\\""; done'
+    result = subprocess.run(
+        [*shell, "-c", script, "sh", str(env_file), *names],
+        env={"PATH": "/usr/bin:/bin", "HOME": "/home/agent", "TERM": "linux"},
+        capture_output=True, check=True,
+    )  # fmt: skip
+    return dict(zip(names, result.stdout.decode().split("\0")[:-1], strict=True))
+
+
+def test_render_keeps_exported_strings_only() -> None:
+    text = render_env(DEV_ENV)
+    assert "export MY_PROJECT_VAR=hello-from-devshell\n" in text
+    for absent in ("LOCAL_ONLY", "ARRAY", "bad-name", "genericBuild"):
+        assert absent not in text
+
+
+def test_render_drops_guest_own_variables_outputs_and_hooks() -> None:
+    text = render_env(DEV_ENV)
+    for dropped in ("HOME=", "TMPDIR=", "export out=", "export dev=", "outputs=", "shellHook"):
+        assert dropped not in text
+
+
+def test_render_prepends_the_dev_path_to_the_guest_path() -> None:
+    text = render_env(DEV_ENV)
+    assert 'export PATH=/nix/store/a-gcc/bin:/nix/store/b-ruff/bin"${PATH:+:$PATH}"\n' in text
+
+
+def test_render_is_only_comments_and_exports() -> None:
+    for line in render_env(DEV_ENV).splitlines():
+        assert line.startswith(("# ", "export "))
+
+
+def test_render_rejects_a_document_without_variables() -> None:
+    with pytest.raises(ValueError, match="variables"):
+        render_env({"bashFunctions": {}})
+
+
+TRICKY = 'it\'s "quoted" $HOME `id` $(id)\nsecond line\\ ; exit 3'
+SHELLS = [["dash"], ["busybox", "ash"], ["bash", "--posix"]]
+
+
+@pytest.mark.parametrize("shell", SHELLS, ids=lambda s: s[0])
+def test_env_file_is_data_in_every_guest_shell(tmp_path: Path, shell: list[str]) -> None:
+    if shutil.which(shell[0]) is None:
+        pytest.skip(f"{shell[0]} not installed")
+    env_file = tmp_path / "env.sh"
+    env_file.write_text(
+        render_env(
+            {
+                "variables": {
+                    "TRICKY": {"type": "exported", "value": TRICKY},
+                    "PATH": {"type": "exported", "value": "/dev/bin"},
+                    "XDG_DATA_DIRS": {"type": "exported", "value": "/dev/share"},
+                    "HOME": {"type": "exported", "value": "/homeless-shelter"},
+                    "TERM": {"type": "exported", "value": "dumb"},
+                }
+            }
+        )
+    )
+    seen = source_in(shell, env_file, ["TRICKY", "PATH", "XDG_DATA_DIRS", "HOME", "TERM"])
+    assert seen == {
+        "TRICKY": TRICKY,
+        "PATH": "/dev/bin:/usr/bin:/bin",
+        # unset in the guest: no trailing empty entry
+        "XDG_DATA_DIRS": "/dev/share",
+        "HOME": "/home/agent",
+        "TERM": "linux",
+    }
+
+
+# --- prepare ----------------------------------------------------------------
+
+
+def test_disabled_touches_nothing(tmp_path: Path) -> None:
+    (tmp_path / "flake.nix").write_text("")
+    home = tmp_path / "no-home-yet"
+    progress = io.StringIO()
+    result = prepare(tmp_path, home, allow=False, progress=progress, nix="/nonexistent")
+    assert result == devshell.DevshellResult("disabled", None, None, None)
+    assert not home.exists() and progress.getvalue() == ""
+
+
+def test_no_project_kind_is_none_and_quiet(fake: Fake) -> None:
+    (fake.work / "flake.nix").unlink()
+    result, output = fake.prepare()
+    assert (result.status, result.env_file, result.message, output) == ("none", None, None, "")
+    assert fake.call_count() == 0
+
+
+def test_miss_evaluates_and_caches_under_the_agent_home(fake: Fake) -> None:
+    result, output = fake.prepare()
+    assert result.status == "evaluated"
+    key = cache_key(fake.work, evaluation_command(ProjectKind.FLAKE, fake.work))
+    assert result.env_file == fake.cache_dir / f"{key}.sh"
+    assert result.guest_env_file == f"/home/agent/.cache/microvm-devshell/{key}.sh"
+    assert "MY_PROJECT_VAR=hello-from-devshell" in result.env_file.read_text()
+    assert fake.call_count() == 1
+    assert result.message is not None and result.message.startswith("dev shell ready (")
+    first, last = output.splitlines()
+    assert first.startswith("microvm-run: evaluating the dev shell (nix print-dev-env in ")
+    assert first.endswith(f"log: {fake.cache_dir / key}.log")
+    assert last == f"microvm-run: {result.message}"
+    assert "fake: evaluating" in (fake.cache_dir / f"{key}.log").read_text()
+
+
+def test_nix_runs_in_the_project_with_a_gc_root_and_no_terminal(fake: Fake) -> None:
+    result, _ = fake.prepare()
+    assert result.env_file is not None
+    args = fake.args()
+    assert args[-1] == str(fake.work)
+    profile = args[args.index("--profile") + 1]
+    assert profile == str(result.env_file.with_suffix(".profile"))
+    assert fake.recorded("pwd-var:") == str(fake.work)
+    assert fake.recorded("cwd:") == str(fake.work.resolve())
+    assert fake.recorded("stdin:") == "/dev/null"
+
+
+def test_hit_starts_no_process_and_is_quiet(fake: Fake, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, _ = fake.prepare()
+
+    def no_process(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("a hit started a process")
+
+    monkeypatch.setattr(process, "spawn", no_process)
+    monkeypatch.setattr(process, "run", no_process)
+    # And no nix on PATH (PATH is not part of the key): a hit never looks.
+    again, output = fake.prepare(env={"PATH": "/nonexistent"})
+    assert again.status == "hit"
+    assert output == "" and again.message is None
+    assert again.env_file == first.env_file and again.guest_env_file == first.guest_env_file
+    assert fake.call_count() == 1
+
+
+def test_hit_key_uses_the_same_command(fake: Fake) -> None:
+    # Passing nix by another name is another command: a different entry.
+    fake.prepare()
+    result, _ = fake.prepare(nix=str(fake.bin / "nix"))
+    assert result.status == "evaluated"
+
+
+def test_changed_flake_lock_invalidates(fake: Fake) -> None:
+    first, _ = fake.prepare()
+    (fake.work / "flake.lock").write_text('{"version": 7}')
+    second, _ = fake.prepare()
+    assert second.status == "evaluated" and second.env_file != first.env_file
+    assert fake.call_count() == 2
+
+
+def test_guest_home_is_configurable(fake: Fake) -> None:
+    result, _ = fake.prepare(guest_home="/home/dev/")
+    assert result.guest_env_file is not None
+    assert result.guest_env_file.startswith("/home/dev/.cache/microvm-devshell/")
+
+
+def test_flake_devenv_evaluates_impure(fake: Fake) -> None:
+    (fake.work / "devenv.nix").write_text("{ }")
+    fake.prepare()
+    assert "--impure" in fake.args()
+
+
+def test_devenv_project_runs_devenv_json(fake: Fake) -> None:
+    (fake.work / "flake.nix").unlink()
+    (fake.work / ".devenv.flake.nix").write_text("{ }")
+    result, output = fake.prepare()
+    assert result.status == "evaluated"
+    assert fake.args() == ["print-dev-env", "--json"]
+    assert "(devenv print-dev-env in " in output
+
+
+def test_failure_boots_without_the_shell_and_leaves_the_error(fake: Fake) -> None:
+    fake.env["FAKE_STATUS"] = "1"
+    fake.json.write_text("")
+    result, output = fake.prepare()
+    error_file = fake.home / ".microvm-devshell.err"
+    assert (result.status, result.env_file, result.guest_env_file) == ("failed", None, None)
+    assert result.message == (
+        f"dev shell evaluation failed (see {error_file}); starting without it"
+    )
+    assert output.splitlines()[-1] == f"microvm-run: {result.message}"
+    report = error_file.read_text()
+    assert "print-dev-env --json" in report and str(fake.work) in report
+    assert "exited with status 1" in report
+    assert "fake: evaluating the dev shell" in report
+    assert not [name for name in fake.cache_files() if name.endswith((".sh", ".tmp"))]
+
+
+def test_a_later_success_removes_the_error_file(fake: Fake) -> None:
+    fake.env["FAKE_STATUS"] = "1"
+    fake.prepare()
+    assert (fake.home / ".microvm-devshell.err").exists()
+    del fake.env["FAKE_STATUS"]
+    result, _ = fake.prepare()
+    assert result.status == "evaluated"
+    assert not (fake.home / ".microvm-devshell.err").exists()
+
+
+def test_failure_is_not_cached(fake: Fake) -> None:
+    fake.env["FAKE_STATUS"] = "1"
+    fake.prepare()
+    fake.prepare()
+    assert fake.call_count() == 2
+
+
+def test_output_that_is_not_a_dev_env_fails_clearly(fake: Fake) -> None:
+    fake.json.write_text("unset shellHook\nexport PATH=/x\n")
+    result, _ = fake.prepare()
+    assert result.status == "failed"
+    assert result.message is not None
+    assert result.message.startswith("nix print-dev-env --json printed no dev shell")
+
+
+def test_old_devenv_without_json_is_named_in_the_message(fake: Fake) -> None:
+    (fake.work / "flake.nix").unlink()
+    (fake.work / "devenv.nix").write_text("{ }")
+    fake.json.write_text("export PATH=/x\n")
+    result, _ = fake.prepare()
+    assert result.status == "failed"
+    assert result.message is not None and "devenv 1.0 or newer" in result.message
+
+
+def test_devenv_missing_from_path_is_a_clear_failure(fake: Fake) -> None:
+    (fake.work / "flake.nix").unlink()
+    (fake.work / ".devenv.flake.nix").write_text("{ }")
+    (fake.bin / "devenv").unlink()
+    result, output = fake.prepare()
+    assert result.status == "failed"
+    assert result.message is not None
+    assert "'devenv' is not on the host's PATH" in result.message
+    assert "devenv 1.0 or newer" in result.message
+    assert "devenv" in (fake.home / ".microvm-devshell.err").read_text()
+    assert fake.call_count() == 0 and output.count("\n") == 1
+
+
+def test_nix_missing_is_a_clear_failure(fake: Fake) -> None:
+    result, _ = fake.prepare(nix="no-such-nix")
+    assert result.status == "failed"
+    assert (
+        result.message is not None and "'no-such-nix' is not on the host's PATH" in result.message
+    )
+
+
+def test_an_unwritable_cache_boots_without_the_shell(fake: Fake) -> None:
+    (fake.home / ".cache").write_text("a file where the cache directory should be")
+    result, output = fake.prepare()
+    assert result.status == "failed"
+    assert result.message is not None and "cannot write the dev shell cache" in result.message
+    assert output.endswith(f"microvm-run: {result.message}\n")
+    assert fake.call_count() == 0
+
+
+def test_interrupt_between_write_and_rename_leaves_no_entry(
+    fake: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            fake.prepare()
+    assert not [name for name in fake.cache_files() if name.endswith((".sh", ".tmp"))]
+    result, _ = fake.prepare()
+    assert result.status == "evaluated" and fake.call_count() == 2
+
+
+CHILD = """
+import signal, sys
+from pathlib import Path
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
+from microvm_run.devshell import prepare
+env = dict(arg.split("=", 1) for arg in sys.argv[3:])
+prepare(Path(sys.argv[1]), Path(sys.argv[2]), allow=True, progress=sys.stderr, env=env)
+"""
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_mid_evaluation_stops_nix_and_leaves_no_entry(fake: Fake) -> None:
+    env = {**fake.env, "FAKE_PARTIAL": "1"}
+    pid_file = Path(f"{fake.calls}.pid")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(fake.work), str(fake.home)]
+        + [f"{name}={value}" for name, value in env.items()],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+        fake_nix = int(pid_file.read_text())
+        child.send_signal(signal.SIGINT)
+        _, stderr = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode != 0 and b"KeyboardInterrupt" in stderr
+    assert not Path(f"/proc/{fake_nix}").exists() or _is_zombie(fake_nix)
+    assert not [name for name in fake.cache_files() if name.endswith((".sh", ".tmp"))]
+    result, _ = fake.prepare()
+    assert result.status == "evaluated"
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_only_the_newest_entries_are_kept(fake: Fake) -> None:
+    fake.cache_dir.mkdir(parents=True)
+    old = time.time() - 3600
+    for number in range(devshell.KEEP_ENTRIES + 3):
+        key = f"{number:032x}"
+        for suffix in (".sh", ".log", ".profile"):
+            path = fake.cache_dir / f"{key}{suffix}"
+            path.write_text("")
+            os.utime(path, (old + number, old + number))
+    stale_temp = fake.cache_dir / ".abc.sh.x.tmp"
+    stale_temp.write_text("")
+    os.utime(stale_temp, (old - 2 * 86400, old - 2 * 86400))
+    live_temp = fake.cache_dir / ".def.sh.y.tmp"
+    live_temp.write_text("")
+    result, _ = fake.prepare()
+    assert result.env_file is not None
+    keys = {name.split(".")[0] for name in fake.cache_files() if not name.startswith(".")}
+    newest = {f"{n:032x}" for n in range(3, devshell.KEEP_ENTRIES + 3)}
+    assert keys == (newest - {f"{3:032x}"}) | {result.env_file.stem}
+    assert not stale_temp.exists() and live_temp.exists()
+
+
+def test_a_hit_refreshes_the_entry_for_pruning(fake: Fake) -> None:
+    result, _ = fake.prepare()
+    assert result.env_file is not None
+    os.utime(result.env_file, (1, 1))
+    fake.prepare()
+    assert result.env_file.stat().st_mtime > 1
+
+
+# --- progress ---------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run_ticks(stream: io.StringIO, seconds: list[float]) -> str:
+    clock = Clock()
+    ticker = Progress(stream, clock=clock)
+    for second in seconds:
+        clock.now = 100.0 + second
+        ticker.tick()
+    ticker.close()
+    return stream.getvalue()
+
+
+def test_progress_without_a_tty_prints_a_line_every_ten_seconds() -> None:
+    output = run_ticks(io.StringIO(), [0.5, 5, 10.2, 11, 19.9, 25, 31])
+    assert output.splitlines() == [
+        "microvm-run: still evaluating the dev shell (10 s)",
+        "microvm-run: still evaluating the dev shell (25 s)",
+        "microvm-run: still evaluating the dev shell (31 s)",
+    ]
+
+
+def test_progress_on_a_tty_updates_one_line_and_clears_it() -> None:
+    output = run_ticks(Tty(), [0.5, 1.0, 1.5, 2.2])
+    assert "\n" not in output
+    assert output.count("\r") == 3  # two updates and the final clear
+    assert output.endswith("\r\x1b[K")
+    assert "evaluating the dev shell... 2 s" in output
+
+
+def test_progress_that_never_ticks_writes_nothing() -> None:
+    assert run_ticks(Tty(), [0.1, 0.2]) == ""
+
+
+def test_result_is_plain_data() -> None:
+    result = devshell.DevshellResult("hit", Path("/h/x.sh"), "/home/agent/x.sh", None)
+    with pytest.raises(AttributeError):
+        result.status = "none"  # type: ignore[misc]
