@@ -1,0 +1,81 @@
+# `nix flake check` (on a host with Nix, network and KVM; see
+# .github/workflows/nix.yml): the runner's unit tests, the builtins-only
+# tests of lib/, a full NixOS evaluation of every flavor with and without
+# container runtimes (resolved values asserted), and a NixOS VM test that
+# boots a flavor with a stand-in agent.
+{
+  self,
+  lib,
+  pkgs,
+  system,
+}:
+let
+  agents = self.lib.agents;
+  guest = import ../lib/guest.nix;
+
+  libTests =
+    let
+      results = (import ../tests/nix/default.nix).results;
+    in
+    if results.failed == [ ] then
+      pkgs.runCommand "nix-lib-tests" { } ''
+        echo "${toString results.passed} builtins tests passed" > $out
+      ''
+    else
+      throw "tests/nix/cases.nix failed: ${lib.concatMapStringsSep ", " (c: c.name) results.failed}";
+
+  # Evaluate (not build) a flavor's whole NixOS system and check the values
+  # its spec resolved to (LESSONS #4).
+  evalFlavor =
+    name: cri:
+    let
+      pkg = self.packages.${system}.${if cri then "${name}-cri" else name};
+      inherit (pkg) spec nixos;
+      want = guest.resources { inherit cri; };
+      sources = map (s: s.source) spec.shares;
+      facts = [
+        {
+          ok = spec.guest.memory_mib == want.memoryMiB && spec.guest.vcpus == want.vcpus;
+          msg = "resources ${toString spec.guest.memory_mib} MiB / ${toString spec.guest.vcpus} vCPU";
+        }
+        {
+          ok = spec.guest.memory_mib == nixos.config.microvm.mem;
+          msg = "spec memory differs from microvm.mem";
+        }
+        {
+          ok = builtins.elem "cri-storage" sources == cri;
+          msg = "cri-storage share ${if cri then "missing" else "present"}";
+        }
+        {
+          ok = lib.any (lib.hasPrefix "init=${nixos.config.system.build.toplevel}") spec.guest.kernel_params;
+          msg = "kernel params lack init=<toplevel>/init";
+        }
+        {
+          ok = !nixos.config.security.sudo.enable && !(builtins.elem "wheel" nixos.config.users.users.agent.extraGroups);
+          msg = "the agent can become root";
+        }
+      ];
+      bad = builtins.filter (f: !f.ok) facts;
+    in
+    if bad != [ ] then
+      throw "flavor ${pkg.name}: ${lib.concatMapStringsSep "; " (f: f.msg) bad}"
+    else
+      pkgs.runCommand "eval-${pkg.name}" { } ''
+        # Evaluated only: the derivation paths prove evaluation succeeded.
+        echo ${builtins.unsafeDiscardStringContext nixos.config.system.build.toplevel.drvPath} > $out
+        echo ${builtins.unsafeDiscardStringContext pkg.specFile.drvPath} >> $out
+      '';
+
+  evalChecks = lib.concatMapAttrs (
+    _: name: {
+      "eval-${name}" = evalFlavor name false;
+      "eval-${name}-cri" = evalFlavor name true;
+    }
+  ) (lib.genAttrs agents lib.id);
+in
+evalChecks
+// {
+  microvm-run = self.packages.${system}.microvm-run;
+  nix-lib = libTests;
+  vm-test = import ./vm-test.nix { inherit self lib pkgs system; };
+}

@@ -1,0 +1,56 @@
+# Guest facts and defaults shared by the modules and the builtins-only tests,
+# kept pure so the defaults the README promises are tested as values.
+let
+  user = {
+    name = "agent";
+    uid = 1000; # contract.GUEST_UID; virtiofsd maps it to the host user
+    home = "/home/agent";
+  };
+in
+{
+  inherit user;
+
+  # Resolved defaults of agentVM.resources (LESSONS #4: one place decides,
+  # no competing mkDefaults).
+  resources =
+    {
+      cri ? false,
+    }:
+    {
+      memoryMiB = if cri then 8192 else 4096;
+      vcpus = 4;
+    };
+
+  # Every flavor's shares; `source` names what the runner shares (spec.py
+  # SHARE_SOURCES). The store goes where microvm.nix puts a host store that
+  # lies under a writable overlay.
+  baseShares = [
+    {
+      tag = "ro-store";
+      source = "nix-store";
+      mountPoint = "/nix/.ro-store";
+      readOnly = true;
+    }
+    {
+      tag = "work";
+      source = "work";
+      mountPoint = "/work";
+      readOnly = false;
+    }
+    {
+      tag = "home";
+      source = "home";
+      mountPoint = user.home;
+      readOnly = false;
+    }
+  ];
+
+  criShares = [
+    {
+      tag = "cri-storage";
+      source = "cri-storage";
+      mountPoint = "/var/lib/containers";
+      readOnly = false;
+    }
+  ];
+}

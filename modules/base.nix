@@ -1,0 +1,429 @@
+# The guest every flavor shares: a microvm.nix guest on QEMU that boots
+# straight into the agent in /work and powers off when the agent exits.
+#
+# It implements the guest contract (runner/src/microvm_run/contract.py):
+# the launch fragment and the API key credentials come in over fw_cfg, the
+# status lines `ready` / `exit N` go out on the virtio-serial port
+# org.agent-microvm.status, and the command runs in /work as uid 1000.
+#
+# Needs microvm.nix's guest module (the flake's nixosModules.base adds it).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.agentVM;
+  spec = import ../lib/spec.nix;
+  toml = import ../lib/toml.nix;
+  guest = import ../lib/guest.nix;
+
+  user = guest.user.name;
+  inherit (guest.user) uid home;
+
+  launchFwCfg = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agent-microvm/launch/raw";
+  statusPort = "/dev/virtio-ports/org.agent-microvm.status";
+  runDir = "/run/agent-microvm";
+
+  # Runs as the agent user: the agent's environment, then the command.
+  sessionText = ''
+    # The environment of a login shell (PATH, environment.variables), without
+    # an interactive shell: nothing here runs twice in nested shells.
+    . /etc/profile
+    cd /work || {
+      echo "agent-microvm: /work is not available" >&2
+      exit 125
+    }
+    # The runner's launch data (values quoted by the runner): exports the
+    # agent's environment and ends with `set -- COMMAND ARGS...`.
+    . ${runDir}/launch
+    ${lib.optionalString (cfg.agent.configDir != null) ''
+      mkdir -p "$HOME/${cfg.agent.configDir}"
+    ''}
+    ${cfg.launch.agentPreStart}
+    exec "$@"
+  '';
+  session = pkgs.writeShellScript "agent-microvm-session" sessionText;
+
+  # Runs as root on hvc0: fetch launch data and secrets, report, run the
+  # session as the agent, report its exit status. The unit's SuccessAction /
+  # FailureAction power the VM off afterwards, whatever happened here.
+  launcherText = ''
+    set -u
+    PATH=${
+      lib.makeBinPath [
+        pkgs.coreutils
+        pkgs.util-linux
+      ]
+    }:$PATH
+
+    report() {
+      # The port appears once udev has seen the device; wait briefly. A
+      # missing port (not started by microvm-run) is not fatal.
+      i=0
+      while [ ! -e ${statusPort} ] && [ "$i" -lt 100 ]; do
+        sleep 0.05
+        i=$((i + 1))
+      done
+      if [ -e ${statusPort} ]; then
+        timeout 5 /bin/sh -c 'printf "%s\n" "$1" > "$2"' report "$1" ${statusPort} ||
+          echo "agent-microvm: could not write '$1' to the status port" >&2
+      fi
+    }
+
+    if [ ! -r ${launchFwCfg} ]; then
+      echo "agent-microvm: no launch data (fw_cfg opt/org.agent-microvm/launch);" \
+        "start this VM with microvm-run" >&2
+      exit 1 # no status line: the runner reports a guest failure
+    fi
+    mkdir -p ${runDir}
+    install -m 0640 -o root -g ${user} ${launchFwCfg} ${runDir}/launch
+
+    ${cfg.launch.rootPreStart}
+
+    # API keys: systemd imported them as credentials; they reach the agent as
+    # environment variables only, never as files in a share.
+    for var in ${lib.escapeShellArgs cfg.agent.apiKeyVars}; do
+      if [ -r "''${CREDENTIALS_DIRECTORY:-/nonexistent}/$var" ]; then
+        export "$var=$(cat "$CREDENTIALS_DIRECTORY/$var")"
+      fi
+    done
+
+    # Ctrl-C on the console belongs to the agent; a handled (not ignored)
+    # signal is reset in the child, so the agent still receives it.
+    trap : INT QUIT
+    report ready
+    setpriv --reuid=${toString uid} --regid=${toString uid} --init-groups \
+      --inh-caps=-all --bounding-set=-all ${session}
+    status=$?
+    report "exit $status"
+    exit 0
+  '';
+  launcher = pkgs.writeShellScript "agent-microvm-launcher" launcherText;
+
+  shareType = lib.types.submodule {
+    options = {
+      tag = lib.mkOption {
+        type = lib.types.strMatching "[A-Za-z0-9_-]{1,32}";
+        description = "virtiofs tag of the share.";
+      };
+      source = lib.mkOption {
+        type = lib.types.enum spec.shareSources;
+        description = ''
+          What the runner shares from the host (spec.py SHARE_SOURCES):
+          `work` (the project), `home` (the per-project agent home),
+          `nix-store` (the host's /nix/store, read-only) or `cri-storage`
+          (container storage under the agent home).
+        '';
+      };
+      mountPoint = lib.mkOption {
+        type = lib.types.str;
+        description = "Where the guest mounts the share.";
+      };
+      readOnly = lib.mkOption {
+        type = lib.types.bool;
+        default = false;
+        description = "Whether the runner exports the share read-only.";
+      };
+    };
+  };
+in
+{
+  imports = [
+    ./cri.nix
+    ./devshell.nix
+  ];
+
+  options.agentVM = {
+    agent = {
+      name = lib.mkOption {
+        type = lib.types.strMatching "[a-z][a-z0-9-]{0,31}";
+        example = "claude";
+        description = "Name of the agent; names the spec, the host name and the wrapper `<name>-microvm`.";
+      };
+      package = lib.mkOption {
+        type = lib.types.nullOr lib.types.package;
+        default = null;
+        description = "Package that provides the agent's command; installed in the guest.";
+      };
+      command = lib.mkOption {
+        type = lib.types.nonEmptyListOf lib.types.str;
+        example = [
+          "claude"
+          "--dangerously-skip-permissions"
+        ];
+        description = "Command and arguments the guest runs in /work as the agent user.";
+      };
+      apiKeyVars = lib.mkOption {
+        type = lib.types.listOf (lib.types.strMatching "[A-Za-z_][A-Za-z0-9_]*");
+        default = [ ];
+        example = [ "ANTHROPIC_API_KEY" ];
+        description = ''
+          Host environment variables passed to the agent as secrets (systemd
+          credentials over fw_cfg, exported to the agent's process only).
+        '';
+      };
+      configDir = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        example = ".claude";
+        description = ''
+          The agent's configuration directory, relative to its home. The home
+          is the persistent per-project share, so this survives the VM.
+        '';
+      };
+      unfreePackages = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = [ ];
+        example = [ "claude-code" ];
+        description = "Names of unfree packages the guest may use (allowUnfreePredicate); nothing else unfree is allowed.";
+      };
+    };
+
+    resources = {
+      memoryMiB = lib.mkOption {
+        type = lib.types.ints.between 64 (1024 * 1024);
+        default = (guest.resources { cri = cfg.cri.enable; }).memoryMiB;
+        defaultText = lib.literalExpression "if config.agentVM.cri.enable then 8192 else 4096";
+        description = "Guest memory in MiB (sets microvm.mem).";
+      };
+      vcpus = lib.mkOption {
+        type = lib.types.ints.between 1 255;
+        default = (guest.resources { }).vcpus;
+        defaultText = lib.literalExpression "4";
+        description = "Number of virtual CPUs (sets microvm.vcpu).";
+      };
+    };
+
+    shares = lib.mkOption {
+      type = lib.types.listOf shareType;
+      description = ''
+        The virtiofs shares the runner provides. Each becomes a
+        `microvm.shares` entry (guest side) and a `[[shares]]` entry of the
+        spec (host side); the modules fill this in.
+      '';
+    };
+
+    host = {
+      qemu = lib.mkOption {
+        type = lib.types.str;
+        default = "${config.microvm.qemu.package}/bin/qemu-system-${pkgs.stdenv.hostPlatform.qemuArch}";
+        defaultText = lib.literalExpression ''"''${config.microvm.qemu.package}/bin/qemu-system-''${qemuArch}"'';
+        description = "QEMU binary the runner starts on the host.";
+      };
+      virtiofsd = lib.mkOption {
+        type = lib.types.str;
+        default = "${config.microvm.virtiofsd.package}/bin/virtiofsd";
+        defaultText = lib.literalExpression ''"''${config.microvm.virtiofsd.package}/bin/virtiofsd"'';
+        description = "virtiofsd binary the runner starts on the host, one per share.";
+      };
+    };
+
+    launch = {
+      rootPreStart = lib.mkOption {
+        type = lib.types.lines;
+        default = "";
+        internal = true;
+        description = ''
+          Shell run as root after the launch fragment is copied to
+          ${runDir}/launch and before `ready` is reported. Exiting non-zero
+          after `report "exit N"` aborts the launch.
+        '';
+      };
+      agentPreStart = lib.mkOption {
+        type = lib.types.lines;
+        default = "";
+        internal = true;
+        description = "Shell run as the agent after the launch fragment is sourced, just before the command.";
+      };
+      scripts = lib.mkOption {
+        type = lib.types.attrsOf lib.types.str;
+        readOnly = true;
+        internal = true;
+        default = {
+          launcher = launcherText;
+          session = sessionText;
+        };
+        description = "The texts of the launcher (root) and session (agent) scripts, for tests.";
+      };
+    };
+
+    spec = lib.mkOption {
+      type = lib.types.attrs;
+      readOnly = true;
+      default = spec.fromConfig config;
+      defaultText = lib.literalMD "generated by `lib/spec.nix` from the resolved configuration";
+      description = "The guest spec (runner/src/microvm_run/spec.py, version 1) as an attribute set.";
+    };
+
+    specFile = lib.mkOption {
+      type = lib.types.package;
+      readOnly = true;
+      default = pkgs.writeText "${cfg.agent.name}-spec.toml" (toml.render cfg.spec);
+      defaultText = lib.literalMD "`agentVM.spec` rendered as TOML";
+      description = "The spec file the flavor package points `MICROVM_RUN_SPEC` at.";
+    };
+  };
+
+  config = lib.mkMerge [
+    {
+      agentVM.shares = guest.baseShares;
+
+      # The runner starts a virtiofsd only for the spec's shares; a share
+      # added to microvm.shares directly would leave the guest waiting.
+      assertions = [
+        {
+          assertion = lib.all (s: lib.elem s.tag (map (a: a.tag) cfg.shares)) config.microvm.shares;
+          message = "agent-microvm: add shares through agentVM.shares (the runner provides only those), not microvm.shares";
+        }
+      ];
+
+      networking.hostName = lib.mkDefault "${cfg.agent.name}-vm";
+
+      microvm = {
+        hypervisor = "qemu";
+        # Consumers can still set microvm.mem/vcpu directly; the spec reads
+        # the resolved microvm.* values either way.
+        mem = lib.mkDefault cfg.resources.memoryMiB;
+        vcpu = lib.mkDefault cfg.resources.vcpus;
+        # The runner builds QEMU's command line and runs one virtiofsd per
+        # share; microvm.nix only shapes the guest. Its store share is ours.
+        shares = map (s: {
+          proto = "virtiofs";
+          inherit (s) tag mountPoint readOnly;
+          # Only the store share's source matters to microvm.nix (it detects
+          # the host store by it); the runner resolves the rest at run time.
+          source = if s.source == "nix-store" then "/nix/store" else "agent-microvm:${s.source}";
+        }) cfg.shares;
+        # /nix/store = host store (read-only) + tmpfs upper layer on /.
+        writableStoreOverlay = "/nix/.rw-store";
+        # hvc0 is the terminal; an emulated UART makes TUIs flicker.
+        qemu.serialConsole = false;
+      };
+
+      # Read-only in the guest too, not only in virtiofsd.
+      fileSystems."/nix/.ro-store".options = [ "ro" ];
+
+      # /nix/store and its lower layer stay mounted until the very end of
+      # shutdown; systemd's attempt to unmount them (busy) otherwise stalls
+      # poweroff. microvm.nix does the same for its non-overlay store.
+      systemd.mounts = [
+        {
+          what = "overlay";
+          where = "/nix/store";
+          overrideStrategy = "asDropin";
+          unitConfig.DefaultDependencies = false;
+        }
+        {
+          what = "ro-store";
+          where = "/nix/.ro-store";
+          overrideStrategy = "asDropin";
+          unitConfig.DefaultDependencies = false;
+        }
+      ];
+
+      boot.kernelParams = [
+        # The runner adds panic=-1 and QEMU runs with -no-reboot: a reboot of
+        # any kind ends QEMU. A triple-fault reboot works on every machine.
+        "reboot=t"
+        "quiet"
+      ];
+      boot.consoleLogLevel = lib.mkDefault 3;
+      # fw_cfg carries the launch data and systemd's credentials; systemd
+      # imports credentials early, so the module must be in the initrd.
+      boot.initrd.availableKernelModules = [ "qemu_fw_cfg" ];
+      boot.kernelModules = [ "qemu_fw_cfg" ];
+
+      # Fast boot: nothing waits for the network; DHCP (QEMU user networking
+      # answers at once) completes in the background.
+      networking.useDHCP = false;
+      networking.useNetworkd = true;
+      systemd.network.enable = true;
+      systemd.network.wait-online.enable = false;
+      systemd.network.networks."10-uplink" = {
+        matchConfig.Type = "ether";
+        networkConfig.DHCP = "ipv4";
+        linkConfig.RequiredForOnline = "no";
+      };
+      # Behind QEMU's NAT with nothing listening: no firewall to set up.
+      networking.firewall.enable = lib.mkDefault false;
+
+      # The console belongs to the agent, not to a login prompt.
+      systemd.services."serial-getty@hvc0".enable = false;
+      systemd.services."getty@tty1".enable = false;
+      systemd.services."autovt@".enable = false;
+
+      users.groups.${user}.gid = uid;
+      users.users.${user} = {
+        isNormalUser = true;
+        inherit uid home;
+        group = user;
+        # The home is a share from the host; never create or chown it here.
+        createHome = false;
+        shell = pkgs.bashInteractive;
+        # No password, not in wheel: no way to root (LESSONS #10).
+        hashedPassword = "!";
+      };
+      security.sudo.enable = lib.mkDefault false;
+
+      # The project belongs to the host user; git must not refuse it.
+      programs.git = {
+        enable = true;
+        config.safe.directory = [ "/work" ];
+      };
+
+      environment.systemPackages = lib.optional (cfg.agent.package != null) cfg.agent.package ++ [
+        pkgs.git
+        pkgs.cacert
+        pkgs.curl
+      ];
+
+      nixpkgs.config.allowUnfreePredicate = lib.mkIf (cfg.agent.unfreePackages != [ ]) (
+        lib.mkDefault (pkg: builtins.elem (lib.getName pkg) cfg.agent.unfreePackages)
+      );
+
+      nix.settings.experimental-features = [
+        "nix-command"
+        "flakes"
+      ];
+      # Incompatible with the store overlay (microvm.nix asserts it).
+      nix.optimise.automatic = false;
+      nix.gc.automatic = false;
+      documentation.enable = lib.mkDefault false;
+
+      systemd.services.agent-microvm = {
+        description = "The agent on the console (agent-microvm guest contract ${toString spec.contractVersion})";
+        wantedBy = [ "multi-user.target" ];
+        after = [ "local-fs.target" ];
+        unitConfig = {
+          RequiresMountsFor = map (s: s.mountPoint) cfg.shares;
+          # The agent ending (or this unit failing) ends the VM; the exit
+          # status was reported on the status port before.
+          SuccessAction = "poweroff";
+          FailureAction = "poweroff";
+        };
+        serviceConfig = {
+          Type = "exec";
+          ExecStart = launcher;
+          StandardInput = "tty-force";
+          StandardOutput = "tty";
+          StandardError = "tty";
+          TTYPath = "/dev/hvc0";
+          TTYReset = true;
+          TTYVHangup = true;
+          ImportCredential = cfg.agent.apiKeyVars;
+          Restart = "no";
+        };
+        environment = {
+          HOME = home;
+          USER = user;
+          LOGNAME = user;
+          SHELL = "${pkgs.bashInteractive}/bin/bash";
+        };
+      };
+
+      system.stateVersion = lib.mkDefault "26.05";
+    }
+  ];
+}

@@ -1,0 +1,38 @@
+# The project's development environment inside the guest. The runner
+# evaluates it on the host (only with DIRENV_ALLOW=1, the user's consent),
+# caches it as a POSIX sh file of `export` lines and names that file, as a
+# guest path, in MICROVM_DEVSHELL in the launch fragment. The agent's shell
+# sources it just before the command starts; the host store is shared, so
+# every store path it names is present.
+{ config, lib, ... }:
+let
+  cfg = config.agentVM.devshell;
+in
+{
+  options.agentVM.devshell.enable = lib.mkOption {
+    type = lib.types.bool;
+    default = true;
+    description = ''
+      Whether to source the dev environment the runner cached (launch variable
+      MICROVM_DEVSHELL) before the agent starts. Inert when the runner sets
+      no MICROVM_DEVSHELL.
+    '';
+  };
+
+  config = lib.mkIf cfg.enable {
+    agentVM.launch.agentPreStart = ''
+      if [ -n "''${MICROVM_DEVSHELL:-}" ]; then
+        if [ -r "$MICROVM_DEVSHELL" ]; then
+          agent_microvm_path=$PATH
+          . "$MICROVM_DEVSHELL"
+          # The dev shell's tools first, the guest's after them.
+          PATH="$PATH:$agent_microvm_path"
+          export PATH
+          unset agent_microvm_path
+        else
+          echo "agent-microvm: dev environment $MICROVM_DEVSHELL is not readable; starting without it" >&2
+        fi
+      fi
+    '';
+  };
+}

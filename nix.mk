@@ -1,0 +1,49 @@
+# Nix targets; the top-level Makefile includes this file (`make -f nix.mk
+# TARGET` works on its own too).
+#
+#   make claude            build the flavor (result-claude/bin/claude-microvm)
+#   make claude.run        run it on WORK_DIR (default: the current directory)
+#   (gemini, codex likewise; ENABLE_CRI=docker,... selects the -cri flavor)
+#   make nix-test          builtins-only Nix tests + the runner's schema on their specs
+#   make eval-modules LIB=DIR MICROVM=DIR
+#                          evalModules over microvm.nix's real options for
+#                          every flavor (scripts/setup-nix-eval prepares DIRs)
+#
+# Passed through to the run when set: WORK_DIR, AGENT_HOME, DIRENV_ALLOW,
+# ENABLE_CRI; ARGS= goes to the agent (after --).
+
+NIX ?= nix
+NIX_FLAGS ?= --extra-experimental-features 'nix-command flakes'
+NIX_INSTANTIATE ?= nix-instantiate
+PY ?= python3
+AGENTS := claude gemini codex
+NIX_SPEC_DIR ?= build/nix-specs
+EVAL_DIR ?= build/eval-modules
+ARGS ?=
+
+# The -cri flavor carries the container runtimes ENABLE_CRI starts.
+nix_flavor = $(1)$(if $(ENABLE_CRI),-cri)
+quote = '$(subst ','\'',$(1))'
+run_env = $(foreach v,WORK_DIR AGENT_HOME DIRENV_ALLOW ENABLE_CRI,$(if $($(v)),$(v)=$(call quote,$($(v)))))
+
+.PHONY: $(AGENTS) $(AGENTS:%=%.run) nix-test eval-modules
+
+$(AGENTS): %:
+	$(NIX) $(NIX_FLAGS) build .#$(call nix_flavor,$*) --out-link result-$*
+
+$(AGENTS:%=%.run): %.run:
+	$(run_env) $(NIX) $(NIX_FLAGS) run .#$(call nix_flavor,$*) -- $(ARGS)
+
+nix-test:
+	@command -v $(NIX_INSTANTIATE) >/dev/null || { \
+	  echo "nix-test: $(NIX_INSTANTIATE) not found (Debian: apt-get install nix-bin)" >&2; exit 1; }
+	NIX_INSTANTIATE=$(NIX_INSTANTIATE) tests/nix/run --emit-spec $(NIX_SPEC_DIR)
+	PYTHONPATH=runner/src $(PY) tests/nix/validate_specs.py $(NIX_SPEC_DIR)
+
+eval-modules:
+	@if [ -z "$(LIB)" ] || [ -z "$(MICROVM)" ]; then \
+	  echo "eval-modules: skipped: needs LIB=<nixpkgs or nixpkgs.lib checkout> MICROVM=<microvm.nix checkout>"; \
+	  echo "              (scripts/setup-nix-eval prepares both and a Nix >= 2.18)"; \
+	  exit 0; \
+	fi; \
+	scripts/eval-modules "$(LIB)" "$(MICROVM)" $(EVAL_DIR) && tests/nix/flake-offline "$(LIB)"

@@ -1,0 +1,36 @@
+# One agent flavor: microvm-run wrapped with the spec generated from the
+# flavor's evaluated NixOS configuration (`nixos`, from lib.nixosSystem).
+# `<agent>-microvm` (or `<agent>-cri-microvm`) runs the agent on the current
+# directory; building it builds the guest (kernel, initrd, system).
+{
+  lib,
+  runCommand,
+  makeWrapper,
+  microvm-run,
+  nixos,
+}:
+let
+  cfg = nixos.config.agentVM;
+  name = "${cfg.agent.name}${lib.optionalString cfg.cri.enable "-cri"}";
+  exe = "${name}-microvm";
+in
+runCommand exe
+  {
+    nativeBuildInputs = [ makeWrapper ];
+    passthru = {
+      inherit nixos;
+      inherit (cfg) spec specFile;
+    };
+    meta = {
+      description = "${cfg.agent.name} in a throw-away NixOS microVM${lib.optionalString cfg.cri.enable " with container runtimes"}";
+      license = lib.licenses.mit;
+      platforms = [ nixos.pkgs.stdenv.hostPlatform.system ];
+      mainProgram = exe;
+    };
+  }
+  ''
+    makeWrapper ${lib.getExe microvm-run} $out/bin/${exe} \
+      --set-default MICROVM_RUN_SPEC ${cfg.specFile}
+    mkdir -p $out/share/agent-microvm
+    ln -s ${cfg.specFile} $out/share/agent-microvm/${name}-spec.toml
+  ''

@@ -1,0 +1,48 @@
+# The runner (runner/, a src-layout Python package). Its unit tests run as
+# part of the build (tests/unit only: the integration tests boot VMs).
+{
+  lib,
+  python3Packages,
+}:
+let
+  fs = lib.fileset;
+in
+python3Packages.buildPythonApplication {
+  pname = "microvm-run";
+  version = "0.1.0";
+  pyproject = true;
+
+  src = fs.toSource {
+    root = ../.;
+    fileset = fs.unions [
+      ../runner
+      ../tests/__init__.py
+      ../tests/unit
+      ../tests/support
+      ../pytest.ini
+    ];
+  };
+  sourceRoot = "source/runner";
+
+  build-system = [ python3Packages.setuptools ];
+  dependencies = [
+    python3Packages.plumbum
+    python3Packages.xdg-base-dirs
+    python3Packages.tomli-w
+  ];
+
+  nativeCheckInputs = [ python3Packages.pytestCheckHook ];
+  # pytest.ini and the tests live beside runner/, at the repository root.
+  preCheck = ''
+    cd ..
+  '';
+  enabledTestPaths = [ "tests/unit" ];
+  pythonImportsCheck = [ "microvm_run" ];
+
+  meta = {
+    description = "Start an AI coding agent in a throw-away NixOS microVM";
+    license = lib.licenses.mit;
+    platforms = lib.platforms.linux;
+    mainProgram = "microvm-run";
+  };
+}

@@ -1,0 +1,417 @@
+# Builtins-only tests of lib/ (no nixpkgs, no fetch): name -> { expr; expected; }.
+# Run with tests/nix/run (any Nix >= 2.8).
+let
+  toml = import ../../lib/toml.nix;
+  spec = import ../../lib/spec.nix;
+  guest = import ../../lib/guest.nix;
+  samples = import ./samples.nix;
+  inherit (samples) store;
+
+  # Does evaluating x throw? (tryEval catches throw/assert only.)
+  throws = x: !(builtins.tryEval (builtins.deepSeq x x)).success;
+
+  claudeSpec = spec.fromConfig samples.configs.claude;
+  claudeCriSpec = spec.fromConfig samples.configs.claude-cri;
+
+  minimal = {
+    agent = {
+      name = "t";
+      command = [ "true" ];
+    };
+    guest = {
+      machine = "q35";
+      kernel = "k";
+      initrd = "i";
+      memoryMiB = 512;
+      vcpus = 1;
+    };
+    host = {
+      qemu = "q";
+      virtiofsd = "v";
+    };
+    shares = [
+      {
+        tag = "work";
+        source = "work";
+        mountPoint = "/work";
+      }
+    ];
+  };
+  withShares = shares: minimal // { inherit shares; };
+in
+{
+  # --- lib/toml.nix -----------------------------------------------------
+  tomlScalars = {
+    expr = toml.render {
+      b = true;
+      f = false;
+      i = 42;
+      n = -7;
+      s = "plain";
+      l = [
+        "a"
+        "b"
+      ];
+      e = [ ];
+    };
+    expected = ''
+      b = true
+      e = []
+      f = false
+      i = 42
+      l = ["a", "b"]
+      n = -7
+      s = "plain"
+    '';
+  };
+
+  tomlEscapes = {
+    expr = toml.render {
+      s = "quote \" backslash \\ tab \t newline \n cr \r";
+    };
+    expected = ''
+      s = "quote \" backslash \\ tab \t newline \n cr \r"
+    '';
+  };
+
+  tomlControlCharacters = {
+    expr = toml.escapeString (builtins.fromJSON ''"\u0001\u0008\u000c\u001f\u007f"'');
+    expected = ''\u0001\b\f\u001F\u007F'';
+  };
+
+  tomlAllControlCharactersEscaped = {
+    expr = toml.internal.controlCount;
+    expected = 32;
+  };
+
+  tomlUnicodePassesThrough = {
+    expr = toml.render { s = "grüße ✓"; };
+    expected = "s = \"grüße ✓\"\n";
+  };
+
+  tomlKeysQuotedWhenNeeded = {
+    expr = toml.render {
+      "a b" = 1;
+      "x.y" = 2;
+      ok_key-1 = 3;
+    };
+    expected = ''
+      "a b" = 1
+      ok_key-1 = 3
+      "x.y" = 2
+    '';
+  };
+
+  tomlTablesAfterScalars = {
+    expr = toml.render {
+      z = 1;
+      a = {
+        k = "v";
+        sub = {
+          deep = true;
+        };
+      };
+    };
+    expected = ''
+      z = 1
+
+      [a]
+      k = "v"
+
+      [a.sub]
+      deep = true
+    '';
+  };
+
+  tomlQuotedTableNames = {
+    expr = toml.render { plugins."io.containerd.cri.v1.runtime".x = 1; };
+    expected = ''
+      [plugins]
+
+      [plugins."io.containerd.cri.v1.runtime"]
+      x = 1
+    '';
+  };
+
+  tomlArraysOfTables = {
+    expr = toml.render {
+      v = 1;
+      shares = [
+        {
+          tag = "a";
+          ro = true;
+        }
+        { tag = "b"; }
+      ];
+    };
+    expected = ''
+      v = 1
+
+      [[shares]]
+      ro = true
+      tag = "a"
+
+      [[shares]]
+      tag = "b"
+    '';
+  };
+
+  tomlRejectsNull = {
+    expr = throws (toml.render { x = null; });
+    expected = true;
+  };
+  tomlRejectsFloat = {
+    expr = throws (toml.render { x = 1.5; });
+    expected = true;
+  };
+  tomlRejectsNestedArrays = {
+    expr = throws (toml.render {
+      x = [
+        [ "a" ]
+      ];
+    });
+    expected = true;
+  };
+  tomlRejectsNonAttrsDocument = {
+    expr = throws (toml.render [ ]);
+    expected = true;
+  };
+
+  # --- lib/guest.nix ------------------------------------------------------
+  defaultResources = {
+    expr = guest.resources { };
+    expected = {
+      memoryMiB = 4096;
+      vcpus = 4;
+    };
+  };
+  criResources = {
+    expr = guest.resources { cri = true; };
+    expected = {
+      memoryMiB = 8192;
+      vcpus = 4;
+    };
+  };
+
+  # --- lib/spec.nix ---------------------------------------------------------
+  claudeSpecIsExact = {
+    expr = claudeSpec;
+    expected = {
+      spec_version = 1;
+      agent = {
+        name = "claude";
+        command = [
+          "claude"
+          "--dangerously-skip-permissions"
+        ];
+        api_key_vars = [ "ANTHROPIC_API_KEY" ];
+      };
+      guest = {
+        contract = 1;
+        machine = "microvm";
+        kernel = "${store "linux"}/bzImage";
+        initrd = "${store "initrd"}/initrd";
+        kernel_params = [
+          "reboot=t"
+          "init=${store "nixos-system-claude"}/init"
+        ];
+        memory_mib = 4096;
+        vcpus = 4;
+      };
+      host = {
+        qemu = "${store "qemu"}/bin/qemu-system-x86_64";
+        virtiofsd = "${store "virtiofsd"}/bin/virtiofsd";
+      };
+      shares = [
+        {
+          tag = "ro-store";
+          source = "nix-store";
+          mount_point = "/nix/.ro-store";
+          read_only = true;
+        }
+        {
+          tag = "work";
+          source = "work";
+          mount_point = "/work";
+          read_only = false;
+        }
+        {
+          tag = "home";
+          source = "home";
+          mount_point = "/home/agent";
+          read_only = false;
+        }
+      ];
+    };
+  };
+
+  criSpecHas8GiBAndStorage = {
+    expr = {
+      inherit (claudeCriSpec.guest) memory_mib vcpus;
+      cri = builtins.filter (s: s.source == "cri-storage") claudeCriSpec.shares;
+    };
+    expected = {
+      memory_mib = 8192;
+      vcpus = 4;
+      cri = [
+        {
+          tag = "cri-storage";
+          source = "cri-storage";
+          mount_point = "/var/lib/containers";
+          read_only = false;
+        }
+      ];
+    };
+  };
+
+  everySampleHasItsKeyVar = {
+    expr = builtins.mapAttrs (_: c: (spec.fromConfig c).agent.api_key_vars) samples.configs;
+    expected = {
+      claude = [ "ANTHROPIC_API_KEY" ];
+      claude-cri = [ "ANTHROPIC_API_KEY" ];
+      gemini = [ "GEMINI_API_KEY" ];
+      gemini-cri = [ "GEMINI_API_KEY" ];
+      codex = [ "OPENAI_API_KEY" ];
+      codex-cri = [ "OPENAI_API_KEY" ];
+    };
+  };
+
+  claudeSpecToml = {
+    expr = toml.render claudeSpec;
+    expected = ''
+      spec_version = 1
+
+      [agent]
+      api_key_vars = ["ANTHROPIC_API_KEY"]
+      command = ["claude", "--dangerously-skip-permissions"]
+      name = "claude"
+
+      [guest]
+      contract = 1
+      initrd = "${store "initrd"}/initrd"
+      kernel = "${store "linux"}/bzImage"
+      kernel_params = ["reboot=t", "init=${store "nixos-system-claude"}/init"]
+      machine = "microvm"
+      memory_mib = 4096
+      vcpus = 4
+
+      [host]
+      qemu = "${store "qemu"}/bin/qemu-system-x86_64"
+      virtiofsd = "${store "virtiofsd"}/bin/virtiofsd"
+
+      [[shares]]
+      mount_point = "/nix/.ro-store"
+      read_only = true
+      source = "nix-store"
+      tag = "ro-store"
+
+      [[shares]]
+      mount_point = "/work"
+      read_only = false
+      source = "work"
+      tag = "work"
+
+      [[shares]]
+      mount_point = "/home/agent"
+      read_only = false
+      source = "home"
+      tag = "home"
+    '';
+  };
+
+  specMinimalDefaults = {
+    expr = (spec.make minimal).agent.api_key_vars ++ (spec.make minimal).guest.kernel_params;
+    expected = [ ];
+  };
+
+  specRejectsUnknownShareSource = {
+    expr = throws (spec.make (withShares (minimal.shares ++ [
+      {
+        tag = "x";
+        source = "elsewhere";
+        mountPoint = "/x";
+      }
+    ])));
+    expected = true;
+  };
+  specRejectsWritableStore = {
+    expr = throws (spec.make (withShares (minimal.shares ++ [
+      {
+        tag = "s";
+        source = "nix-store";
+        mountPoint = "/nix/.ro-store";
+      }
+    ])));
+    expected = true;
+  };
+  specRejectsMissingWorkShare = {
+    expr = throws (spec.make (withShares [
+      {
+        tag = "home";
+        source = "home";
+        mountPoint = "/home/agent";
+      }
+    ]));
+    expected = true;
+  };
+  specRejectsDuplicateTags = {
+    expr = throws (spec.make (withShares (minimal.shares ++ [
+      {
+        tag = "work";
+        source = "home";
+        mountPoint = "/home/agent";
+      }
+    ])));
+    expected = true;
+  };
+  specRejectsRelativeMountPoint = {
+    expr = throws (spec.make (withShares [
+      {
+        tag = "work";
+        source = "work";
+        mountPoint = "work";
+      }
+    ]));
+    expected = true;
+  };
+  specRejectsBadAgentName = {
+    expr = throws (spec.make (minimal // { agent = minimal.agent // { name = "Claude"; }; }));
+    expected = true;
+  };
+  specRejectsEmptyCommand = {
+    expr = throws (spec.make (minimal // { agent = minimal.agent // { command = [ ]; }; }));
+    expected = true;
+  };
+  specRejectsBadKeyVar = {
+    expr = throws (spec.make (minimal // { agent = minimal.agent // { apiKeyVars = [ "1BAD" ]; }; }));
+    expected = true;
+  };
+  specRejectsUnknownMachine = {
+    expr = throws (spec.make (minimal // { guest = minimal.guest // { machine = "pc"; }; }));
+    expected = true;
+  };
+  specRejectsTinyMemory = {
+    expr = throws (spec.make (minimal // { guest = minimal.guest // { memoryMiB = 32; }; }));
+    expected = true;
+  };
+  specRejectsTooManyVcpus = {
+    expr = throws (spec.make (minimal // { guest = minimal.guest // { vcpus = 256; }; }));
+    expected = true;
+  };
+
+  specSourcesMatchRunner = {
+    # runner/src/microvm_run/spec.py SHARE_SOURCES, in its order
+    expr = spec.shareSources;
+    expected = [
+      "work"
+      "home"
+      "nix-store"
+      "cri-storage"
+    ];
+  };
+
+  agentsListMatchesModules = {
+    expr = builtins.all (p: builtins.pathExists p) (builtins.attrValues (import ../../lib/agents.nix));
+    expected = true;
+  };
+}

@@ -1,0 +1,181 @@
+"""Check what tests/nix/eval-modules.nix resolved for each flavor.
+
+Run by scripts/eval-modules: reads OUT/<flavor>.json, writes the spec TOML and
+the guest scripts next to it, validates each spec with the runner's schema
+(microvm_run.spec.load_spec) and checks the resolved values the README
+promises (LESSONS #4: test resolved values, not declarations).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from microvm_run.spec import load_spec
+
+EXPECTED_KEYS = {
+    "claude": ["ANTHROPIC_API_KEY"],
+    "gemini": ["GEMINI_API_KEY"],
+    "codex": ["OPENAI_API_KEY"],
+}
+CRI_RUNTIMES = ["containerd", "cri-o", "crun", "docker", "podman"]
+
+
+def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
+    name = f"{agent}-cri" if cri else agent
+    data = json.loads((out / f"{name}.json").read_text())
+    mv = data["microvm"]
+    spec = data["spec"]
+    problems: list[str] = []
+
+    def expect(cond: bool, what: str) -> None:
+        if not cond:
+            problems.append(what)
+
+    spec_path = out / f"{name}-spec.toml"
+    spec_path.write_text(data["specToml"])
+    for script, text in data["scripts"].items():
+        path = out / f"{name}-{script}.sh"
+        path.write_text("#!/usr/bin/env bash\n" + text)
+        syntax = subprocess.run(
+            ["bash", "-n", str(path)], capture_output=True, text=True, check=False
+        )
+        expect(syntax.returncode == 0, f"{script} script: bash -n: {syntax.stderr.strip()}")
+        if shutil.which("shellcheck"):
+            # SC1090/1091: sourced files exist only in the guest; SC2043: a
+            # loop over one API key variable is still a loop over the list.
+            lint = subprocess.run(
+                ["shellcheck", "-S", "warning", "-e", "SC1090,SC1091,SC2043", str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            expect(lint.returncode == 0, f"{script} script: shellcheck:\n{lint.stdout}")
+
+    loaded = load_spec(spec_path)  # raises SpecError with the schema's message
+    expect(tomllib.loads(data["specToml"]) == spec, "spec TOML does not round-trip to the spec")
+
+    mem = 8192 if cri else 4096
+    expect(mv["mem"] == mem, f"microvm.mem = {mv['mem']}, expected {mem}")
+    expect(mv["vcpu"] == 4, f"microvm.vcpu = {mv['vcpu']}, expected 4")
+    expect(loaded.memory_mib == mv["mem"], "spec memory_mib != microvm.mem")
+    expect(loaded.vcpus == mv["vcpu"], "spec vcpus != microvm.vcpu")
+    expect(
+        list(loaded.kernel_params) == mv["kernelParams"],
+        "spec kernel_params != microvm.kernelParams",
+    )
+    expect(
+        any(p.startswith("init=/nix/store/") and p.endswith("/init") for p in loaded.kernel_params),
+        "no init=<toplevel>/init in kernel params",
+    )
+    expect(str(loaded.kernel).endswith("/bzImage"), f"kernel {loaded.kernel} is not a bzImage")
+    expect(loaded.machine == mv["qemu"]["machine"], "spec machine != microvm.qemu.machine")
+    expect(
+        str(loaded.qemu).startswith(mv["qemu"]["package"] + "/bin/"),
+        "spec qemu is not microvm.qemu.package",
+    )
+    expect(loaded.agent == agent, f"agent name {loaded.agent}")
+    expect(list(loaded.api_key_vars) == EXPECTED_KEYS[agent], f"api_key_vars {loaded.api_key_vars}")
+    expect(mv["writableStoreOverlay"] == "/nix/.rw-store", "no writable store overlay")
+    expect(mv["storeOnDisk"] is False, "store on disk instead of the host store share")
+    expect(mv["machineId"] is not None, "microvm.machineId is null")
+
+    sources = {s.source: s for s in loaded.shares}
+    want = {"work", "home", "nix-store"} | ({"cri-storage"} if cri else set())
+    expect(set(sources) == want, f"share sources {sorted(sources)}, expected {sorted(want)}")
+    expect(
+        sources.get("nix-store") is not None and sources["nix-store"].read_only,
+        "store share not read-only",
+    )
+    expect(
+        sources.get("work") is not None and sources["work"].mount_point == "/work",
+        "work not at /work",
+    )
+    expect(
+        sources.get("home") is not None and sources["home"].mount_point == "/home/agent",
+        "home not at /home/agent",
+    )
+    if cri:
+        expect(
+            sources["cri-storage"].mount_point == "/var/lib/containers", "cri-storage mount point"
+        )
+    guest_tags = {s["tag"]: s for s in mv["shares"]}
+    expect(
+        set(guest_tags) == {s.tag for s in loaded.shares}, "microvm.shares and spec shares differ"
+    )
+    expect(
+        all(s["proto"] == "virtiofs" for s in mv["shares"]), "a share is not virtiofs (9p is slow)"
+    )
+    fs = data["fileSystems"]
+    expect("ro" in fs.get("/nix/.ro-store", {}).get("options", []), "/nix/.ro-store not mounted ro")
+    expect(
+        fs.get("/nix/store", {}).get("overlay", {}).get("lowerdir") == ["/nix/.ro-store"],
+        "store overlay",
+    )
+
+    unfree = data["unfreeAllowed"]
+    allowed = sorted(k for k, v in unfree.items() if v)
+    expect(allowed == (["claude-code"] if agent == "claude" else []), f"unfree allowed: {allowed}")
+    expect(data["sudo"] is False, "sudo is enabled")
+    groups = data["agentGroups"]
+    expect("wheel" not in groups, "agent is in wheel")
+    if cri:
+        expect({"docker", "podman", "containerd", "crio"} <= set(groups), f"agent groups {groups}")
+        expect(data["agentVM"]["cri"]["runtimes"] == CRI_RUNTIMES, "cri runtimes")
+    net = data["networking"]
+    expect(not net["waitOnline"] and not net["firewall"], "network wait-online or firewall on")
+
+    svc = data["agentService"]
+    expect(svc["unitConfig"].get("SuccessAction") == "poweroff", "agent service does not power off")
+    expect(svc["serviceConfig"].get("TTYPath") == "/dev/hvc0", "agent service not on hvc0")
+    expect(svc["serviceConfig"].get("ImportCredential") == EXPECTED_KEYS[agent], "credentials")
+
+    cmd = data["microvmQemuCommand"]
+    expect(
+        f"-m {mv['mem']}M" in cmd and f"-smp {mv['vcpu']}" in cmd,
+        "microvm.nix's QEMU command disagrees",
+    )
+
+    print(f"== {name}")
+    print(
+        f"   microvm: mem={mv['mem']} vcpu={mv['vcpu']} machine={mv['qemu']['machine']} "
+        f"hypervisor={mv['hypervisor']} overlay={mv['writableStoreOverlay']} "
+        f"storeOnDisk={mv['storeOnDisk']}"
+    )
+    print(f"   kernelParams: {' '.join(mv['kernelParams'])}")
+    print(
+        "   shares: "
+        + ", ".join(
+            f"{s['tag']}:{s['mountPoint']}{' (ro)' if s['readOnly'] else ''}" for s in mv["shares"]
+        )
+    )
+    print(f"   spec: {spec_path}")
+    for line in data["specToml"].splitlines():
+        print(f"   | {line}")
+    for warning in data["warnings"]:
+        print(f"   warning: {warning.strip()}")
+    print(f"   {'OK' if not problems else 'FAILED'}")
+    for p in problems:
+        print(f"   ! {p}")
+    return [f"{name}: {p}" for p in problems]
+
+
+def main() -> int:
+    out = Path(sys.argv[1])
+    agents = sys.argv[2:]
+    problems: list[str] = []
+    count = 0
+    for agent in agents:
+        for cri in (False, True):
+            problems += check_flavor(out, agent, cri)
+            count += 1
+    print(f"eval-modules: {count} flavors evaluated, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+# Evaluates tests/nix/cases.nix: results = { passed; failed = [ { name; expr; expected; } ]; }
+# and the sample specs as TOML text (for `tests/nix/run --emit-spec DIR`).
+let
+  cases = import ./cases.nix;
+  samples = import ./samples.nix;
+  spec = import ../../lib/spec.nix;
+  toml = import ../../lib/toml.nix;
+  names = builtins.attrNames cases;
+  failedNames = builtins.filter (n: cases.${n}.expr != cases.${n}.expected) names;
+in
+{
+  results = {
+    passed = builtins.length names - builtins.length failedNames;
+    failed = map (n: {
+      name = n;
+      inherit (cases.${n}) expr expected;
+    }) failedNames;
+  };
+  specs = builtins.mapAttrs (_: c: toml.render (spec.fromConfig c)) samples.configs;
+}

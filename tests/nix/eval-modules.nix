@@ -1,0 +1,133 @@
+# lib.evalModules over microvm.nix's real guest options (and the guest
+# modules that derive microvm.kernelParams, the store mounts and the boot
+# optimisations from them) plus our modules, with the NixOS stand-in
+# (nixos-stand-in.nix) and a stand-in pkgs. Type-checks our modules against
+# microvm.nix, checks assertions, and returns plain data: the resolved
+# microvm.* values, the spec and its TOML, microvm.nix's own QEMU command
+# line for comparison, and the guest scripts.
+#
+#   nix-instantiate --eval --strict --json tests/nix/eval-modules.nix \
+#     --arg lib NIXPKGS_LIB/lib --arg microvm MICROVM_SRC \
+#     --argstr flavor claude --arg cri false
+{
+  lib,
+  microvm,
+  flavor,
+  cri ? false,
+  # For negative checks: more modules, e.g. one that must trip an assertion.
+  extraModules ? [ ],
+}:
+let
+  nixpkgsLib = import lib;
+  pkgs = import ./stand-in-pkgs.nix { lib = nixpkgsLib; };
+  microvmLib = import (microvm + "/lib") { lib = nixpkgsLib; };
+  microvmModule = name: microvm + "/nixos-modules/microvm/${name}.nix";
+
+  eval = nixpkgsLib.evalModules {
+    modules = [
+      ./nixos-stand-in.nix
+      (microvmModule "options")
+      (microvmModule "system")
+      (microvmModule "mounts")
+      (microvmModule "optimization")
+      (microvmModule "asserts")
+      ../../modules/base.nix
+      (../../modules + "/${flavor}.nix")
+      {
+        _module.args.pkgs = pkgs;
+        agentVM.cri.enable = cri;
+      }
+    ]
+    ++ extraModules;
+  };
+  inherit (eval) config;
+  mv = config.microvm;
+
+  failed = builtins.filter (a: !a.assertion) config.assertions;
+
+  # microvm.nix's generated QEMU command for the same config (we do not use
+  # it: the runner builds its own from the spec; this shows they agree).
+  qemuRunner = import (microvm + "/lib/runners/qemu.nix") {
+    inherit pkgs;
+    microvmConfig = mv // {
+      inherit (config.networking) hostName;
+      hypervisor = "qemu";
+    };
+    macvtapFds = { };
+    inherit (microvmLib) withDriveLetters extractOptValues extractParamValue;
+    linuxTarget = pkgs.stdenv.hostPlatform.linux-kernel.target;
+  };
+
+  shareView = s: {
+    inherit (s)
+      tag
+      source
+      mountPoint
+      proto
+      readOnly
+      socket
+      ;
+  };
+in
+if failed != [ ] then
+  throw "assertions failed:\n${nixpkgsLib.concatMapStringsSep "\n" (a: a.message) failed}"
+else
+  {
+    flavor = "${flavor}${nixpkgsLib.optionalString cri "-cri"}";
+    microvm = {
+      inherit (mv)
+        hypervisor
+        mem
+        vcpu
+        kernelParams
+        initrdPath
+        writableStoreOverlay
+        storeOnDisk
+        machineId
+        ;
+      kernel = "${mv.kernel}";
+      qemu = {
+        inherit (mv.qemu) machine serialConsole;
+        package = "${mv.qemu.package}";
+      };
+      shares = map shareView mv.shares;
+    };
+    agentVM = {
+      inherit (config.agentVM) resources;
+      agent = {
+        inherit (config.agentVM.agent)
+          name
+          command
+          apiKeyVars
+          configDir
+          unfreePackages
+          ;
+      };
+      cri = {
+        inherit (config.agentVM.cri) enable runtimes;
+      };
+    };
+    fileSystems = nixpkgsLib.mapAttrs (_: fs: {
+      inherit (fs) device fsType options neededForBoot;
+      overlay = fs.overlay;
+    }) config.fileSystems;
+    unfreeAllowed = nixpkgsLib.mapAttrs (
+      _: p: (config.nixpkgs.config.allowUnfreePredicate or (_: false)) p
+    ) { inherit (pkgs) claude-code gemini-cli codex git; };
+    agentGroups = config.users.users.agent.extraGroups;
+    networking = {
+      inherit (config.networking) hostName useNetworkd;
+      firewall = config.networking.firewall.enable;
+      waitOnline = config.systemd.network.wait-online.enable;
+    };
+    sudo = config.security.sudo.enable;
+    agentService = {
+      inherit (config.systemd.services.agent-microvm) wantedBy after;
+      inherit (config.systemd.services.agent-microvm) unitConfig serviceConfig;
+    };
+    inherit (config.agentVM) spec;
+    specToml = config.agentVM.specFile.text;
+    scripts = config.agentVM.launch.scripts;
+    microvmQemuCommand = qemuRunner.command;
+    inherit (config) warnings;
+  }

@@ -1,0 +1,95 @@
+# A stand-in for nixpkgs' `pkgs` in tests/nix/eval-modules.nix: fake
+# derivations (attrsets with a made-up store path) for exactly the packages
+# the modules and microvm.nix's evaluated parts use. Nothing here builds;
+# writeText / writeShellScript keep their text so tests can read it.
+{ lib }:
+let
+  # A plausible store path: 32 characters of nix32 alphabet, then the name.
+  fakeHash =
+    name:
+    builtins.replaceStrings [ "e" "o" "t" "u" ] [ "g" "p" "v" "w" ] (
+      builtins.substring 0 32 (builtins.hashString "sha256" name)
+    );
+
+  mkFake =
+    name: extra:
+    let
+      self = {
+        type = "derivation";
+        inherit name;
+        pname = name;
+        version = "0-stand-in";
+        outPath = "/nix/store/${fakeHash name}-${name}";
+        drvPath = "/nix/store/${fakeHash "${name}.drv"}-${name}.drv";
+        meta = {
+          mainProgram = name;
+        };
+        configureFlags = [ ];
+        override = _: self;
+        overrideAttrs = _: self;
+      }
+      // extra;
+      out = self // {
+        inherit out;
+      };
+    in
+    out;
+
+  names = [
+    "bashInteractive"
+    "cacert"
+    "claude-code"
+    "cni-plugins"
+    "codex"
+    "containerd"
+    "coreutils"
+    "cri-tools"
+    "crun"
+    "curl"
+    "docker-compose"
+    "gemini-cli"
+    "git"
+    "iptables"
+    "nerdctl"
+    "netcat"
+    "python3"
+    "qemu"
+    "qemu_kvm"
+    "socat"
+    "util-linux"
+    "virtiofsd"
+  ];
+
+  hostPlatform = {
+    system = "x86_64-linux";
+    isLinux = true;
+    isDarwin = false;
+    qemuArch = "x86_64";
+    linux-kernel.target = "bzImage";
+  };
+
+  pkgs =
+    lib.genAttrs names (n: mkFake n { })
+    // {
+      inherit lib;
+      _type = "pkgs"; # what types.pkgs checks
+      buildPackages = pkgs;
+      stdenv = {
+        inherit hostPlatform;
+        buildPlatform = hostPlatform;
+        targetPlatform = hostPlatform;
+      };
+      linux = mkFake "linux" {
+        version = "6.18.0";
+        target = "bzImage";
+      };
+      runtimeShell = "/nix/store/${fakeHash "bash"}-bash/bin/bash";
+      writeText = name: text: mkFake name { inherit text; };
+      writeShellScript =
+        name: text:
+        mkFake name {
+          text = "#!/bin/sh\n${text}";
+        };
+    };
+in
+pkgs
