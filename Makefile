@@ -24,14 +24,19 @@ setup:
 
 # A venv outside the repo and readable by everyone: the integration tests run
 # microvm-run as an unprivileged user, who cannot read root's Python.
-venv: $(VENV)/.installed
-
-$(VENV)/.installed: runner/pyproject.toml
-	/usr/bin/python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e 'runner[test]' ruff
-	chmod -R a+rX $(VENV)
-	touch $@
+# The stamp records which checkout the editable install points at: a second
+# clone (CI on a reused machine) must not test the first one's code.
+venv:
+	@if [ "$$(cat $(VENV)/.installed 2>/dev/null)" != "$(CURDIR)" ] || \
+	    [ runner/pyproject.toml -nt $(VENV)/.installed ]; then \
+	  set -e; \
+	  echo "venv: installing into $(VENV) from $(CURDIR)"; \
+	  /usr/bin/python3 -m venv $(VENV); \
+	  $(VENV)/bin/pip install --quiet --upgrade pip; \
+	  $(VENV)/bin/pip install --quiet -e 'runner[test]' ruff; \
+	  chmod -R a+rX $(VENV); \
+	  echo "$(CURDIR)" > $(VENV)/.installed; \
+	fi
 
 lint: venv
 	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit
