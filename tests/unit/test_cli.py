@@ -85,6 +85,8 @@ def test_spec_comes_from_the_environment_and_work_dir_from_work_dir(
         (["--vcpus", "999"], {}, "--vcpus 999 is out of range"),
         ([], {"MICROVM_MEM": "-5"}, "--mem must be a whole number"),
         (["--boot-timeout", "0"], {}, "--boot-timeout must be positive"),
+        ([], {"MICROVM_BOOT_TIMEOUT": "soon"}, "--boot-timeout must be a number of seconds"),
+        (["--boot-timeout", "nan"], {}, "--boot-timeout must be positive"),
         ([], {"ENABLE_CRI": "dokcer"}, "ENABLE_CRI: unknown runtime 'dokcer'"),
     ],
 )

@@ -121,9 +121,8 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add(
         "--boot-timeout",
-        type=float,
         metavar="SECONDS",
-        default=_float_env(env, "MICROVM_BOOT_TIMEOUT", 60.0),
+        default=env.get("MICROVM_BOOT_TIMEOUT", "60"),
         help="stop the VM if the guest has not come up by then (default 60)",
     )
     add(
@@ -151,13 +150,6 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def _float_env(env: Mapping[str, str], name: str, default: float) -> float:
-    try:
-        return float(env.get(name, default))
-    except ValueError:
-        return default
-
-
 def _load_spec(path: str | None) -> Spec:
     if not path:
         raise SpecError(
@@ -167,13 +159,19 @@ def _load_spec(path: str | None) -> Spec:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
-    if not args.boot_timeout > 0:
-        raise PlanError(f"--boot-timeout must be positive, not {args.boot_timeout:g}")
+    try:
+        boot_timeout = float(args.boot_timeout)
+    except ValueError:
+        raise PlanError(
+            f"--boot-timeout must be a number of seconds, not {args.boot_timeout!r}"
+        ) from None
+    if not 0 < boot_timeout < float("inf"):
+        raise PlanError(f"--boot-timeout must be positive, not {args.boot_timeout}")
     return RunOptions(
         accel=args.accel,
         net=args.net,
         supervisor=args.supervisor,
-        boot_timeout_s=args.boot_timeout,
+        boot_timeout_s=boot_timeout,
         memory_mib=_bounded("--mem", args.mem, 64, MAX_MEMORY_MIB),
         vcpus=_bounded("--vcpus", args.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1)),
         agent_args=tuple(args.agent_args),
