@@ -107,11 +107,18 @@ def test_the_api_key_reaches_the_agent_but_no_argv_or_file(vm: VM) -> None:
         work, 'echo "$TESTAGENT_API_KEY" > /work/key; sleep 3', TESTAGENT_API_KEY=canary
     )
     seen_in_argv = []
+    seen_in_child_env = []
     while running.poll() is None:
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
-                if canary.encode() in cmdline.read_bytes():
+                argv = cmdline.read_bytes()
+                if canary.encode() in argv:
                     seen_in_argv.append(cmdline)
+                # QEMU and virtiofsd get the key neither in argv nor environment.
+                if b"qemu-system" in argv or b"virtiofsd" in argv:
+                    environ = cmdline.with_name("environ").read_bytes()
+                    if canary.encode() in environ:
+                        seen_in_child_env.append(argv.split(b"\0")[0])
             except OSError:
                 pass
         time.sleep(0.3)
@@ -119,6 +126,7 @@ def test_the_api_key_reaches_the_agent_but_no_argv_or_file(vm: VM) -> None:
     assert running.returncode == 0, err
     assert (work / "key").read_text().strip() == canary
     assert seen_in_argv == []
+    assert seen_in_child_env == []
     home = vm.agent_home(work)
     for path in home.rglob("*"):
         if path.is_file():

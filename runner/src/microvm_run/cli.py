@@ -84,7 +84,7 @@ def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> s
     if home_share is None:
         print("microvm-run: DIRENV_ALLOW=1 ignored: this flavor shares no home", file=sys.stderr)
         return None
-    from microvm_run import devshell  # noqa: PLC0415 - only DIRENV_ALLOW=1 needs it
+    from microvm_run import devshell, process  # noqa: PLC0415 - only DIRENV_ALLOW=1 needs it
 
     result = devshell.prepare(
         plan.work_dir,
@@ -92,7 +92,8 @@ def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> s
         allow=True,
         progress=sys.stderr,
         guest_home=home_share.mount_point,
-        env=env,
+        # The project's Nix code runs here: it gets no API key to copy.
+        env=process.without(env, spec.api_key_vars),
     )
     return result.guest_env_file
 

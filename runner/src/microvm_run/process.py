@@ -1,18 +1,21 @@
 """The one place that starts processes.
 
-Every subprocess of the runner starts here, so argv logging, secret
-scrubbing and the parent-death signal are handled once.  plumbum is imported
+Every subprocess of the runner starts here, so the environment rule and the
+parent-death signal are handled once.  An ``env`` given here is the child's
+whole environment: plumbum would otherwise lay it over a snapshot of the
+runner's own, and API keys would reach every child.  plumbum is imported
 lazily: ``--dry-run`` and the other pure paths never pay for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -52,12 +55,10 @@ def run(
     stderr: int | IO[Any] | None = None,
 ) -> Completed:
     """Run a program to completion and capture its output (unless redirected)."""
-    from plumbum import local  # noqa: PLC0415 - lazy: keeps --dry-run fast
+    from plumbum import ProcessTimedOut, local  # noqa: PLC0415 - lazy: keeps --dry-run fast
 
-    command = local[argv[0]][list(argv[1:])]
+    command = _command(local, argv)
     kwargs: dict[str, Any] = {}
-    if env is not None:
-        kwargs["env"] = dict(env)
     if cwd is not None:
         kwargs["cwd"] = str(cwd)
     if stdout is not None:
@@ -65,9 +66,12 @@ def run(
     if stderr is not None:
         kwargs["stderr"] = stderr
     try:
-        code, out, err = command.run(retcode=None, timeout=timeout, **kwargs)
+        with _exact_env(local, env):
+            code, out, err = command.run(retcode=None, timeout=timeout, **kwargs)
     except OSError as error:
         raise ProcessError(f"cannot run {argv[0]}: {error.strerror}") from None
+    except ProcessTimedOut:
+        raise ProcessError(f"{argv[0]} did not finish within {timeout:g} s") from None
     return Completed(tuple(argv), code, out or "", err or "")
 
 
@@ -89,32 +93,44 @@ def spawn(
     """
     from plumbum import local  # noqa: PLC0415 - lazy: keeps --dry-run fast
 
-    command = local[argv[0]][list(argv[1:])]
+    command = _command(local, argv)
     preexec: Callable[[], None] | None = _die_with_parent if die_with_parent else None
     try:
-        return command.popen(
-            env=dict(env) if env is not None else None,
-            cwd=str(cwd) if cwd is not None else None,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-            preexec_fn=preexec,
-            new_session=new_session,
-        )
+        with _exact_env(local, env):
+            return command.popen(
+                cwd=str(cwd) if cwd is not None else None,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                preexec_fn=preexec,
+                new_session=new_session,
+            )
     except OSError as error:
         raise ProcessError(f"cannot start {argv[0]}: {error.strerror}") from None
 
 
-def scrub(argv: Sequence[str], secrets: Sequence[str]) -> list[str]:
-    """argv for logs, with any secret value replaced (defence in depth)."""
-    out = []
-    for arg in argv:
-        clean = arg
-        for secret in secrets:
-            if secret:
-                clean = clean.replace(secret, "<redacted>")
-        out.append(clean)
-    return out
+def _command(local: Any, argv: Sequence[str]) -> Any:
+    from plumbum import CommandNotFound  # noqa: PLC0415
+
+    try:
+        return local[argv[0]][list(argv[1:])]
+    except CommandNotFound:
+        raise ProcessError(f"{argv[0]} not found on PATH") from None
+
+
+@contextlib.contextmanager
+def _exact_env(local: Any, env: Mapping[str, str] | None) -> Iterator[None]:
+    """Make ``env`` the child's whole environment (None: inherit the runner's)."""
+    with local.env():
+        if env is not None:
+            local.env.clear()
+            local.env.update(env)
+        yield
+
+
+def without(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, str]:
+    """The environment minus some variables (API keys for every child)."""
+    return {k: v for k, v in environ.items() if k not in names}
 
 
 def log(message: str) -> None:
