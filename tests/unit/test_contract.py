@@ -39,5 +39,5 @@ def test_status_lines_fold_to_ready_then_exit() -> None:
 
 def test_malformed_status_lines_are_ignored() -> None:
     status = GuestStatus().feed("ready")
-    for line in ("exit", "exit -1", "exit 256", "exit seven", "garbage", ""):
+    for line in ("exit", "exit -1", "exit 256", "exit seven", "exit \u00b2", "garbage", ""):
         assert status.feed(line) == status

@@ -107,6 +107,11 @@ def test_supervisor_falls_back_honestly(spec: Spec) -> None:
         build_plan(spec, RunOptions(supervisor="systemd"), facts)
 
 
+def test_a_comma_in_the_runtime_dir_is_refused(spec: Spec) -> None:
+    with pytest.raises(PlanError, match="contains a comma"):
+        build_plan(spec, RunOptions(), make_facts(runtime_base=Path("/tmp/a,b")))
+
+
 def test_long_runtime_dir_is_refused_before_anything_starts(spec: Spec) -> None:
     facts = make_facts(runtime_base=Path("/run/" + "x" * 100))
     with pytest.raises(PlanError, match="longer than 107 bytes"):

@@ -90,6 +90,6 @@ class GuestStatus:
         word, _, rest = line.strip().partition(" ")
         if word == "ready":
             return GuestStatus(ready=True, exit_code=self.exit_code)
-        if word == "exit" and rest.isdigit() and 0 <= int(rest) <= 255:
+        if word == "exit" and rest.isascii() and rest.isdigit() and int(rest) <= 255:
             return GuestStatus(ready=True, exit_code=int(rest))
         return self

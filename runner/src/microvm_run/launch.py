@@ -11,6 +11,8 @@ parent-death signal, so even a SIGKILLed runner leaves no VM running.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import os
 import selectors
 import shutil
@@ -20,7 +22,7 @@ import stat
 import sys
 import termios
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -37,6 +39,9 @@ from microvm_run.plan import LaunchPlan, VirtiofsdPlan
 SOCKET_DEADLINE_S = 10.0
 STOP_GRACE_S = 5.0
 DAEMON_DEATH_GRACE_S = 1.0
+POWEROFF_GRACE_S = 30.0
+# A guest that writes without newlines must not grow the runner's memory.
+MAX_STATUS_LINE = 4096
 _POLL_S = 0.01
 
 
@@ -68,6 +73,10 @@ class Instance:
 
     plan: LaunchPlan
     daemons: list[Daemon] = field(default_factory=list)
+    # Recorded before systemd-run: a unit whose start was interrupted is
+    # still stopped by cleanup, since no parent-death signal reaches it.
+    units: list[str] = field(default_factory=list)
+    listener: socket.socket | None = None
     qemu: Any = None
     runtime_dir_created: bool = False
     signum: int | None = None
@@ -76,16 +85,22 @@ class Instance:
 
 def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
     instance = Instance(plan)
+    # The keys go to the guest through credential files only: no child
+    # (QEMU, virtiofsd, systemctl) gets them in its environment.
+    child_env = process.without(environ, [var for var, _ in plan.credentials])
     with _terminal_restored(), _signals_forwarded(instance):
         try:
-            create_private_dirs(plan)
-            _prepare_runtime_dir(plan, instance)
-            _write_launch_files(plan, environ)
-            listener = _listen(plan.status_socket)
-            _start_daemons(plan, instance, environ)
-            _wait_for_sockets(instance)
-            instance.qemu = process.spawn(plan.qemu_argv, env=environ)
-            return _supervise(instance, listener)
+            try:
+                create_private_dirs(plan)
+                _prepare_runtime_dir(plan, instance)
+                _write_launch_files(plan, environ)
+                instance.listener = _listen(plan.status_socket)
+                _start_daemons(plan, instance, child_env)
+                _wait_for_sockets(instance)
+                instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
+            except (OSError, process.ProcessError) as err:
+                raise LaunchError(str(err)) from None
+            return _supervise(instance, instance.listener)
         except Interrupted as stop:
             process.log(f"interrupted by {stop}; cleaning up")
             return 128 + stop.signum
@@ -93,7 +108,7 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
             _show_daemon_logs(instance)
             raise
         finally:
-            _cleanup(instance, environ)
+            _cleanup(instance, child_env)
 
 
 # -- preparing ---------------------------------------------------------------
@@ -159,12 +174,13 @@ def _listen(path: Path) -> socket.socket:
 def _start_daemons(plan: LaunchPlan, instance: Instance, environ: Mapping[str, str]) -> None:
     for daemon in plan.virtiofsd:
         if plan.supervisor == "systemd":
-            instance.daemons.append(_start_unit(daemon, environ))
+            instance.daemons.append(_start_unit(daemon, environ, instance))
         else:
             instance.daemons.append(_start_child(daemon, environ))
 
 
-def _start_unit(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:
+def _start_unit(daemon: VirtiofsdPlan, environ: Mapping[str, str], instance: Instance) -> Daemon:
+    instance.units.append(daemon.unit)
     result = process.run(
         [
             "systemd-run", "--user", "--quiet", "--collect",
@@ -185,7 +201,8 @@ def _start_unit(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:
     )
     pid = int(shown.stdout.strip() or 0) if shown.returncode == 0 else 0
     if pid <= 0:
-        raise LaunchError(f"virtiofsd for share {daemon.tag} exited at once")
+        reason = _last_line(shown.stderr) if shown.returncode else "it exited at once"
+        raise LaunchError(f"virtiofsd for share {daemon.tag}: no main process ({reason})")
     return Daemon(plan=daemon, pid=pid, pidfd=_pidfd(pid, daemon))
 
 
@@ -258,13 +275,21 @@ class _Watcher:
         self.buffer = b""
         self.failure: str | None = None
         self.code = EXIT_NO_STATUS
+        self.poweroff_deadline: float | None = None
 
     def run(self) -> int:
         plan = self.instance.plan
-        deadline = time.monotonic() + plan.boot_timeout_s
+        boot_deadline = time.monotonic() + plan.boot_timeout_s
         while True:
-            timeout = None if self.status.ready else max(0.0, deadline - time.monotonic())
-            events = self.poller.select(timeout)
+            events = self.poller.select(self._timeout(boot_deadline))
+            if not events and self.poweroff_deadline is not None:
+                # The agent has reported; a guest whose power-off hangs does
+                # not keep the user waiting.
+                process.log(
+                    f"the guest did not power off within {POWEROFF_GRACE_S:g} s; stopped it"
+                )
+                _stop_qemu(self.instance)
+                continue
             if not events and not self.status.ready:
                 self._fail(
                     f"the guest did not come up within {plan.boot_timeout_s:g} s "
@@ -295,6 +320,16 @@ class _Watcher:
                             EXIT_NO_STATUS,
                         )
 
+    def _timeout(self, boot_deadline: float) -> float | None:
+        """Until ready: the boot deadline; after exit N: the power-off grace."""
+        if self.status.exit_code is not None and self.poweroff_deadline is None:
+            self.poweroff_deadline = time.monotonic() + POWEROFF_GRACE_S
+        if self.poweroff_deadline is not None:
+            return max(0.0, self.poweroff_deadline - time.monotonic())
+        if self.status.ready:
+            return None
+        return max(0.0, boot_deadline - time.monotonic())
+
     def _accept(self) -> None:
         self.conn, _ = self.listener.accept()
         self.conn.setblocking(False)
@@ -315,6 +350,8 @@ class _Watcher:
                 self.conn = None
                 break
             self.buffer += chunk
+            if len(self.buffer) > MAX_STATUS_LINE and b"\n" not in self.buffer:
+                self.buffer = b""
             if not until_eof:
                 break
         *lines, self.buffer = self.buffer.split(b"\n")
@@ -354,7 +391,6 @@ class _Watcher:
         os.close(self.qemu_pidfd)
         if self.conn is not None:
             self.conn.close()
-        self.listener.close()
 
 
 def _stop_qemu(instance: Instance) -> None:
@@ -380,21 +416,43 @@ def _remove_credentials(plan: LaunchPlan) -> None:
 
 
 def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
+    """Undo what the launch created; one failing step never skips the others."""
     instance.cleaning = True
-    _stop_qemu(instance)
-    for daemon in instance.daemons:
-        _stop_daemon(daemon, environ)
+    steps: list[Callable[[], None]] = [lambda: _stop_qemu(instance)]
+    if instance.listener is not None:
+        steps.append(instance.listener.close)
+    steps += [
+        functools.partial(_stop_daemon, daemon, environ, qemu_ran=instance.qemu is not None)
+        for daemon in instance.daemons
+    ]
+    watched = {daemon.plan.unit for daemon in instance.daemons}
+    steps += [
+        functools.partial(_stop_unit, unit, environ)
+        for unit in instance.units
+        if unit not in watched
+    ]
     if instance.runtime_dir_created:
-        shutil.rmtree(instance.plan.runtime_dir, ignore_errors=True)
+        steps.append(lambda: shutil.rmtree(instance.plan.runtime_dir, ignore_errors=True))
+    for step in steps:
+        try:
+            step()
+        except Exception as err:
+            process.log(f"cleanup: {err}")
 
 
-def _stop_daemon(daemon: Daemon, environ: Mapping[str, str]) -> None:
+def _stop_unit(unit: str, environ: Mapping[str, str]) -> None:
+    # Harmless when the unit is already gone.
+    process.run(["systemctl", "--user", "stop", unit], env=environ, timeout=30)
+
+
+def _stop_daemon(daemon: Daemon, environ: Mapping[str, str], *, qemu_ran: bool) -> None:
     # virtiofsd exits by itself once QEMU disconnects; stop it only if not.
-    if not _wait_exited(daemon.pidfd, 1.0):
+    # Without QEMU (an aborted start-up) nothing will disconnect: don't wait.
+    if not _wait_exited(daemon.pidfd, 1.0 if qemu_ran else 0.0):
         if daemon.popen is not None:
             daemon.popen.terminate()
         else:
-            process.run(["systemctl", "--user", "stop", daemon.plan.unit], env=environ, timeout=30)
+            _stop_unit(daemon.plan.unit, environ)
         if not _wait_exited(daemon.pidfd, STOP_GRACE_S):
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(daemon.pidfd, signal.SIGKILL)
@@ -434,15 +492,21 @@ def _last_line(text: str) -> str:
 def _terminal_restored() -> Iterator[None]:
     """QEMU puts the terminal in raw mode; put it back even if QEMU is killed."""
     saved = None
-    with contextlib.suppress(termios.error, OSError):
+    flags = None
+    with contextlib.suppress(termios.error, OSError, ValueError):
         if sys.stdin.isatty():
             saved = termios.tcgetattr(sys.stdin.fileno())
+            # QEMU also sets O_NONBLOCK, and a killed QEMU never clears it.
+            flags = fcntl.fcntl(sys.stdin.fileno(), fcntl.F_GETFL)
     try:
         yield
     finally:
         if saved is not None:
             with contextlib.suppress(termios.error, OSError):
                 termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+        if flags is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(sys.stdin.fileno(), fcntl.F_SETFL, flags)
 
 
 @contextlib.contextmanager
@@ -450,10 +514,13 @@ def _signals_forwarded(instance: Instance) -> Iterator[None]:
     """SIGINT/SIGTERM/SIGHUP: stop QEMU if it runs, else abort the start-up."""
 
     def handle(signum: int, _frame: FrameType | None) -> None:
+        first = instance.signum is None
         instance.signum = signum
         qemu = instance.qemu
         if qemu is None:
-            if not instance.cleaning:
+            # Only the first signal aborts the start-up: a second Ctrl-C
+            # must not interrupt the abort itself or the cleanup.
+            if first and not instance.cleaning:
                 raise Interrupted(signum)
             return
         if qemu.poll() is None:

@@ -258,6 +258,12 @@ def _guest_env(facts: HostFacts, cri: tuple[str, ...]) -> dict[str, str]:
 
 
 def _socket(path: Path) -> Path:
+    if "," in str(path):
+        # QEMU splits -chardev/-qmp/-fw_cfg option values at commas.
+        raise PlanError(
+            f"runtime path {path} contains a comma, which QEMU cannot take; "
+            "set XDG_RUNTIME_DIR to a directory without one"
+        )
     if len(str(path).encode()) > MAX_SOCKET_PATH:
         raise PlanError(
             f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; "
