@@ -130,10 +130,16 @@ class VM:
 
 
 def leftovers(user: HostUser, runtime_dirs: Sequence[Path]) -> list[str]:
-    """Processes, units, sockets and runtime dirs a launch may have left."""
+    """Processes, units, sockets and runtime dirs a launch may have left.
+
+    With runtime dirs given, only processes whose command line names one
+    count, so unrelated VMs of the same user (root) cannot fail a test.
+    """
     found = []
+    where = "|".join(str(d) for d in runtime_dirs)
+    pattern = f"(qemu-system|virtiofsd).*({where})" if where else "qemu-system|virtiofsd"
     procs = subprocess.run(
-        ["pgrep", "-a", "-u", str(user.uid), "-f", "qemu-system|virtiofsd"],
+        ["pgrep", "-a", "-u", str(user.uid), "-f", pattern],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     found += [f"process: {line}" for line in procs.stdout.splitlines()]
@@ -266,10 +272,10 @@ def _vm(
     runner_copy: Path,
     spec: Path,
     scratch: Path,
-    runtime_dir: Path | None,
+    runtime_dir: Path,
 ) -> Iterator[VM]:
     vm = VM(test_user, venv_python, runner_copy, spec, scratch, runtime_dir)
-    dirs = [runtime_dir] if runtime_dir else [Path("/tmp")]
+    dirs = [runtime_dir]
     before = leftovers(test_user, dirs)
     assert not before, f"left over by an earlier test: {before}"
     yield vm

@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,7 +182,13 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     tmp_path: Path,
 ) -> None:
     host = Host(tmp_path, "slow")
-    hold = tmp_path / "hold"
+    # Unique per run: pytest reuses tmp dir names across sessions, and a
+    # derivation built once is never built (and so never held) again.  Not
+    # under tmp_path: /tmp/pytest-of-root is 0700, and Nix may build as an
+    # unprivileged build user who would not see the file and never hold.
+    hold_dir = Path(tempfile.mkdtemp(prefix="amvm-hold-"))
+    hold_dir.chmod(0o755)
+    hold = hold_dir / f"hold-{os.urandom(8).hex()}"
     hold.write_text("")
     flake = host.work / "flake.nix"
     flake.write_text(flake.read_text().replace("@HOLD@", str(hold)))
@@ -202,6 +209,7 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     assert b"KeyboardInterrupt" in stderr
     assert not [name for name in host.cache_files() if name.endswith((".sh", ".tmp"))]
     hold.unlink()
+    hold_dir.rmdir()
     result = host.prepare()
     assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
     assert result.env_file is not None

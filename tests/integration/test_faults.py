@@ -20,7 +20,7 @@ from .conftest import VM, HostUser, wait_until_clean
 
 pytestmark = pytest.mark.integration
 
-WAITING = 'echo before > /work/before; echo kept > "$HOME/kept"; sleep 60'
+WAITING = 'echo kept > "$HOME/kept"; echo before > /work/before; sleep 60'
 
 
 def _started(vm: VM, work: Path) -> subprocess.Popen[str]:
