@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from microvm_run.devshell import DevshellResult, prepare
+from tests.support.interrupt import PREPARE_CHILD, wait_for
 from tests.support.prereq import require
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "devshell"
@@ -161,23 +160,6 @@ def test_flake_based_devenv_is_evaluated_impure_in_the_project(tmp_path: Path) -
     assert source(result.env_file, ["FIXTURE_ROOT"]) == {"FIXTURE_ROOT": str(host.work)}
 
 
-CHILD = """
-import io, signal, sys
-from pathlib import Path
-signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-from microvm_run.devshell import prepare
-env = dict(arg.split("=", 1) for arg in sys.argv[3:])
-prepare(Path(sys.argv[1]), Path(sys.argv[2]), allow=True, progress=sys.stderr, env=env)
-"""
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     tmp_path: Path,
 ) -> None:
@@ -193,14 +175,18 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     flake = host.work / "flake.nix"
     flake.write_text(flake.read_text().replace("@HOLD@", str(hold)))
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(host.work), str(host.home)]
+        [sys.executable, "-c", PREPARE_CHILD, str(host.work), str(host.home)]
         + [f"{name}={value}" for name, value in host.env.items()],
         stderr=subprocess.PIPE,
     )
     try:
         log = host.home / ".cache/microvm-devshell"
         # The builder announces itself in the log while it holds.
-        wait_for(lambda: any("holding while" in p.read_text() for p in log.glob("*.log")))
+
+        def holding() -> bool:
+            return any("holding while" in p.read_text() for p in log.glob("*.log"))
+
+        wait_for(holding, timeout=60)
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=30)
     finally:

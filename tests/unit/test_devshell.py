@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from microvm_run.devshell import (
     prepare,
     render_env,
 )
+from tests.support.interrupt import PREPARE_CHILD, wait_for
 
 FAKE_NIX = r"""#!/bin/bash
 # Stands in for nix/devenv: records the call, prints $FAKE_JSON, exits $FAKE_STATUS.
@@ -486,33 +486,16 @@ def test_interrupt_between_write_and_rename_leaves_no_entry(
     assert result.status == "evaluated" and fake.call_count() == 2
 
 
-CHILD = """
-import signal, sys
-from pathlib import Path
-signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignoring it
-from microvm_run.devshell import prepare
-env = dict(arg.split("=", 1) for arg in sys.argv[3:])
-prepare(Path(sys.argv[1]), Path(sys.argv[2]), allow=True, progress=sys.stderr, env=env)
-"""
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_ctrl_c_mid_evaluation_stops_nix_and_leaves_no_entry(fake: Fake) -> None:
     env = {**fake.env, "FAKE_PARTIAL": "1"}
     pid_file = Path(f"{fake.calls}.pid")
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(fake.work), str(fake.home)]
+        [sys.executable, "-c", PREPARE_CHILD, str(fake.work), str(fake.home)]
         + [f"{name}={value}" for name, value in env.items()],
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "")
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().strip() != "", timeout=20)
         fake_nix = int(pid_file.read_text())
         child.send_signal(signal.SIGINT)
         _, stderr = child.communicate(timeout=20)

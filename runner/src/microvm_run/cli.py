@@ -77,8 +77,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> str | None:
     """With DIRENV_ALLOW=1, the project's dev shell for the guest (cached on the host)."""
-    allow = env.get("DIRENV_ALLOW") == "1"
-    if not allow:
+    if env.get("DIRENV_ALLOW") != "1":
         return None
     home_share = spec.share_by_source("home")
     if home_share is None:

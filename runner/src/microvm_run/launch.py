@@ -100,7 +100,7 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
                 instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
             except (OSError, process.ProcessError) as err:
                 raise LaunchError(str(err)) from None
-            return _supervise(instance, instance.listener)
+            return _supervise(instance)
         except Interrupted as stop:
             process.log(f"interrupted by {stop}; cleaning up")
             return 128 + stop.signum
@@ -225,7 +225,7 @@ def _wait_for_sockets(instance: Instance) -> None:
     deadline = time.monotonic() + SOCKET_DEADLINE_S
     for daemon in instance.daemons:
         while not daemon.plan.socket.exists():
-            if _exited(daemon.pidfd):
+            if _wait_exited(daemon.pidfd, 0.0):
                 raise LaunchError(
                     f"virtiofsd for share {daemon.plan.tag} ({daemon.plan.shared_dir}) "
                     "exited before its socket appeared"
@@ -238,20 +238,11 @@ def _wait_for_sockets(instance: Instance) -> None:
             time.sleep(_POLL_S)
 
 
-def _exited(pidfd: int) -> bool:
-    poller = selectors.DefaultSelector()
-    try:
-        poller.register(pidfd, selectors.EVENT_READ)
-        return bool(poller.select(0))
-    finally:
-        poller.close()
-
-
 # -- supervising --------------------------------------------------------------
 
 
-def _supervise(instance: Instance, listener: socket.socket) -> int:
-    watcher = _Watcher(instance, listener)
+def _supervise(instance: Instance) -> int:
+    watcher = _Watcher(instance)
     try:
         return watcher.run()
     finally:
@@ -261,13 +252,14 @@ def _supervise(instance: Instance, listener: socket.socket) -> int:
 class _Watcher:
     """Follows QEMU, the status port and the daemons until QEMU ends."""
 
-    def __init__(self, instance: Instance, listener: socket.socket) -> None:
+    def __init__(self, instance: Instance) -> None:
+        assert instance.listener is not None  # created before QEMU starts
         self.instance = instance
-        self.listener = listener
+        self.listener = instance.listener
         self.qemu_pidfd = os.pidfd_open(instance.qemu.pid)
         self.poller = selectors.DefaultSelector()
         self.poller.register(self.qemu_pidfd, selectors.EVENT_READ, "qemu")
-        self.poller.register(listener, selectors.EVENT_READ, "listener")
+        self.poller.register(self.listener, selectors.EVENT_READ, "listener")
         for daemon in instance.daemons:
             self.poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
         self.conn: socket.socket | None = None

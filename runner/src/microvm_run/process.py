@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -135,7 +134,3 @@ def without(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, str]:
 
 def log(message: str) -> None:
     print(f"microvm-run: {message}", file=sys.stderr, flush=True)
-
-
-def environ() -> dict[str, str]:
-    return dict(os.environ)
