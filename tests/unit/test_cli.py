@@ -172,3 +172,166 @@ def test_missing_kvm_names_the_fix(
     code, _, err = run(capsys, ["--spec", str(spec), "--work-dir", str(work)], env)
     assert code == 2
     assert "/dev/kvm does not exist" in err and "--accel tcg" in err
+
+
+# -- networking options ---------------------------------------------------------------
+
+
+@pytest.fixture
+def key_spec_file(tmp_path: Path) -> Path:
+    sample = json.loads(json.dumps(SAMPLE))
+    sample["spec_version"] = 2
+    sample["network"] = {"allow": ["api.anthropic.com"]}
+    sample["key_proxy"] = [
+        {"var": "ANTHROPIC_API_KEY", "upstream": "https://api.anthropic.com",
+         "header": "x-api-key", "base_url_var": "ANTHROPIC_BASE_URL"}
+    ]  # fmt: skip
+    path = tmp_path / "key-spec.toml"
+    path.write_bytes(tomli_w.dumps(sample).encode())
+    return path
+
+
+def dry_run(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec: Path, work: Path,
+    *args: str,
+) -> Any:  # fmt: skip
+    code, out, err = run(
+        capsys, ["--spec", str(spec), "--work-dir", str(work), "--dry-run", "--json", *args], env
+    )
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize(
+    ("net", "expected"),
+    [("user", "open"), ("open", "open"), ("allowlist", "allowlist"), ("none", "none")],
+)
+def test_net_modes_and_the_user_alias(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    net: str, expected: str,
+) -> None:  # fmt: skip
+    plan = dry_run(capsys, env, spec_file, work, "--net", net)
+    assert plan["net"] == expected
+    assert (plan["egress"] is None) == (expected == "none")
+    assert dry_run(capsys, env | {"MICROVM_NET": net}, spec_file, work)["net"] == expected
+
+
+def test_net_defaults_to_open(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    plan = dry_run(capsys, env, spec_file, work)
+    assert plan["net"] == "open"
+    assert plan["egress"]["mode"] == "open"
+
+
+def test_unknown_net_mode_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--spec", str(spec_file), "--work-dir", str(work), "--net", "bridge"], env)
+    assert caught.value.code == 2
+    assert "--net" in capsys.readouterr().err
+
+
+def test_allow_adds_to_microvm_allow(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    env = env | {"MICROVM_ALLOW": "a.example, *.b.example  c.example:8443"}
+    plan = dry_run(capsys, env, spec_file, work, "--net", "allowlist", "--allow", "d.example",
+                   "--allow", "A.example")  # fmt: skip
+    rules = [(r["host"], r["wildcard"], r["port"]) for r in plan["egress"]["rules"]]
+    assert rules == [("a.example", False, None), ("b.example", True, None),
+                     ("c.example", False, 8443), ("d.example", False, None)]  # fmt: skip
+
+
+def test_project_allowlist_file_is_read_from_the_config_dir(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    from microvm_run import host  # noqa: PLC0415
+
+    path = host.project_allow_file("claude", work, env)
+    assert path.is_relative_to(Path(env["HOME"]) / ".config")
+    path.parent.mkdir(parents=True)
+    path.write_text("# ours\nproject.example  # comment\n")
+    plan = dry_run(capsys, env, spec_file, work, "--net", "allowlist")
+    assert [r["host"] for r in plan["egress"]["rules"]] == ["project.example"]
+
+
+def test_publish_forwards_host_ports(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    plan = dry_run(capsys, env, spec_file, work, "-p", "8080:80", "--publish", "0.0.0.0:2222:22")
+    assert plan["port_forwards"] == ["127.0.0.1:8080:80", "0.0.0.0:2222:22"]
+    (netdev,) = [plan["qemu_argv"][i + 1] for i, a in enumerate(plan["qemu_argv"])
+                 if a == "-netdev"]  # fmt: skip
+    assert "hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80" in netdev
+    assert "hostfwd=tcp:0.0.0.0:2222-10.0.2.15:22" in netdev
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--net", "none", "-p", "8080:80"], "cannot be combined with --net none"),
+        (["-p", "80"], "expected [HOST_ADDR:]HOST_PORT:GUEST_PORT"),
+        (["-p", "8080:80", "-p", "8080:81"], "forwarded twice"),
+        (["--allow", "a..b"], "allow entry 'a..b'"),
+        (["--allow", "http://x.example"], "allow entry 'http://x.example'"),
+        (["--inject-keys"], "--inject-keys: the claude flavor has no key proxy routes"),
+    ],
+)
+def test_bad_network_options_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    tmp_path: Path, args: list[str], message: str,
+) -> None:  # fmt: skip
+    code, out, err = run(capsys, ["--spec", str(spec_file), "--work-dir", str(work), *args], env)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_inject_keys_is_on_where_the_flavor_supports_it(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], key_spec_file: Path, work: Path
+) -> None:
+    env = env | {"ANTHROPIC_API_KEY": "sk-cli-secret-value"}
+    plan = dry_run(capsys, env, key_spec_file, work)
+    assert plan["inject_keys"] is True
+    assert plan["credentials"] == []
+    assert "export ANTHROPIC_API_KEY=microvm-run-placeholder" in plan["launch_data"]
+    assert [r["var"] for r in plan["egress"]["key_routes"]] == ["ANTHROPIC_API_KEY"]
+    code, out, _ = run(capsys, ["--spec", str(key_spec_file), "--work-dir", str(work),
+                                "--dry-run"], env)  # fmt: skip
+    assert code == 0
+    assert "key proxy: ANTHROPIC_API_KEY -> https://api.anthropic.com (x-api-key)" in out
+    assert "credential   ANTHROPIC_API_KEY" not in out
+    assert "sk-cli-secret-value" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "extra_env"),
+    [(["--no-inject-keys"], {}), ([], {"MICROVM_INJECT_KEYS": "0"}),
+     (["--no-inject-keys"], {"MICROVM_INJECT_KEYS": "1"})],
+)  # fmt: skip
+def test_no_inject_keys_passes_the_key_as_a_credential(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], key_spec_file: Path, work: Path,
+    args: list[str], extra_env: dict[str, str],
+) -> None:  # fmt: skip
+    env = env | {"ANTHROPIC_API_KEY": "sk-cli-secret-value"} | extra_env
+    plan = dry_run(capsys, env, key_spec_file, work, *args)
+    assert plan["inject_keys"] is False
+    assert [var for var, _ in plan["credentials"]] == ["ANTHROPIC_API_KEY"]
+    assert "placeholder" not in plan["launch_data"]
+    assert "sk-cli-secret-value" not in json.dumps(plan)
+
+
+def test_dry_run_text_describes_the_egress_policy(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    argv = ["--spec", str(spec_file), "--work-dir", str(work), "--dry-run", "--net",
+            "allowlist", "--allow", "*.example.com", "-p", "8080:80"]  # fmt: skip
+    code, out, _ = run(capsys, argv, env)
+    assert code == 0
+    assert "egress       allowlist via proxy " in out
+    assert "  allowlist: *.example.com" in out
+    assert "forward      127.0.0.1:8080:80" in out

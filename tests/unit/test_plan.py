@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -148,3 +149,250 @@ def test_enable_cri_is_checked_before_boot(sample: dict[str, Any]) -> None:
         build_plan(cri, RunOptions(), make_facts(environ={"ENABLE_CRI": "podman,dokcer"}))
     plan = build_plan(cri, RunOptions(), make_facts(environ={"ENABLE_CRI": "docker, podman"}))
     assert "export ENABLE_CRI=docker,podman" in plan.launch_data
+
+
+# -- networking --------------------------------------------------------------------
+
+EGRESS_SOCKET = "/run/user/1000/microvm-run/deadbeef/egress.sock"
+
+
+def qemu_option(value: str) -> list[str]:
+    """Split a QEMU option string at single commas; ",," is a literal comma."""
+    parts, current, i = [], "", 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += value[i]
+        i += 1
+    return [*parts, current]
+
+
+def netdev(plan: Any) -> list[str]:
+    argv = list(plan.qemu_argv)
+    values = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-netdev"]
+    assert len(values) == 1
+    return qemu_option(values[0])
+
+
+def guestfwds(plan: Any) -> dict[int, list[str]]:
+    """Guest port -> the command QEMU runs for it, as argv."""
+    out = {}
+    for part in netdev(plan):
+        if part.startswith("guestfwd="):
+            rule, _, command = part.removeprefix("guestfwd=").partition("-cmd:")
+            proto, addr, port = rule.split(":")
+            assert (proto, addr) == ("tcp", "10.0.2.100")
+            out[int(port)] = shlex.split(command)
+    return out
+
+
+@pytest.fixture
+def key_spec(sample: dict[str, Any]) -> Spec:
+    sample["spec_version"] = 2
+    sample["network"] = {"allow": ["api.anthropic.com", "*.example.com"]}
+    sample["key_proxy"] = [
+        {
+            "var": "ANTHROPIC_API_KEY",
+            "upstream": "https://api.anthropic.com",
+            "header": "x-api-key",
+            "base_url_var": "ANTHROPIC_BASE_URL",
+        }
+    ]
+    return parse_spec(sample, Path("/specs/claude.toml"))
+
+
+def test_net_none_has_no_netdev_and_no_egress(spec: Spec) -> None:
+    plan = build_plan(spec, RunOptions(net="none"), make_facts())
+    assert plan.egress is None and plan.net == "none"
+    assert "-netdev" not in plan.qemu_argv
+    assert "MICROVM_NET=none" in plan.launch_data
+    assert "proxy" not in plan.launch_data
+
+
+def test_open_is_the_default_and_restricted_to_the_egress_proxy(spec: Spec) -> None:
+    facts = make_facts(python=Path("/nix/store/p-python/bin/python3"),
+                       relay=Path("/nix/store/r-runner/relay.py"))  # fmt: skip
+    plan = build_plan(spec, RunOptions(), facts)
+    assert plan.net == "open"
+    assert plan.egress is not None and plan.egress.mode == "open"
+    assert str(plan.egress.socket) == EGRESS_SOCKET
+    parts = netdev(plan)
+    assert parts[:3] == ["user", "id=net0", "restrict=on"]
+    assert not any(p.startswith("hostfwd=") for p in parts)
+    fwds = guestfwds(plan)
+    assert sorted(fwds) == [53, 80, 443, 3128]
+    for port, command in fwds.items():
+        assert command == ["/nix/store/p-python/bin/python3", "-I", "-S",
+                           "/nix/store/r-runner/relay.py", str(port), EGRESS_SOCKET]  # fmt: skip
+    assert "virtio-net-device,netdev=net0" in plan.qemu_argv
+
+
+def test_user_is_an_alias_for_open(spec: Spec) -> None:
+    plan = build_plan(spec, RunOptions(net="user"), make_facts())
+    assert plan.net == "open"
+    assert plan.egress is not None and plan.egress.mode == "open"
+    assert plan.qemu_argv == build_plan(spec, RunOptions(net="open"), make_facts()).qemu_argv
+
+
+def test_launch_data_points_the_guest_at_the_proxy(spec: Spec) -> None:
+    plan = build_plan(spec, RunOptions(net="allowlist"), make_facts())
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        assert f"export {var}=http://10.0.2.100:3128" in plan.launch_data
+    assert "export NO_PROXY=localhost,127.0.0.1,10.0.2.100" in plan.launch_data
+    assert "MICROVM_NET=allowlist" in plan.launch_data
+
+
+def test_allowlist_rules_come_from_spec_project_and_options(key_spec: Spec) -> None:
+    facts = make_facts(project_allow=("git.corp.example:8443", "API.anthropic.com"))
+    options = RunOptions(net="allowlist", allow=("*.example.com", "ssh.corp.example:22"))
+    plan = build_plan(key_spec, options, facts)
+    assert plan.egress is not None
+    assert [str(r) for r in plan.egress.rules] == [
+        "api.anthropic.com", "*.example.com", "git.corp.example:8443", "ssh.corp.example:22"
+    ]  # fmt: skip
+    assert sorted(guestfwds(plan)) == [22, 53, 80, 443, 3128, 4180, 8443]
+
+
+def test_rule_ports_that_are_already_forwarded_are_not_doubled(spec: Spec) -> None:
+    options = RunOptions(net="allowlist", allow=("a.example:443", "b.example:53", "c:4180"))
+    plan = build_plan(spec, options, make_facts())
+    assert sorted(guestfwds(plan)) == [53, 80, 443, 3128]
+
+
+@pytest.mark.parametrize("entry", ["a..b", "*", "host:0", "http://x", ""])
+def test_a_bad_allow_entry_is_a_plan_error(spec: Spec, entry: str) -> None:
+    with pytest.raises(PlanError, match="allow entry"):
+        build_plan(spec, RunOptions(net="allowlist", allow=(entry,)), make_facts())
+    with pytest.raises(PlanError, match="allow entry"):
+        build_plan(spec, RunOptions(), make_facts(project_allow=(entry,)))
+
+
+def test_port_forwards_become_hostfwd_rules(spec: Spec) -> None:
+    options = RunOptions(ports=("8080:80", "0.0.0.0:2222:22"))
+    plan = build_plan(spec, options, make_facts())
+    assert plan.port_forwards == ("127.0.0.1:8080:80", "0.0.0.0:2222:22")
+    hostfwds = [p for p in netdev(plan) if p.startswith("hostfwd=")]
+    assert hostfwds == [
+        "hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80",
+        "hostfwd=tcp:0.0.0.0:2222-10.0.2.15:22",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [(("8080",), "expected"), (("8080:80", "8080:81"), "forwarded twice"),
+     (("8080:80", "0.0.0.0:8080:81"), "forwarded twice"), (("1.2.3:1:1",), "-p")],
+)  # fmt: skip
+def test_bad_port_forwards_are_plan_errors(
+    spec: Spec, ports: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(PlanError, match=message):
+        build_plan(spec, RunOptions(ports=ports), make_facts())
+
+
+def test_port_forwards_need_a_network(spec: Spec) -> None:
+    with pytest.raises(PlanError, match="cannot be combined with --net none"):
+        build_plan(spec, RunOptions(net="none", ports=("8080:80",)), make_facts())
+
+
+def test_a_comma_in_a_guestfwd_command_is_doubled(spec: Spec) -> None:
+    facts = make_facts(python=Path("/opt/py,thon/bin/python3"), relay=Path("/opt/a,b/relay.py"))
+    plan = build_plan(spec, RunOptions(), facts)
+    raw = next(arg for arg in plan.qemu_argv if arg.startswith("user,"))
+    assert "/opt/py,,thon/bin/python3" in raw and "/opt/a,,b/relay.py" in raw
+    for command in guestfwds(plan).values():
+        assert command[0] == "/opt/py,thon/bin/python3"
+        assert command[3] == "/opt/a,b/relay.py"
+
+
+def test_a_space_or_quote_in_a_guestfwd_command_is_quoted(spec: Spec) -> None:
+    facts = make_facts(python=Path("/opt/my python/python3"), relay=Path("/opt/it's/relay.py"))
+    plan = build_plan(spec, RunOptions(), facts)
+    for command in guestfwds(plan).values():
+        assert command[0] == "/opt/my python/python3"
+        assert command[3] == "/opt/it's/relay.py"
+
+
+def test_inject_keys_keeps_the_key_on_the_host(key_spec: Spec) -> None:
+    plan = build_plan(key_spec, RunOptions(), make_facts())
+    assert plan.inject_keys
+    assert plan.credentials == ()
+    assert "export ANTHROPIC_API_KEY=microvm-run-placeholder" in plan.launch_data
+    assert "export ANTHROPIC_BASE_URL=http://10.0.2.100:4180/anthropic-api-key" in plan.launch_data
+    assert plan.egress is not None
+    (route,) = plan.egress.key_routes
+    assert (route.prefix, route.var, route.upstream, route.header) == (
+        "anthropic-api-key", "ANTHROPIC_API_KEY", "https://api.anthropic.com", "x-api-key"
+    )  # fmt: skip
+    assert 4180 in guestfwds(plan)
+    assert not any("io.systemd.credentials" in arg for arg in plan.qemu_argv)
+    # The key's value is nowhere in what the runner writes, shows or passes.
+    assert "sk-secret" not in json.dumps(plan.to_dict())
+    assert "sk-secret" not in plan.launch_data
+    assert not any("sk-secret" in arg for arg in plan.qemu_argv)
+
+
+def test_inject_keys_appends_the_base_url_path(sample: dict[str, Any]) -> None:
+    sample["key_proxy"] = [
+        {"var": "ANTHROPIC_API_KEY", "upstream": "https://example.com", "header": "authorization",
+         "base_url_var": "OPENAI_BASE_URL", "base_url_path": "/v1"}
+    ]  # fmt: skip
+    spec = parse_spec(sample, Path("/s.toml"))
+    plan = build_plan(spec, RunOptions(), make_facts())
+    assert "export OPENAI_BASE_URL=http://10.0.2.100:4180/anthropic-api-key/v1" in (
+        plan.launch_data
+    )
+
+
+def test_inject_keys_without_the_key_in_the_environment(key_spec: Spec) -> None:
+    plan = build_plan(key_spec, RunOptions(), make_facts(environ={"TERM": "dumb"}))
+    assert plan.credentials == ()
+    assert "ANTHROPIC_API_KEY" not in plan.launch_data
+    assert "ANTHROPIC_BASE_URL" not in plan.launch_data
+
+
+def test_no_inject_keys_passes_the_credential_as_before(key_spec: Spec) -> None:
+    plan = build_plan(key_spec, RunOptions(inject_keys=False), make_facts())
+    assert not plan.inject_keys
+    assert plan.credentials == (
+        ("ANTHROPIC_API_KEY",
+         Path("/run/user/1000/microvm-run/deadbeef/credentials/ANTHROPIC_API_KEY")),
+    )  # fmt: skip
+    assert "placeholder" not in plan.launch_data
+    assert "ANTHROPIC_BASE_URL" not in plan.launch_data
+    assert plan.egress is not None and plan.egress.key_routes == ()
+    assert 4180 not in guestfwds(plan)
+    assert "sk-secret" not in json.dumps(plan.to_dict())
+
+
+def test_a_spec_without_key_proxies_passes_the_credential(spec: Spec) -> None:
+    plan = build_plan(spec, RunOptions(), make_facts())
+    assert not plan.inject_keys
+    assert [var for var, _ in plan.credentials] == ["ANTHROPIC_API_KEY"]
+    assert 4180 not in guestfwds(plan)
+
+
+def test_inject_keys_on_a_spec_without_key_proxies_is_a_plan_error(spec: Spec) -> None:
+    with pytest.raises(PlanError, match="--inject-keys: the claude flavor has no key proxy"):
+        build_plan(spec, RunOptions(inject_keys=True), make_facts())
+
+
+def test_net_none_never_injects(key_spec: Spec) -> None:
+    plan = build_plan(key_spec, RunOptions(net="none"), make_facts())
+    assert not plan.inject_keys
+    assert [var for var, _ in plan.credentials] == ["ANTHROPIC_API_KEY"]
+    assert "placeholder" not in plan.launch_data
+
+
+def test_egress_log_and_instance_come_from_the_facts(spec: Spec) -> None:
+    plan = build_plan(spec, RunOptions(), make_facts(egress_log=Path("/state/egress.log")))
+    assert plan.egress is not None
+    assert plan.egress.log == Path("/state/egress.log")
+    assert plan.egress.instance_id == "deadbeef"
+    assert plan.to_dict()["egress"]["socket"] == EGRESS_SOCKET

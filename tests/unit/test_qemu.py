@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from microvm_run.plan import RunOptions, build_plan
+from microvm_run.qemu import QemuInputs, qemu_argv
 from microvm_run.spec import Spec, parse_spec
 
 from .conftest import make_facts
@@ -76,3 +77,38 @@ def test_status_port_qmp_and_fw_cfg_point_into_the_runtime_dir(spec: Spec) -> No
         f"name=opt/io.systemd.credentials/ANTHROPIC_API_KEY,file={run}/credentials/ANTHROPIC_API_KEY",
     ]
     assert not any("sk-secret" in arg for arg in argv)
+
+
+def _inputs(netdev: str | None) -> QemuInputs:
+    return QemuInputs(
+        accel="kvm", memory_mib=512, vcpus=1, netdev=netdev, name="vm", fs_sockets=[],
+        status_socket=Path("/r/status.sock"), qmp_socket=Path("/r/qmp.sock"),
+        launch_file=Path("/r/launch.sh"), credential_files=[],
+    )  # fmt: skip
+
+
+def test_netdev_value_is_passed_through_as_one_argument(spec: Spec) -> None:
+    value = "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:53-cmd:/a,,b 53 /s"
+    argv = qemu_argv(spec, _inputs(value))
+    assert _pairs(tuple(argv), "-netdev") == [value]
+    assert "virtio-net-device,netdev=net0" in _pairs(tuple(argv), "-device")
+    argv = qemu_argv(spec, _inputs(None))
+    assert "-netdev" not in argv
+    assert not any("virtio-net" in arg for arg in argv)
+
+
+def test_q35_network_device_is_pci(sample: dict[str, Any]) -> None:
+    sample["guest"]["machine"] = "q35"
+    spec = parse_spec(sample, Path("/s.toml"))
+    argv = qemu_argv(spec, _inputs("user,id=net0,restrict=on"))
+    assert "virtio-net-pci,netdev=net0" in _pairs(tuple(argv), "-device")
+
+
+def test_default_network_is_restricted_user_networking(spec: Spec) -> None:
+    argv = build_plan(spec, RunOptions(), make_facts()).qemu_argv
+    (value,) = _pairs(argv, "-netdev")
+    assert value.startswith("user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:53-cmd:")
+    assert "hostfwd" not in value
+    plan = build_plan(spec, RunOptions(ports=("8080:80",)), make_facts())
+    (value,) = _pairs(plan.qemu_argv, "-netdev")
+    assert value.endswith(",hostfwd=tcp:127.0.0.1:8080-10.0.2.15:80")

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run.spec import SpecError, load_spec, parse_spec
+from microvm_run.spec import KeyProxy, SpecError, load_spec, parse_spec
 
 
 def test_valid_spec_parses_to_typed_values(sample: dict[str, Any]) -> None:
@@ -28,7 +28,7 @@ def test_relative_paths_resolve_against_the_spec_dir(sample: dict[str, Any]) -> 
     ("mutate", "message"),
     [
         (lambda d: d.pop("spec_version"), "spec_version"),
-        (lambda d: d.update(spec_version=2), "newer than this microvm-run"),
+        (lambda d: d.update(spec_version=99), "newer than this microvm-run"),
         (lambda d: d.update(extra=1), "unknown key 'extra'"),
         (lambda d: d["agent"].update(name="Bad Name"), "agent.name"),
         (lambda d: d["agent"].update(command=[]), "must not be empty"),
@@ -67,3 +67,125 @@ def test_load_spec_reports_corrupt_toml(tmp_path: Path) -> None:
 def test_load_spec_reports_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cannot read spec"):
         load_spec(tmp_path / "absent.toml")
+
+
+# -- spec version 2: [network] and [[key_proxy]] ----------------------------------
+
+KEY_PROXY: dict[str, Any] = {
+    "var": "ANTHROPIC_API_KEY",
+    "upstream": "https://api.anthropic.com",
+    "header": "x-api-key",
+    "base_url_var": "ANTHROPIC_BASE_URL",
+}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_network_and_key_proxy_tables_parse(sample: dict[str, Any], version: int) -> None:
+    sample["spec_version"] = version
+    sample["network"] = {"allow": ["api.anthropic.com", "*.example.com", "git.corp:8443"]}
+    sample["key_proxy"] = [KEY_PROXY | {"base_url_path": "/v1"}]
+    spec = parse_spec(sample, Path("/specs/claude.toml"))
+    assert spec.allow == ("api.anthropic.com", "*.example.com", "git.corp:8443")
+    assert spec.key_proxies == (
+        KeyProxy(
+            var="ANTHROPIC_API_KEY",
+            upstream="https://api.anthropic.com",
+            header="x-api-key",
+            base_url_var="ANTHROPIC_BASE_URL",
+            base_url_path="/v1",
+        ),
+    )
+
+
+def test_version_2_without_the_new_tables_has_no_allowlist_or_key_proxies(
+    sample: dict[str, Any],
+) -> None:
+    sample["spec_version"] = 2
+    spec = parse_spec(sample, Path("/specs/claude.toml"))
+    assert spec.allow == () and spec.key_proxies == ()
+    sample["network"] = {}
+    assert parse_spec(sample, Path("/specs/claude.toml")).allow == ()
+
+
+def test_version_3_is_refused(sample: dict[str, Any]) -> None:
+    sample["spec_version"] = 3
+    with pytest.raises(SpecError, match="newer than this microvm-run"):
+        parse_spec(sample, Path("/specs/claude.toml"))
+
+
+@pytest.mark.parametrize("header", ["x-api-key", "authorization", "x-goog-api-key"])
+def test_every_key_header_is_accepted(sample: dict[str, Any], header: str) -> None:
+    sample["key_proxy"] = [KEY_PROXY | {"header": header}]
+    assert parse_spec(sample, Path("/s.toml")).key_proxies[0].header == header
+
+
+@pytest.mark.parametrize(
+    "upstream",
+    ["https://api.anthropic.com", "http://127.0.0.1:8080", "https://example.com/v1/",
+     "https://generativelanguage.googleapis.com/v1beta"],
+)  # fmt: skip
+def test_good_upstreams(sample: dict[str, Any], upstream: str) -> None:
+    sample["key_proxy"] = [KEY_PROXY | {"upstream": upstream}]
+    assert parse_spec(sample, Path("/s.toml")).key_proxies[0].upstream == upstream
+
+
+def _key_proxy(**changes: Any) -> Any:
+    def mutate(data: dict[str, Any]) -> None:
+        data["key_proxy"] = [KEY_PROXY | changes]
+
+    return mutate
+
+
+def _without(key: str) -> Any:
+    def mutate(data: dict[str, Any]) -> None:
+        item = dict(KEY_PROXY)
+        del item[key]
+        data["key_proxy"] = [item]
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(network=["a"]), "network must be a table"),
+        (lambda d: d.update(network={"allow": "api.example.com"}), r"\[network\]"),
+        (lambda d: d.update(network={"allow": [1]}), r"\[network\]"),
+        (lambda d: d.update(network={"allow": ["a..b"]}), r"\[network\]: allow entry 'a\.\.b'"),
+        (lambda d: d.update(network={"allow": ["*"]}), r"\[network\]: allow entry '\*'"),
+        (lambda d: d.update(network={"allow": ["host:0"]}), "port must be 1..65535"),
+        (lambda d: d.update(network={"allow": ["https://x"]}), r"\[network\]"),
+        (lambda d: d.update(network={"deny": []}), "unknown key 'deny'"),
+        (lambda d: d.update(key_proxy={"var": "X"}), "array of tables"),
+        (lambda d: d.update(key_proxy=["x"]), r"key_proxy\[0\]: must be a table"),
+        (_key_proxy(var="OPENAI_API_KEY"), "var 'OPENAI_API_KEY' is not in agent.api_key_vars"),
+        (_key_proxy(header="authorisation"), "header 'authorisation' must be one of"),
+        (_key_proxy(header="X-Api-Key"), "header 'X-Api-Key' must be one of"),
+        (_key_proxy(upstream="ftp://api.anthropic.com"), "must be an http"),
+        (_key_proxy(upstream="api.anthropic.com"), "must be an http"),
+        (_key_proxy(upstream="https://"), "must be an http"),
+        (_key_proxy(upstream="https://a b.com"), "must be an http"),
+        (_key_proxy(upstream="https://x.com/?q=1"), "must be an http"),
+        (_key_proxy(upstream="https://x.com/#f"), "must be an http"),
+        (_key_proxy(upstream="https://user@x.com"), "must be an http"),
+        (_key_proxy(upstream="https://x.com:port"), "must be an http"),
+        (_key_proxy(base_url_var="1BAD"), "base_url_var '1BAD' is not a variable name"),
+        (_key_proxy(base_url_var="A-B"), "is not a variable name"),
+        (_key_proxy(base_url_path="v1"), "base_url_path must be empty or start with /"),
+        (_key_proxy(base_url_path=1), "base_url_path must be empty or start with /"),
+        (_key_proxy(extra=1), "unknown key 'extra'"),
+        (_without("var"), "var"),
+        (_without("upstream"), "upstream"),
+        (_without("header"), "header"),
+        (_without("base_url_var"), "base_url_var"),
+        (lambda d: d.update(key_proxy=[KEY_PROXY, KEY_PROXY]), "two key_proxy entries"),
+    ],
+)
+def test_bad_network_and_key_proxy_tables_are_rejected(
+    sample: dict[str, Any], mutate: Any, message: str
+) -> None:
+    sample["spec_version"] = 2
+    mutate(sample)
+    with pytest.raises(SpecError, match=message) as caught:
+        parse_spec(sample, Path("/specs/claude.toml"))
+    assert "\n" not in str(caught.value)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from microvm_run import contract, host
+from microvm_run.netpolicy import NET_ALIASES
 from microvm_run.plan import (
     ACCELS,
     NETS,
@@ -27,7 +28,8 @@ environment:
   AGENT_HOME             the agent's persistent home (default: per project, see README)
   MICROVM_RUN_SPEC       the flavor's spec (set by the flavor packages; --spec overrides)
   MICROVM_ACCEL, MICROVM_NET, MICROVM_BOOT_TIMEOUT, MICROVM_SUPERVISOR,
-  MICROVM_MEM, MICROVM_VCPUS   defaults for the options of the same name
+  MICROVM_MEM, MICROVM_VCPUS, MICROVM_INJECT_KEYS   defaults for the options of the same name
+  MICROVM_ALLOW          extra allowlist entries, separated by spaces or commas
   DIRENV_ALLOW=1         evaluate the project's dev shell on the host (runs its Nix code)
   ANTHROPIC_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY
                          passed to the agent as credentials (never in argv or on disk in a share)
@@ -115,9 +117,32 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add(
         "--net",
-        default=env.get("MICROVM_NET", "user"),
-        choices=NETS,
-        help="user: QEMU user-mode networking (default); none: no network device",
+        default=env.get("MICROVM_NET", "open"),
+        choices=(*NETS, *NET_ALIASES),
+        help="open (default): public hosts only, never the host's loopback or LAN; "
+        "allowlist: only allowlisted hosts; none: no network device",
+    )
+    add(
+        "--allow",
+        metavar="HOST",
+        action="append",
+        default=_words(env.get("MICROVM_ALLOW", "")),
+        help="with --net allowlist: also allow HOST (*.suffix and HOST:PORT work); repeatable",
+    )
+    add(
+        "-p",
+        "--publish",
+        metavar="[ADDR:]HOST_PORT:GUEST_PORT",
+        action="append",
+        default=[],
+        help="forward a host port to the guest (bound to 127.0.0.1 unless ADDR); repeatable",
+    )
+    add(
+        "--inject-keys",
+        action=argparse.BooleanOptionalAction,
+        default=_flag(env.get("MICROVM_INJECT_KEYS")),
+        help="keep API keys on the host: the guest gets a placeholder and a proxy URL "
+        "(default: on where the flavor supports it)",
     )
     add(
         "--boot-timeout",
@@ -150,6 +175,16 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+def _words(raw: str) -> list[str]:
+    return [word for word in raw.replace(",", " ").split() if word]
+
+
+def _flag(raw: str | None) -> bool | None:
+    if raw is None or raw == "":
+        return None
+    return raw.lower() in {"1", "yes", "true", "on"}
+
+
 def _load_spec(path: str | None) -> Spec:
     if not path:
         raise SpecError(
@@ -170,6 +205,9 @@ def _options(args: argparse.Namespace) -> RunOptions:
     return RunOptions(
         accel=args.accel,
         net=args.net,
+        allow=tuple(args.allow),
+        ports=tuple(args.publish),
+        inject_keys=args.inject_keys,
         supervisor=args.supervisor,
         boot_timeout_s=boot_timeout,
         memory_mib=_bounded("--mem", args.mem, 64, MAX_MEMORY_MIB),
@@ -226,6 +264,18 @@ def _describe(plan: LaunchPlan) -> str:
         where = f"unit {daemon.unit}" if plan.supervisor == "systemd" else "child process"
         lines.append(f"  share {daemon.tag}: {daemon.shared_dir} ({where})")
         lines.append(f"    {' '.join(daemon.argv)}")
+    if plan.egress is not None:
+        rules = ", ".join(str(rule) for rule in plan.egress.rules) or "none"
+        lines.append(
+            f"egress       {plan.egress.mode} via proxy {plan.egress.socket} "
+            f"(log {plan.egress.log})"
+        )
+        if plan.egress.mode == "allowlist":
+            lines.append(f"  allowlist: {rules}")
+        for route in plan.egress.key_routes:
+            lines.append(f"  key proxy: {route.var} -> {route.upstream} ({route.header})")
+    for forward in plan.port_forwards:
+        lines.append(f"forward      {forward} (host address:port:guest port)")
     for var, _ in plan.credentials:
         lines.append(f"credential   {var} (from the environment, passed via fw_cfg)")
     lines.append("launch data")

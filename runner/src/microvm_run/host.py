@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -91,6 +92,45 @@ def _on_path(program: str, environ: Mapping[str, str]) -> bool:
     return False
 
 
+def state_home(environ: Mapping[str, str]) -> Path:
+    value = environ.get("XDG_STATE_HOME")
+    if value and Path(value).is_absolute():
+        return Path(value)
+    return Path(environ.get("HOME") or Path.home()) / ".local" / "state"
+
+
+def config_home(environ: Mapping[str, str]) -> Path:
+    value = environ.get("XDG_CONFIG_HOME")
+    if value and Path(value).is_absolute():
+        return Path(value)
+    return Path(environ.get("HOME") or Path.home()) / ".config"
+
+
+def project_allow_file(agent: str, work_dir: Path, environ: Mapping[str, str]) -> Path:
+    """The per-project allowlist: in the user's config, never in the project.
+
+    The agent can write to the project; a list it could extend itself would
+    be no list.  Named like the agent home: <agent>/<basename>-<hash>.allow.
+    """
+    name = f"{home.project_basename(work_dir)}-{home.project_hash(work_dir)}.allow"
+    return config_home(environ) / "microvm-run" / "allow" / agent / name
+
+
+def read_project_allow(path: Path) -> tuple[str, ...]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ()
+    except (OSError, UnicodeDecodeError) as err:
+        raise PlanError(f"cannot read the project allowlist {path}: {err}") from None
+    entries = []
+    for line in text.splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            entries.append(entry)
+    return tuple(entries)
+
+
 def new_instance_id() -> str:
     # 32 random bits: collisions are also caught by the exclusive mkdir.
     return os.urandom(4).hex()
@@ -109,6 +149,7 @@ def gather(
     work_dir = resolve_work_dir(raw_work, user_home, allow_home)
     uid, gid = os.getuid(), os.getgid()
     manager, reason = user_manager(environ)
+    allow_file = project_allow_file(spec.agent, work_dir, environ)
     return HostFacts(
         uid=uid,
         gid=gid,
@@ -119,4 +160,9 @@ def gather(
         environ=environ,
         user_manager=manager,
         user_manager_reason=reason,
+        project_allow_file=allow_file,
+        project_allow=read_project_allow(allow_file),
+        egress_log=state_home(environ) / "microvm-run" / "egress.log",
+        python=Path(sys.executable),
+        relay=Path(__file__).with_name("relay.py"),
     )

@@ -77,6 +77,7 @@ class Instance:
     # still stopped by cleanup, since no parent-death signal reaches it.
     units: list[str] = field(default_factory=list)
     listener: socket.socket | None = None
+    egress: Any = None  # the EgressProxy, when the plan has a network
     qemu: Any = None
     runtime_dir_created: bool = False
     signum: int | None = None
@@ -95,6 +96,7 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
                 _prepare_runtime_dir(plan, instance)
                 _write_launch_files(plan, environ)
                 instance.listener = _listen(plan.status_socket)
+                _start_egress(plan, instance, environ)
                 _start_daemons(plan, instance, child_env)
                 _wait_for_sockets(instance)
                 instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
@@ -166,6 +168,30 @@ def _listen(path: Path) -> socket.socket:
     listener.listen(1)
     listener.setblocking(False)
     return listener
+
+
+# -- the egress proxy ------------------------------------------------------------
+
+
+def _start_egress(plan: LaunchPlan, instance: Instance, environ: Mapping[str, str]) -> None:
+    """Bound before QEMU starts: no proxy, no VM (the policy fails closed)."""
+    if plan.egress is None:
+        return
+    from microvm_run.egress import EgressError, EgressProxy  # noqa: PLC0415 - not for --net none
+
+    keys = {route.var: environ.get(route.var, "") for route in plan.egress.key_routes}
+    instance.egress = EgressProxy(plan.egress, keys)
+    try:
+        instance.egress.start()
+    except EgressError as err:
+        raise LaunchError(str(err)) from None
+
+
+def _stop_egress(instance: Instance) -> None:
+    instance.egress.stop()
+    summary = instance.egress.summary()
+    if summary:
+        process.log(summary)
 
 
 # -- virtiofsd ----------------------------------------------------------------
@@ -413,6 +439,8 @@ def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
     steps: list[Callable[[], None]] = [lambda: _stop_qemu(instance)]
     if instance.listener is not None:
         steps.append(instance.listener.close)
+    if instance.egress is not None:
+        steps.append(lambda: _stop_egress(instance))
     steps += [
         functools.partial(_stop_daemon, daemon, environ, qemu_ran=instance.qemu is not None)
         for daemon in instance.daemons

@@ -8,16 +8,21 @@ answers, the instance id) comes in as an argument, so the plan is what
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microvm_run import contract, home, qemu, virtiofsd
+from microvm_run import contract, home, netpolicy, qemu, virtiofsd
+from microvm_run.egress import EgressConfig, KeyRoute
+from microvm_run.netpolicy import NET_ALIASES, NET_MODES, PolicyError
 from microvm_run.spec import Share, Spec
 
 ACCELS = ("kvm", "tcg")
-NETS = ("user", "none")
+NETS = NET_MODES
+# What the guest sees instead of an API key the host-side proxy adds.
+KEY_PLACEHOLDER = "microvm-run-placeholder"
 SUPERVISORS = ("auto", "systemd", "child")
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
@@ -36,7 +41,10 @@ class RunOptions:
     """What the user asked for (CLI flags and their environment variables)."""
 
     accel: str = "kvm"
-    net: str = "user"
+    net: str = "open"
+    allow: tuple[str, ...] = ()  # --allow HOST, MICROVM_ALLOW
+    ports: tuple[str, ...] = ()  # -p [HOST_ADDR:]HOST_PORT:GUEST_PORT
+    inject_keys: bool | None = None  # None: on when the flavor supports it
     supervisor: str = "auto"
     boot_timeout_s: float = 60.0
     memory_mib: int | None = None
@@ -58,6 +66,13 @@ class HostFacts:
     user_manager: bool  # a systemd user manager answers
     user_manager_reason: str  # why (not), for --dry-run
     devshell_guest_file: str | None = None
+    # The per-project allowlist file (outside the project: the agent can
+    # write there) and its entries, if it exists.
+    project_allow_file: Path | None = None
+    project_allow: tuple[str, ...] = ()
+    egress_log: Path = Path("/dev/null")
+    python: Path = Path("/usr/bin/python3")  # runs relay.py for guestfwd
+    relay: Path = Path("relay.py")
 
 
 @dataclass(frozen=True)
@@ -84,6 +99,9 @@ class LaunchPlan:
     accel: str
     net: str
     boot_timeout_s: float
+    port_forwards: tuple[str, ...]
+    egress: EgressConfig | None  # None with --net none
+    inject_keys: bool
     memory_mib: int
     vcpus: int
     dirs_to_create: tuple[Path, ...]
@@ -104,7 +122,8 @@ class LaunchPlan:
 def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     if options.accel not in ACCELS:
         raise PlanError(f"--accel must be one of {', '.join(ACCELS)}, not {options.accel!r}")
-    if options.net not in NETS:
+    net = NET_ALIASES.get(options.net, options.net)
+    if net not in NETS:
         raise PlanError(f"--net must be one of {', '.join(NETS)}, not {options.net!r}")
     supervisor, reason = _choose_supervisor(options.supervisor, facts)
     cri = _cri_runtimes(spec, facts.environ.get("ENABLE_CRI", ""))
@@ -132,17 +151,25 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     if spec.share_by_source("cri-storage"):
         dirs.append(sources["cri-storage"])
 
+    inject = _inject_keys(spec, options, net)
+    injected = {p.var for p in spec.key_proxies} if inject else set()
     credentials = tuple(
         (var, runtime_dir / "credentials" / var)
         for var in spec.api_key_vars
-        if facts.environ.get(var)
+        if facts.environ.get(var) and var not in injected
     )
+    forwards = _port_forwards(options.ports, net)
+    egress = _egress(spec, options, facts=facts, net=net, runtime_dir=runtime_dir, inject=inject)
+    guest_env = _guest_env(facts, cri)
+    if egress is not None:
+        guest_env |= _proxy_env(spec, egress, facts)
     launch_file = runtime_dir / "launch.sh"
     launch_data = contract.render_launch(
         facts.instance_id,
         [(s.tag, s.mount_point) for s in spec.shares],
-        _guest_env(facts, cri),
+        guest_env,
         [*spec.command, *options.agent_args],
+        net=net,
     ).decode()
     memory_mib = options.memory_mib or spec.memory_mib
     vcpus = options.vcpus or spec.vcpus
@@ -154,7 +181,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
             accel=options.accel,
             memory_mib=memory_mib,
             vcpus=vcpus,
-            net=options.net,
+            netdev=_netdev(net, egress, forwards, facts),
             name=f"{basename}-{spec.agent}-vm-{facts.instance_id}",
             fs_sockets=[(d.tag, d.socket) for d in daemons],
             status_socket=status_socket,
@@ -173,8 +200,11 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         supervisor=supervisor,
         supervisor_reason=reason,
         accel=options.accel,
-        net=options.net,
+        net=net,
         boot_timeout_s=options.boot_timeout_s,
+        port_forwards=tuple(str(f) for f in forwards),
+        egress=egress,
+        inject_keys=inject,
         memory_mib=memory_mib,
         vcpus=vcpus,
         dirs_to_create=tuple(dirs),
@@ -246,6 +276,123 @@ def _cri_runtimes(spec: Spec, raw: str) -> tuple[str, ...]:
             f"use the {spec.agent}-cri flavor"
         )
     return names
+
+
+def _inject_keys(spec: Spec, options: RunOptions, net: str) -> bool:
+    if options.inject_keys and net == "none":
+        raise PlanError("--inject-keys needs the key proxy, which --net none does not have")
+    if options.inject_keys is False or net == "none":
+        return False
+    if not spec.key_proxies:
+        if options.inject_keys:
+            raise PlanError(f"--inject-keys: the {spec.agent} flavor has no key proxy routes")
+        return False
+    return True
+
+
+def _port_forwards(raw: tuple[str, ...], net: str) -> tuple[netpolicy.PortForward, ...]:
+    if raw and net == "none":
+        raise PlanError("-p needs a network: it cannot be combined with --net none")
+    try:
+        forwards = tuple(netpolicy.parse_port_forward(text) for text in raw)
+        netpolicy.check_unique_forwards(forwards)
+    except PolicyError as err:
+        raise PlanError(str(err)) from None
+    return forwards
+
+
+def _egress(
+    spec: Spec,
+    options: RunOptions,
+    *,
+    facts: HostFacts,
+    net: str,
+    runtime_dir: Path,
+    inject: bool,
+) -> EgressConfig | None:
+    if net == "none":
+        return None
+    try:
+        rules = tuple(
+            netpolicy.parse_allow(entry)
+            for entry in (*spec.allow, *facts.project_allow, *options.allow)
+        )
+    except PolicyError as err:
+        raise PlanError(str(err)) from None
+    routes = tuple(
+        KeyRoute(
+            prefix=p.var.lower().replace("_", "-"),
+            var=p.var,
+            upstream=p.upstream,
+            header=p.header,
+        )
+        for p in spec.key_proxies
+        if inject
+    )
+    return EgressConfig(
+        mode=net,
+        rules=tuple(dict.fromkeys(rules)),
+        socket=_socket(runtime_dir / "egress.sock"),
+        log=facts.egress_log,
+        instance_id=facts.instance_id,
+        key_routes=routes,
+    )
+
+
+def _proxy_env(spec: Spec, egress: EgressConfig, facts: HostFacts) -> dict[str, str]:
+    """Point the agent at the egress proxy and, with --inject-keys, the key proxy."""
+    proxy = f"http://{netpolicy.EGRESS_ADDR}:{netpolicy.PROXY_PORT}"
+    no_proxy = f"localhost,127.0.0.1,{netpolicy.EGRESS_ADDR}"
+    env = {
+        "http_proxy": proxy,
+        "https_proxy": proxy,
+        "HTTP_PROXY": proxy,
+        "HTTPS_PROXY": proxy,
+        "no_proxy": no_proxy,
+        "NO_PROXY": no_proxy,
+    }
+    routes = {route.var: route for route in egress.key_routes}
+    for key_proxy in spec.key_proxies:
+        route = routes.get(key_proxy.var)
+        if route is None or not facts.environ.get(key_proxy.var):
+            continue
+        env[key_proxy.var] = KEY_PLACEHOLDER
+        env[key_proxy.base_url_var] = (
+            f"http://{netpolicy.EGRESS_ADDR}:{netpolicy.KEY_PROXY_PORT}/{route.prefix}"
+            + key_proxy.base_url_path
+        )
+    return env
+
+
+def _netdev(
+    net: str,
+    egress: EgressConfig | None,
+    forwards: tuple[netpolicy.PortForward, ...],
+    facts: HostFacts,
+) -> str | None:
+    """QEMU user networking that reaches nothing but the egress proxy."""
+    if net == "none" or egress is None:
+        return None
+    parts = ["user", "id=net0", "restrict=on"]
+    ports = [*netpolicy.BASE_PORTS, *netpolicy.extra_ports(egress.rules)]
+    if egress.key_routes:
+        ports.append(netpolicy.KEY_PROXY_PORT)
+    for port in ports:
+        command = " ".join(
+            shlex.quote(str(arg))
+            for arg in (facts.python, "-I", "-S", facts.relay, port, egress.socket)
+        )
+        parts.append(f"guestfwd=tcp:{netpolicy.EGRESS_ADDR}:{port}-cmd:{_qemu_escape(command)}")
+    parts += [
+        f"hostfwd=tcp:{f.host_addr}:{f.host_port}-{netpolicy.GUEST_ADDR}:{f.guest_port}"
+        for f in forwards
+    ]
+    return ",".join(parts)
+
+
+def _qemu_escape(value: str) -> str:
+    # QEMU option values: a literal comma is written twice.
+    return value.replace(",", ",,")
 
 
 def _guest_env(facts: HostFacts, cri: tuple[str, ...]) -> dict[str, str]:

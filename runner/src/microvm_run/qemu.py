@@ -26,7 +26,7 @@ class QemuInputs:
     accel: str
     memory_mib: int
     vcpus: int
-    net: str
+    netdev: str | None  # QEMU -netdev value; None: no network device
     name: str
     fs_sockets: Sequence[tuple[str, Path]]  # (tag, vhost-user socket)
     status_socket: Path
@@ -82,6 +82,6 @@ def qemu_argv(spec: Spec, inputs: QemuInputs) -> list[str]:
             "-chardev", f"socket,id=fs{index},path={socket}",
             "-device", f"vhost-user-fs-{dev},chardev=fs{index},tag={tag}",
         ]  # fmt: skip
-    if inputs.net == "user":
-        argv += ["-netdev", "user,id=net0", "-device", f"virtio-net-{dev},netdev=net0"]
+    if inputs.netdev is not None:
+        argv += ["-netdev", inputs.netdev, "-device", f"virtio-net-{dev},netdev=net0"]
     return argv

@@ -5,9 +5,10 @@ NixOS configuration; the runner reads it here and nowhere else.  This module
 is the schema: every key, its type and its meaning, with a version so that a
 spec from a newer generator is refused instead of misread.
 
-Spec version 1::
+Spec version 2 (version 1 is version 2 without ``[network]`` and
+``[[key_proxy]]``, and is still read)::
 
-    spec_version = 1
+    spec_version = 2
 
     [agent]
     name = "claude"                      # [a-z][a-z0-9-]{0,31}
@@ -33,6 +34,17 @@ Spec version 1::
     mount_point = "/work"
     read_only = false                    # optional, default false
 
+    [network]                            # optional
+    allow = ["api.anthropic.com"]        # the flavor's default allowlist
+                                         # (host, *.suffix, host:port)
+
+    [[key_proxy]]                        # optional, one per API key variable
+    var = "ANTHROPIC_API_KEY"            # must be in agent.api_key_vars
+    upstream = "https://api.anthropic.com"
+    header = "x-api-key"                 # see KEY_HEADERS
+    base_url_var = "ANTHROPIC_BASE_URL"  # the guest variable pointed at the proxy
+    base_url_path = ""                   # appended to the proxy URL, e.g. "/v1"
+
 Relative paths in ``[guest]`` and ``[host]`` are resolved against the spec
 file's directory, so a test guest can ship a spec beside its kernel.
 """
@@ -45,7 +57,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SPEC_VERSION = 1
+from microvm_run.netpolicy import PolicyError, parse_allow
+
+SPEC_VERSION = 2
 SUPPORTED_CONTRACTS = (1,)
 MACHINES = ("microvm", "q35")
 
@@ -56,6 +70,9 @@ SHARE_SOURCES = {
     "nix-store": "the host's /nix/store (must be read_only)",
     "cri-storage": "container image storage under the agent home",
 }
+
+# How the key proxy presents a key upstream: the header and its form.
+KEY_HEADERS = ("x-api-key", "authorization", "x-goog-api-key")
 
 _AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -77,6 +94,17 @@ class Share:
 
 
 @dataclass(frozen=True)
+class KeyProxy:
+    """How --inject-keys serves one API key variable (see egress.py)."""
+
+    var: str
+    upstream: str
+    header: str
+    base_url_var: str
+    base_url_path: str = ""
+
+
+@dataclass(frozen=True)
 class Spec:
     path: Path
     agent: str
@@ -92,6 +120,9 @@ class Spec:
     qemu: Path
     virtiofsd: Path
     shares: tuple[Share, ...]
+
+    allow: tuple[str, ...] = ()
+    key_proxies: tuple[KeyProxy, ...] = ()
 
     def share_by_source(self, source: str) -> Share | None:
         return next((s for s in self.shares if s.source == source), None)
@@ -123,7 +154,9 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
         )
     if version < 1:
         raise SpecError(f"{where}: invalid spec_version {version}")
-    _no_unknown(data, {"spec_version", "agent", "guest", "host", "shares"}, where)
+    _no_unknown(
+        data, {"spec_version", "agent", "guest", "host", "shares", "network", "key_proxy"}, where
+    )
 
     agent = _table(data, "agent", where)
     guest = _table(data, "guest", where)
@@ -160,6 +193,8 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
     base = path.parent
     shares = tuple(_share(item, i, where) for i, item in enumerate(_shares(data, where)))
     _check_unique(shares, where)
+    allow = _network_allow(data, where)
+    key_proxies = _key_proxies(data, key_vars, where)
     return Spec(
         path=path,
         agent=name,
@@ -175,7 +210,54 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
         qemu=base / _str(host, "qemu", f"{where} [host]"),
         virtiofsd=base / _str(host, "virtiofsd", f"{where} [host]"),
         shares=shares,
+        allow=allow,
+        key_proxies=key_proxies,
     )
+
+
+def _network_allow(data: dict[str, Any], where: str) -> tuple[str, ...]:
+    network = data.get("network", {})
+    if not isinstance(network, dict):
+        raise SpecError(f"{where}: network must be a table")
+    _no_unknown(network, {"allow"}, f"{where} [network]")
+    allow = _str_list(network, "allow", f"{where} [network]", default=[])
+    for entry in allow:
+        try:
+            parse_allow(entry)
+        except PolicyError as err:
+            raise SpecError(f"{where} [network]: {err}") from None
+    return tuple(allow)
+
+
+def _key_proxies(data: dict[str, Any], key_vars: list[str], where: str) -> tuple[KeyProxy, ...]:
+    items = data.get("key_proxy", [])
+    if not isinstance(items, list):
+        raise SpecError(f"{where}: key_proxy must be an array of tables ([[key_proxy]])")
+    proxies = []
+    for index, item in enumerate(items):
+        ctx = f"{where} key_proxy[{index}]"
+        if not isinstance(item, dict):
+            raise SpecError(f"{ctx}: must be a table")
+        _no_unknown(item, {"var", "upstream", "header", "base_url_var", "base_url_path"}, ctx)
+        var = _str(item, "var", ctx)
+        if var not in key_vars:
+            raise SpecError(f"{ctx}: var {var!r} is not in agent.api_key_vars")
+        upstream = _str(item, "upstream", ctx)
+        if not re.fullmatch(r"https?://[A-Za-z0-9.-]+(:\d+)?(/[^\s?#]*)?", upstream):
+            raise SpecError(f"{ctx}: upstream {upstream!r} must be an http(s) URL")
+        header = _str(item, "header", ctx)
+        if header not in KEY_HEADERS:
+            raise SpecError(f"{ctx}: header {header!r} must be one of {', '.join(KEY_HEADERS)}")
+        base_url_var = _str(item, "base_url_var", ctx)
+        if not _ENV_VAR.fullmatch(base_url_var):
+            raise SpecError(f"{ctx}: base_url_var {base_url_var!r} is not a variable name")
+        path = item.get("base_url_path", "")
+        if not isinstance(path, str) or (path and not path.startswith("/")):
+            raise SpecError(f"{ctx}: base_url_path must be empty or start with /")
+        proxies.append(KeyProxy(var, upstream, header, base_url_var, path))
+    if len({p.var for p in proxies}) != len(proxies):
+        raise SpecError(f"{where}: two key_proxy entries for the same var")
+    return tuple(proxies)
 
 
 def _shares(data: dict[str, Any], where: str) -> list[Any]:

@@ -1,0 +1,186 @@
+"""Network policy as plain data: modes, allowlists, port forwards, addresses.
+
+Pure: no sockets, no DNS.  The egress proxy (egress.py) asks these functions
+what to do; plan.py uses them to validate what the user asked for.
+
+The design (README "Threat model"): in ``open`` and ``allowlist`` mode QEMU's
+user networking runs with ``restrict=on``, so the guest reaches nothing by
+itself: not the host's loopback, not the LAN, not even DNS.  Its only way out
+is a few ``guestfwd`` ports on the virtual address EGRESS_ADDR, each handed to
+the runner's egress proxy, which learns the destination from the TLS SNI, the
+HTTP Host header or an HTTP CONNECT line and applies the policy on the host.
+If the proxy is not running, guest connections fail: the design fails closed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+NET_MODES = ("open", "allowlist", "none")
+# Accepted for compatibility with earlier releases, where "user" was the
+# default (QEMU user networking, host loopback reachable).  It now means open.
+NET_ALIASES = {"user": "open"}
+
+# QEMU user networking's fixed addresses (the guest configures them itself).
+GUEST_ADDR = "10.0.2.15"
+GATEWAY_ADDR = "10.0.2.2"
+# Where every guest connection goes: a guestfwd address, not a real host.
+EGRESS_ADDR = "10.0.2.100"
+DNS_PORT = 53  # DNS over TCP: every name resolves to EGRESS_ADDR
+HTTP_PORT = 80  # transparent: destination from the Host header
+TLS_PORT = 443  # transparent: destination from the SNI
+PROXY_PORT = 3128  # explicit: HTTP CONNECT host:port (HTTPS_PROXY points here)
+KEY_PROXY_PORT = 4180  # --inject-keys: the API base URL points here
+BASE_PORTS = (DNS_PORT, HTTP_PORT, TLS_PORT, PROXY_PORT)
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+_PORT_FORWARD = re.compile(r"(?:(?P<addr>[0-9.]+):)?(?P<host>[0-9]+):(?P<guest>[0-9]+)")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also admits "²", "٣"
+# IPv6 ranges that carry an IPv4 address a connection may end up at.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+class PolicyError(ValueError):
+    """A malformed allowlist entry or port forward; one line for the user."""
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """``host``, ``*.suffix`` (any subdomain, not the bare suffix) or either with ``:port``."""
+
+    host: str
+    wildcard: bool = False
+    port: int | None = None  # None: the web ports, 80 and 443
+
+    def matches(self, host: str, port: int) -> bool:
+        # A rule without a port admits the web only: allowing a name for its
+        # API must not also open its SSH or SMTP port through CONNECT.
+        if port not in ((HTTP_PORT, TLS_PORT) if self.port is None else (self.port,)):
+            return False
+        if self.wildcard:
+            return host.endswith("." + self.host)
+        return host == self.host
+
+    def __str__(self) -> str:
+        name = f"*.{self.host}" if self.wildcard else self.host
+        return name if self.port is None else f"{name}:{self.port}"
+
+
+def normalise_host(host: str) -> str:
+    return host.strip().rstrip(".").lower()
+
+
+def valid_hostname(host: str) -> bool:
+    return len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
+
+
+def parse_allow(entry: str) -> AllowRule:
+    """One allowlist entry: ``api.example.com``, ``*.example.com``, ``git.corp:8443``."""
+    text = normalise_host(entry)
+    name, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
+    name = name.rstrip(".")  # "host.:443" as well as "host."
+    port = None
+    if sep:
+        if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
+            raise PolicyError(f"allow entry {entry!r}: port must be 1..65535")
+        port = int(port_text)
+    wildcard = name.startswith("*.")
+    if wildcard:
+        name = name[2:]
+    if not valid_hostname(name) or "*" in name:
+        raise PolicyError(
+            f"allow entry {entry!r} is not a host name (examples: api.example.com, "
+            "*.example.com, git.example.com:8443)"
+        )
+    return AllowRule(host=name, wildcard=wildcard, port=port)
+
+
+def parse_allow_file(text: str, source: str) -> list[AllowRule]:
+    """A per-project allowlist file: one entry per line, ``#`` comments."""
+    rules = []
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            try:
+                rules.append(parse_allow(entry))
+            except PolicyError as err:
+                raise PolicyError(f"{source}:{number}: {err}") from None
+    return rules
+
+
+def permitted(rules: tuple[AllowRule, ...], host: str, port: int) -> bool:
+    host = normalise_host(host)
+    return any(rule.matches(host, port) for rule in rules)
+
+
+def extra_ports(rules: tuple[AllowRule, ...]) -> tuple[int, ...]:
+    """Ports beyond BASE_PORTS that the guest needs a transparent path to."""
+    reserved = {*BASE_PORTS, KEY_PROXY_PORT}
+    return tuple(sorted({r.port for r in rules if r.port is not None} - reserved))
+
+
+def public_address(address: str) -> bool:
+    """May ``open`` mode connect here?  Only globally routed unicast.
+
+    Refuses loopback, RFC 1918, link-local, CGNAT, ULA, multicast and the
+    other special ranges, so a name that resolves to the host or the LAN
+    (including DNS rebinding tricks) is not a way in.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _IPV4_COMPATIBLE:
+            return False  # deprecated; "::1" and "::" are in here too
+        if ip in _NAT64:
+            # A NAT64 gateway on the LAN would take this to the IPv4 address.
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        else:
+            ip = ip.ipv4_mapped or ip.sixtofour or ip
+    return ip.is_global and not ip.is_multicast
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """``-p [HOST_ADDR:]HOST_PORT:GUEST_PORT``: a host port that reaches the guest."""
+
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+    def __str__(self) -> str:
+        return f"{self.host_addr}:{self.host_port}:{self.guest_port}"
+
+
+def parse_port_forward(text: str) -> PortForward:
+    match = _PORT_FORWARD.fullmatch(text.strip())
+    if match is None:
+        raise PolicyError(
+            f"-p {text!r}: expected [HOST_ADDR:]HOST_PORT:GUEST_PORT, e.g. 8080:80 "
+            "or 0.0.0.0:8080:80"
+        )
+    addr = match["addr"] or "127.0.0.1"
+    try:
+        ip = ipaddress.IPv4Address(addr)
+    except ValueError:
+        raise PolicyError(f"-p {text!r}: {addr!r} is not an IPv4 address") from None
+    ports = (int(match["host"]), int(match["guest"]))
+    if not all(0 < port < 65536 for port in ports):
+        raise PolicyError(f"-p {text!r}: ports must be 1..65535")
+    return PortForward(host_addr=str(ip), host_port=ports[0], guest_port=ports[1])
+
+
+def check_unique_forwards(forwards: tuple[PortForward, ...]) -> None:
+    seen: set[tuple[str, int]] = set()
+    for forward in forwards:
+        port = forward.host_port
+        # 0.0.0.0 takes the port on every address: it clashes with any other use.
+        clash = (forward.host_addr, port) in seen or ("0.0.0.0", port) in seen
+        if clash or (forward.host_addr == "0.0.0.0" and any(p == port for _, p in seen)):
+            raise PolicyError(f"-p: host port {port} is forwarded twice")
+        seen.add((forward.host_addr, port))

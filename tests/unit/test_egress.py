@@ -1,0 +1,866 @@
+"""The egress proxy, run for real: a unix socket in front, TCP servers on 127.0.0.1 behind."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import microvm_run
+from microvm_run.egress import EgressConfig, EgressError, EgressProxy, KeyRoute
+from microvm_run.netpolicy import parse_allow
+
+from .test_sniff import client_hello, dns_message, parse_answer
+
+TIMEOUT_S = 10.0
+
+
+class Upstream:
+    """A TCP server on 127.0.0.1 that records what each connection sent and replies.
+
+    ``until_eof``: read until the client half-closes (what a transparent
+    tunnel must propagate); otherwise reply as soon as an HTTP head (and its
+    Content-Length body) is in.
+    """
+
+    def __init__(
+        self, reply: bytes = b"pong", *, until_eof: bool = False, echo: bool = False
+    ) -> None:
+        self.reply = reply
+        self.until_eof = until_eof
+        self.received: list[bytes] = []
+        upstream = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(TIMEOUT_S)
+                data = b""
+                if echo:
+                    with contextlib.suppress(OSError):
+                        while chunk := self.request.recv(65536):
+                            self.request.sendall(chunk)
+                        self.request.shutdown(socket.SHUT_WR)
+                    return
+                try:
+                    while True:
+                        chunk = self.request.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                        if not upstream.until_eof and _complete_request(data):
+                            break
+                except OSError:  # the proxy went away: record what came
+                    upstream.received.append(data)
+                    return
+                upstream.received.append(data)
+                with contextlib.suppress(OSError):
+                    self.request.sendall(upstream.reply)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _complete_request(data: bytes) -> bool:
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    length = 0
+    for line in data[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return len(data) >= end + 4 + length
+
+
+@pytest.fixture
+def upstream() -> Iterator[Callable[..., Upstream]]:
+    servers: list[Upstream] = []
+
+    def make(reply: bytes = b"pong", *, until_eof: bool = False, echo: bool = False) -> Upstream:
+        server = Upstream(reply, until_eof=until_eof, echo=echo)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    # pytest's tmp_path can be longer than a unix socket path may be.
+    with tempfile.TemporaryDirectory(prefix="egress-") as name:
+        yield Path(name)
+
+
+@pytest.fixture
+def proxy_factory(sock_dir: Path, tmp_path: Path) -> Iterator[Callable[..., EgressProxy]]:
+    proxies: list[EgressProxy] = []
+
+    def make(
+        mode: str = "allowlist",
+        allow: tuple[str, ...] = (),
+        routes: tuple[KeyRoute, ...] = (),
+        keys: dict[str, str] | None = None,
+        socket_path: Path | None = None,
+    ) -> EgressProxy:
+        config = EgressConfig(
+            mode=mode,
+            rules=tuple(parse_allow(entry) for entry in allow),
+            socket=socket_path or sock_dir / "egress.sock",
+            log=tmp_path / "state" / "egress.log",
+            instance_id="cafe0001",
+            key_routes=routes,
+        )
+        proxy = EgressProxy(config, keys or {})
+        proxies.append(proxy)
+        proxy.start()
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+def connect(proxy: EgressProxy, port: int) -> socket.socket:
+    """What relay.py does for one guest connection."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(TIMEOUT_S)
+    sock.connect(str(proxy.config.socket))
+    sock.sendall(f"{port}\n".encode())
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def exchange(proxy: EgressProxy, port: int, data: bytes, *, half_close: bool = True) -> bytes:
+    with connect(proxy, port) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+def log_text(proxy: EgressProxy) -> str:
+    # The log is line-buffered and written on the proxy thread; wait for it.
+    deadline = time.monotonic() + TIMEOUT_S
+    text = ""
+    while time.monotonic() < deadline:
+        text = proxy.config.log.read_text() if proxy.config.log.exists() else ""
+        if text:
+            return text
+        time.sleep(0.02)
+    return text
+
+
+def wait_for_log(proxy: EgressProxy, needle: str) -> str:
+    deadline = time.monotonic() + TIMEOUT_S
+    text = ""
+    while time.monotonic() < deadline:
+        text = proxy.config.log.read_text() if proxy.config.log.exists() else ""
+        if needle in text:
+            return text
+        time.sleep(0.02)
+    raise AssertionError(f"{needle!r} not in the egress log:\n{text}")
+
+
+def status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+# -- allowlist and open mode over the transparent HTTP path -----------------------
+
+
+def test_allowlist_passes_a_listed_name_unchanged(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = b"GET /x HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
+    assert exchange(proxy, server.port, request) == server.reply
+    assert server.received == [request]  # transparent: not a byte changed
+    text = wait_for_log(proxy, "allow")
+    assert f"cafe0001 allow localhost:{server.port} via http" in text
+    assert proxy.allowed == 1 and proxy.summary() is None
+
+
+def test_allowlist_refuses_an_unlisted_name_with_403_and_a_log_line(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}", "*.example.com"))
+    request = b"GET / HTTP/1.1\r\nHost: blocked.example.org\r\n\r\n"
+    response = exchange(proxy, server.port, request)
+    assert status(response) == 403
+    assert b"blocked.example.org: not in the allowlist" in response
+    text = wait_for_log(proxy, "deny")
+    assert f"deny blocked.example.org:{server.port} via http (not in the allowlist)" in text
+    assert server.received == []
+
+
+def test_allowlist_wildcards_do_not_match_the_bare_suffix_or_lookalikes(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"*.localhost:{server.port}",))
+    for host in (b"localhost", b"evillocalhost"):
+        response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert status(response) == 403
+    assert server.received == []
+
+
+def test_allowlist_port_rules_apply_to_the_connection_port(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    other = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert exchange(proxy, server.port, request) == b"pong"
+    assert status(exchange(proxy, other.port, request)) == 403
+    assert other.received == []
+
+
+def test_host_header_case_port_and_trailing_dot_are_normalised(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = b"GET / HTTP/1.1\r\nhost: LocalHost.:9\r\n\r\n"
+    # The port in the Host header is not where the connection goes: the guest port is.
+    assert exchange(proxy, server.port, request) == b"pong"
+    assert server.received == [request]
+
+
+@pytest.mark.parametrize(
+    "host", [b"localhost", b"127.0.0.1", b"127.0.0.2", b"2130706433", b"0x7f.1", b"10.0.0.1",
+             b"169.254.169.254", b"[::1]", b"0.0.0.0"],
+)  # fmt: skip
+def test_open_mode_refuses_the_host_and_private_addresses(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], host: bytes
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("open")
+    response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert status(response) == 403
+    text = wait_for_log(proxy, "deny")
+    assert "cafe0001 deny" in text and "via http" in text
+    assert ("non-public address" in text) or ("not a host name" in text), text
+    assert server.received == []
+    assert proxy.allowed == 0
+
+
+def test_open_mode_log_names_the_host_and_the_address(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("open")
+    exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    text = wait_for_log(proxy, "deny")
+    assert f"deny localhost:{server.port} via http (resolves to non-public address" in text
+    assert proxy.summary() is not None and f"localhost:{server.port} (1x)" in proxy.summary()
+
+
+def test_allowlist_admits_loopback_only_when_listed(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"127.0.0.1:{server.port}",))
+    assert exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") == b"pong"
+
+
+def test_a_refused_upstream_port_is_a_denial_not_a_hang(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    proxy = proxy_factory("allowlist", (f"localhost:{closed_port}",))
+    response = exchange(proxy, closed_port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status(response) == 403 and b"connection failed" in response
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET / HTTP/1.1\r\n\r\n", b"garbage\r\n\r\n", b"", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+     b"GET / HTTP/1.1\r\nHost: localhost:\xc2\xb2\r\n\r\n"],
+)  # fmt: skip
+def test_no_usable_host_means_no_connection(
+    proxy_factory: Callable[..., EgressProxy],
+    upstream: Callable[..., Upstream],
+    request_bytes: bytes,
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}", "a"))
+    response = exchange(proxy, server.port, request_bytes)
+    assert response == b"" or status(response) == 403
+    if request_bytes:  # a connection that sends nothing is no attempt to log
+        wait_for_log(proxy, "deny")
+    assert server.received == []
+
+
+def test_a_silent_client_is_not_let_through(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    # Half a head, then EOF.
+    assert exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n") == b""
+    assert server.received == []
+
+
+# -- transparent TLS ----------------------------------------------------------------
+
+
+def test_tls_by_sni_reaches_the_upstream_byte_for_byte(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"server bytes", until_eof=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    hello = client_hello("localhost")
+    assert exchange(proxy, server.port, hello) == b"server bytes"
+    assert server.received == [hello]
+    assert f"allow localhost:{server.port} via tls" in wait_for_log(proxy, "allow")
+
+
+def test_tls_client_hello_in_small_pieces(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"ok", until_eof=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    hello = client_hello("localhost") + b"after the hello"
+    with connect(proxy, server.port) as sock:
+        for start in range(0, len(hello), 7):
+            sock.sendall(hello[start : start + 7])
+            time.sleep(0.001)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b"ok"
+    assert server.received == [hello]
+
+
+def test_tls_to_an_unlisted_name_is_closed_and_logged(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(until_eof=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    assert exchange(proxy, server.port, client_hello("exfil.example.net")) == b""
+    text = wait_for_log(proxy, "deny")
+    assert f"deny exfil.example.net:{server.port} via tls (not in the allowlist)" in text
+    assert server.received == []
+
+
+def test_tls_without_sni_is_refused(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(until_eof=True)
+    proxy = proxy_factory("open")
+    assert exchange(proxy, server.port, client_hello(None)) == b""
+    assert f"deny ?:{server.port} via tls (no host name" in wait_for_log(proxy, "deny")
+    assert server.received == []
+
+
+def test_tls_in_open_mode_refuses_localhost(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(until_eof=True)
+    proxy = proxy_factory("open")
+    assert exchange(proxy, server.port, client_hello("localhost")) == b""
+    assert "non-public address" in wait_for_log(proxy, "deny")
+    assert server.received == []
+
+
+# -- the explicit proxy: CONNECT and absolute-form --------------------------------------
+
+
+def test_connect_tunnels_both_ways(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"from upstream", until_eof=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    head = f"CONNECT localhost:{server.port} HTTP/1.1\r\nHost: localhost:{server.port}\r\n\r\n"
+    response = exchange(proxy, 3128, head.encode() + b"tunnelled bytes")
+    assert response == b"HTTP/1.1 200 Connection established\r\n\r\nfrom upstream"
+    assert server.received == [b"tunnelled bytes"]
+    assert f"allow localhost:{server.port} via connect" in wait_for_log(proxy, "allow")
+
+
+def test_connect_with_a_real_client_hello_after_the_200(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"x", until_eof=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    hello = client_hello("localhost")
+    with connect(proxy, 3128) as sock:
+        sock.sendall(f"CONNECT localhost:{server.port} HTTP/1.1\r\n\r\n".encode())
+        established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        got = b""
+        while len(got) < len(established):
+            got += sock.recv(len(established) - len(got))
+        assert got == established
+        sock.sendall(hello)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b"x"
+    assert server.received == [hello]
+
+
+def test_a_tunnel_carries_large_transfers_both_ways_at_once(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(echo=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    payload = bytes(range(256)) * (8 * 4096)  # 8 MiB
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    echoed: list[bytes | OSError] = []
+    with connect(proxy, 3128) as sock:
+        sock.sendall(f"CONNECT localhost:{server.port} HTTP/1.1\r\n\r\n".encode())
+
+        def read_back() -> None:
+            try:
+                echoed.append(read_all(sock))
+            except OSError as err:
+                echoed.append(err)
+
+        reader = threading.Thread(target=read_back, daemon=True)
+        reader.start()
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(TIMEOUT_S * 3)
+        assert not reader.is_alive()
+    assert echoed == [established + payload]
+
+
+@pytest.mark.parametrize(
+    ("mode", "allow", "target"),
+    [
+        ("allowlist", ("localhost",), "elsewhere.example:443"),
+        ("allowlist", ("localhost:1",), "localhost:{port}"),
+        ("open", (), "localhost:{port}"),
+        ("open", (), "127.0.0.1:{port}"),
+    ],
+)
+def test_connect_refused_by_policy_is_403(
+    proxy_factory: Callable[..., EgressProxy],
+    upstream: Callable[..., Upstream],
+    mode: str,
+    allow: tuple[str, ...],
+    target: str,
+) -> None:
+    server = upstream(until_eof=True)
+    proxy = proxy_factory(mode, allow)
+    target = target.format(port=server.port)
+    response = exchange(proxy, 3128, f"CONNECT {target} HTTP/1.1\r\n\r\nsecret".encode())
+    assert status(response) == 403
+    assert response.startswith(b"HTTP/1.1 403 ")
+    host = target.rsplit(":", 1)[0]
+    assert f"deny {host}:" in wait_for_log(proxy, "deny")
+    assert server.received == []
+
+
+@pytest.mark.parametrize(
+    "target", ["localhost:notaport", "localhost:0", "localhost:99999", "[::1", "localhost:\u00b2"]
+)
+def test_malformed_connect_targets_are_400(
+    proxy_factory: Callable[..., EgressProxy], target: str
+) -> None:
+    proxy = proxy_factory("allowlist", ("localhost",))
+    head = f"CONNECT {target} HTTP/1.1\r\n\r\n".encode("latin-1")
+    assert status(exchange(proxy, 3128, head)) == 400
+
+
+def test_absolute_form_is_rewritten_to_origin_form(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = (
+        f"POST http://localhost:{server.port}/a/b?q=1&r=2#frag HTTP/1.1\r\n"
+        f"Host: localhost:{server.port}\r\n"
+        "Proxy-Connection: keep-alive\r\n"
+        "Proxy-Authorization: Basic dXNlcjpwYXNz\r\n"
+        "Connection: keep-alive\r\n"
+        "Accept: */*\r\n"
+        "Content-Length: 4\r\n\r\nbody"
+    ).encode()
+    assert exchange(proxy, 3128, request) == server.reply
+    assert server.received == [
+        (
+            f"POST /a/b?q=1&r=2 HTTP/1.1\r\nHost: localhost:{server.port}\r\n"
+            "Accept: */*\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbody"
+        ).encode()
+    ]
+    assert f"allow localhost:{server.port} via proxy" in wait_for_log(proxy, "allow")
+
+
+def test_absolute_form_without_a_path_gets_slash(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = f"GET http://localhost:{server.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    exchange(proxy, 3128, request)
+    assert server.received == [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["https://localhost/", "/relative", "ftp://localhost/", "http://user:pw@localhost/",
+     "http://localhost:x/", "http:///nohost"],
+)  # fmt: skip
+def test_explicit_proxy_refuses_what_it_does_not_serve(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], target: str
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    response = exchange(proxy, 3128, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(response) in (400, 403)
+    assert server.received == []
+
+
+def test_absolute_form_refused_by_policy_is_403(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("open")
+    request = f"GET http://localhost:{server.port}/ HTTP/1.1\r\n\r\n".encode()
+    assert status(exchange(proxy, 3128, request)) == 403
+    assert server.received == []
+
+
+# -- DNS over TCP -------------------------------------------------------------------------
+
+
+def dns_exchange(proxy: EgressProxy, messages: list[bytes]) -> list[bytes]:
+    answers = []
+    with connect(proxy, 53) as sock:
+        for message in messages:
+            sock.sendall(struct.pack("!H", len(message)) + message)
+            size = struct.unpack("!H", _recv_exactly(sock, 2))[0]
+            answers.append(_recv_exactly(sock, size))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b""
+    return answers
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+def test_dns_answers_listed_names_and_refuses_others(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    proxy = proxy_factory("allowlist", ("*.example.com", "git.corp.example:8443"))
+    allowed, denied, aaaa, port_rule, garbage = dns_exchange(
+        proxy,
+        [
+            dns_message("api.example.com", ident=1),
+            dns_message("evil.example.net", ident=2),
+            dns_message("api.example.com", qtype=28, ident=3),
+            dns_message("git.corp.example", ident=4),
+            b"\x00\x05garbage",
+        ],
+    )
+    answer = parse_answer(allowed)
+    assert answer["id"] == 1 and answer["rcode"] == 0
+    assert answer["records"] == [(0xC00C, 1, 1, 60, bytes([10, 0, 2, 100]))]
+    refused = parse_answer(denied)
+    assert refused["id"] == 2 and refused["rcode"] == 3 and refused["records"] == []
+    empty = parse_answer(aaaa)
+    assert empty["id"] == 3 and empty["rcode"] == 0 and empty["counts"] == (1, 0, 0, 0)
+    assert parse_answer(port_rule)["records"][0][4] == bytes([10, 0, 2, 100])
+    assert struct.unpack("!HH", garbage[:4]) == (5, 0x8001)
+    assert "deny evil.example.net:53 via dns (not in the allowlist)" in wait_for_log(proxy, "deny")
+
+
+def test_dns_in_open_mode_answers_every_name_with_the_egress_address(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    proxy = proxy_factory("open")
+    (answer,) = dns_exchange(proxy, [dns_message("anything.example.net")])
+    assert parse_answer(answer)["records"][0][4] == bytes([10, 0, 2, 100])
+
+
+# -- the key proxy ----------------------------------------------------------------------
+
+
+def key_routes(bearer: Upstream, x_api: Upstream) -> tuple[KeyRoute, ...]:
+    return (
+        KeyRoute(
+            prefix="openai-api-key",
+            var="OPENAI_API_KEY",
+            upstream=f"http://127.0.0.1:{bearer.port}/v1/",
+            header="authorization",
+        ),
+        KeyRoute(
+            prefix="anthropic-api-key",
+            var="ANTHROPIC_API_KEY",
+            upstream=f"http://localhost:{x_api.port}",
+            header="x-api-key",
+        ),
+    )
+
+
+KEYS = {"OPENAI_API_KEY": "sk-real-openai-1234", "ANTHROPIC_API_KEY": "sk-ant-real-5678"}
+
+
+def _headers(request: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+    head, _, body = request.partition(b"\r\n\r\n")
+    first, *lines = head.decode("latin-1").split("\r\n")
+    pairs = []
+    for line in lines:
+        name, _, value = line.partition(":")
+        pairs.append((name.lower(), value.strip()))
+    return first, pairs, body
+
+
+def test_key_proxy_adds_only_the_real_key_bearer_form(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(b"HTTP/1.1 200 OK\r\n\r\n"), upstream()
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    request = (
+        b"POST /openai-api-key/chat/completions?stream=1 HTTP/1.1\r\n"
+        b"Host: 10.0.2.100:4180\r\n"
+        b"Authorization: Bearer microvm-run-placeholder\r\n"
+        b"X-Api-Key: microvm-run-placeholder\r\n"
+        b"x-goog-api-key: microvm-run-placeholder\r\n"
+        b"Proxy-Authorization: Basic eA==\r\n"
+        b"Connection: keep-alive\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    assert exchange(proxy, 4180, request) == bearer.reply
+    (got,) = bearer.received
+    first, headers, body = _headers(got)
+    assert first == "POST /v1/chat/completions?stream=1 HTTP/1.1"
+    assert headers == [
+        ("content-type", "application/json"),
+        ("content-length", "2"),
+        ("host", f"127.0.0.1:{bearer.port}"),
+        ("authorization", "Bearer sk-real-openai-1234"),
+        ("connection", "close"),
+    ]
+    assert body == b"{}"
+    assert b"placeholder" not in got
+    assert x_api.received == []
+
+
+def test_key_proxy_x_api_key_form_and_no_key_in_the_log(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("open", (), key_routes(bearer, x_api), KEYS)
+    request = (
+        b"GET /anthropic-api-key/v1/models HTTP/1.1\r\nhost: 10.0.2.100:4180\r\n"
+        b"AUTHORIZATION: Bearer microvm-run-placeholder\r\n"
+        b"x-api-key: microvm-run-placeholder\r\nAnthropic-Version: 2023-06-01\r\n\r\n"
+    )
+    assert exchange(proxy, 4180, request) == x_api.reply
+    (got,) = x_api.received
+    first, headers, _ = _headers(got)
+    assert first == "GET /v1/models HTTP/1.1"
+    assert headers == [
+        ("anthropic-version", "2023-06-01"),
+        ("host", f"localhost:{x_api.port}"),
+        ("x-api-key", "sk-ant-real-5678"),
+        ("connection", "close"),
+    ]
+    # The open-mode address check is for the guest's destinations, not the flavor's upstream.
+    text = wait_for_log(proxy, "allow")
+    assert f"allow localhost:{x_api.port} via key-proxy ANTHROPIC_API_KEY" in text
+    for value in KEYS.values():
+        assert value not in text
+
+
+@pytest.mark.parametrize(
+    "path", ["/unknown/v1/x", "/", "/openai-api-key-x/v1", "http://127.0.0.1/openai-api-key/"]
+)
+def test_key_proxy_unknown_prefix_is_404(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], path: str
+) -> None:
+    bearer, x_api = upstream(), upstream()
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    response = exchange(proxy, 4180, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status(response) == 404
+    assert bearer.received == [] and x_api.received == []
+    for value in KEYS.values():
+        assert value.encode() not in response
+
+
+def test_key_proxy_without_the_key_is_404(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(), upstream()
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), {"OPENAI_API_KEY": ""})
+    response = exchange(proxy, 4180, b"GET /openai-api-key/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(response) == 404
+    assert bearer.received == []
+
+
+def test_key_proxy_upstream_down_is_502_without_the_key(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    route = KeyRoute("k", "OPENAI_API_KEY", f"http://127.0.0.1:{closed_port}", "authorization")
+    proxy = proxy_factory("allowlist", (), (route,), KEYS)
+    response = exchange(proxy, 4180, b"GET /k/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(response) == 502
+    assert b"sk-real" not in response
+    assert "sk-real" not in wait_for_log(proxy, "key-proxy")
+
+
+def test_without_key_routes_port_4180_is_no_key_proxy(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    proxy = proxy_factory("allowlist", (), (), KEYS)
+    response = exchange(proxy, 4180, b"GET /openai-api-key/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert response == b"" or status(response) == 403
+    assert "sk-real" not in log_text(proxy)
+
+
+# -- lifecycle ---------------------------------------------------------------------------
+
+
+def test_summary_counts_and_caps_the_denied_hosts(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    assert proxy.summary() is None
+    hosts = ["a.example"] * 3 + [f"h{i}.example" for i in range(6)]
+    for host in hosts:
+        exchange(proxy, server.port, f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    summary = proxy.summary()
+    assert summary is not None
+    assert summary.startswith(f"egress denied 9 connection(s): a.example:{server.port} (3x), ")
+    assert summary.endswith(f" and 2 more; see {proxy.config.log}")
+    assert summary.count("(1x)") == 4
+    assert "\n" not in summary
+
+
+def _egress_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "egress" and t.is_alive()]
+
+
+def test_stop_ends_the_thread_even_with_open_connections(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    before = len(_egress_threads())
+    server = upstream(until_eof=True)
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    assert len(_egress_threads()) == before + 1
+    idle = connect(proxy, 443)  # no bytes yet: waiting for a ClientHello
+    tunnel = connect(proxy, 3128)
+    tunnel.sendall(f"CONNECT localhost:{server.port} HTTP/1.1\r\n\r\n".encode())
+    assert tunnel.recv(100).startswith(b"HTTP/1.1 200")
+    proxy.stop()
+    assert len(_egress_threads()) == before
+    assert proxy._loop.is_closed()
+    # The guest's connections are closed, not left hanging.
+    for sock in (idle, tunnel):
+        with sock:
+            assert read_all(sock) == b""
+    proxy.stop()  # twice is fine
+
+
+def test_the_socket_is_private(proxy_factory: Callable[..., EgressProxy]) -> None:
+    proxy = proxy_factory("open")
+    assert proxy.config.socket.stat().st_mode & 0o777 == 0o600
+
+
+def test_start_on_a_bound_path_fails_closed(
+    proxy_factory: Callable[..., EgressProxy], sock_dir: Path, tmp_path: Path
+) -> None:
+    first = proxy_factory("open")
+    config = EgressConfig("open", (), first.config.socket, tmp_path / "other.log", "x")
+    second = EgressProxy(config, {})
+    with pytest.raises(EgressError, match="cannot set up the egress proxy"):
+        second.start()
+    second.stop()
+    assert second._loop.is_closed()
+    # The first one still serves.
+    (answer,) = dns_exchange(first, [dns_message("a.example")])
+    assert parse_answer(answer)["rcode"] == 0
+
+
+@pytest.mark.parametrize("where", ["missing-dir/egress.sock", "file"])
+def test_start_where_no_socket_can_be_bound_fails_closed(
+    sock_dir: Path, tmp_path: Path, where: str
+) -> None:
+    (sock_dir / "file").write_text("")
+    config = EgressConfig("open", (), sock_dir / where, tmp_path / "egress.log", "x")
+    proxy = EgressProxy(config, {})
+    with pytest.raises(EgressError):
+        proxy.start()
+    proxy.stop()
+    assert proxy._thread is None
+
+
+def test_a_connection_without_a_port_line_is_dropped(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    proxy = proxy_factory("open")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(TIMEOUT_S)
+        sock.connect(str(proxy.config.socket))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b""
+
+
+def test_end_to_end_through_relay_py(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    """What QEMU does: relay.py per connection, the guest's socket on its fds 0-2."""
+    server = upstream(b"HTTP/1.1 204 No Content\r\n\r\n")
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    relay_py = Path(microvm_run.__file__).with_name("relay.py")
+    results = {}
+    for host in ("localhost", "blocked.example"):
+        guest, child = socket.socketpair()
+        relay = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(relay_py), str(server.port), str(proxy.config.socket)],
+            stdin=child,
+            stdout=child,
+            stderr=child,
+        )
+        child.close()
+        with guest:
+            guest.settimeout(TIMEOUT_S)
+            guest.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            guest.shutdown(socket.SHUT_WR)
+            results[host] = read_all(guest)
+        assert relay.wait(TIMEOUT_S) == 0
+    assert results["localhost"] == server.reply
+    assert status(results["blocked.example"]) == 403
+    assert server.received == [b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"]
