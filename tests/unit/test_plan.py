@@ -323,6 +323,8 @@ def test_inject_keys_keeps_the_key_on_the_host(key_spec: Spec) -> None:
     plan = build_plan(key_spec, RunOptions(), make_facts())
     assert plan.inject_keys
     assert plan.credentials == ()
+    # Kept from every child's environment although it is no credential.
+    assert plan.secret_vars == ("ANTHROPIC_API_KEY",)
     assert "export ANTHROPIC_API_KEY=microvm-run-placeholder" in plan.launch_data
     assert "export ANTHROPIC_BASE_URL=http://10.0.2.100:4180/anthropic-api-key" in plan.launch_data
     assert plan.egress is not None

@@ -86,9 +86,10 @@ class Instance:
 
 def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
     instance = Instance(plan)
-    # The keys go to the guest through credential files only: no child
-    # (QEMU, virtiofsd, systemctl) gets them in its environment.
-    child_env = process.without(environ, [var for var, _ in plan.credentials])
+    # The keys go to the guest through credential files or stay with the
+    # key proxy: no child (QEMU, virtiofsd, systemctl) gets them in its
+    # environment.
+    child_env = process.without(environ, plan.secret_vars)
     with _terminal_restored(), _signals_forwarded(instance):
         try:
             try:

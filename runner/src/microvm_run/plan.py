@@ -113,6 +113,9 @@ class LaunchPlan:
     # Names and host files only: values are read from the environment when
     # the files are written, so a plan can be printed without leaking keys.
     credentials: tuple[tuple[str, Path], ...]
+    # Every API key variable of the flavor: no child process gets any of
+    # them, whether the key goes to the guest or stays with the key proxy.
+    secret_vars: tuple[str, ...] = ()
     qemu_argv: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,6 +217,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         launch_file=launch_file,
         launch_data=launch_data,
         credentials=credentials,
+        secret_vars=spec.api_key_vars,
         qemu_argv=tuple(argv),
     )
 
