@@ -115,6 +115,18 @@ class VM:
             text=True,
         )
 
+    def ops(self, *args: str, timeout: float = VM_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+        """A subcommand (ps, stop, gc, doctor) as the test user."""
+        return subprocess.run(
+            self.as_user([str(self.python), "-m", "microvm_run", *args]),
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     def project(self, name: str = "proj") -> Path:
         """A fresh project dir owned by the test user."""
         path = Path(tempfile.mkdtemp(prefix="work-", dir=self.scratch)) / name

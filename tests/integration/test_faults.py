@@ -81,22 +81,36 @@ def test_a_virtiofsd_killed_stops_the_vm_with_a_clear_message(vm: VM) -> None:
     _intact(vm, work)
 
 
-def test_the_runner_killed_takes_qemu_and_virtiofsd_with_it(vm: VM) -> None:
+@pytest.mark.parametrize(("command", "code"), [("true", 0), ("exit 3", 3)])
+def test_a_normal_exit_or_an_agent_failure_loses_nothing(vm: VM, command: str, code: int) -> None:
+    work = vm.project()
+    result = vm.run(work, f'echo kept > "$HOME/kept"; echo before > /work/before; {command}')
+    assert result.returncode == code, result.stderr
+    _intact(vm, work)
+
+
+def test_the_runner_killed_takes_qemu_and_virtiofsd_with_it_and_gc_removes_the_rest(
+    vm: VM,
+) -> None:
     work = vm.project()
     running = _started(vm, work)
     running.kill()  # SIGKILL: no cleanup code runs in the runner
     running.communicate(timeout=60)
     # QEMU dies by its parent-death signal; virtiofsd exits when QEMU
-    # disconnects, and its transient unit is collected.  The instance's
-    # runtime dir is what a SIGKILLed runner cannot remove: drop it here
-    # (a `gc` subcommand is planned for exactly this).
+    # disconnects, and its transient unit is collected.
     found = wait_until_clean(vm.user, [])
     assert found == []
-    for leftover in (vm.runtime_dir / "microvm-run").iterdir():
-        assert not any(
-            p.suffix == ".sock" and p.exists() and _listening(p) for p in leftover.iterdir()
-        )
-        subprocess.run(["rm", "-rf", str(leftover)], check=True)
+    # The runtime dir is what a SIGKILLed runner cannot remove: gc does.
+    base = vm.runtime_dir / "microvm-run"
+    (leftover,) = list(base.iterdir())
+    assert not any(p.suffix == ".sock" and _listening(p) for p in leftover.iterdir())
+    assert vm.ops("ps").stdout.count("\n") <= 1, "a dead instance is listed as running"
+    collected = vm.ops("gc")
+    assert collected.returncode == 0, collected.stderr
+    assert leftover.name in collected.stdout
+    assert not leftover.exists()
+    again = vm.ops("gc")
+    assert again.returncode == 0 and leftover.name not in again.stdout
     _intact(vm, work)
 
 

@@ -23,6 +23,12 @@ from microvm_run.plan import (
 from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_spec
 
 EPILOG = """\
+subcommands (see `microvm-run ps --help` etc.):
+  ps [--json]            running instances
+  stop ID... | --all     clean power-off, then force after a deadline
+  gc [--prune]           remove what dead instances left; list homes of vanished projects
+  doctor [--boot]        check this host (KVM, virtiofsd, qemu, user manager, dirs, disk)
+
 environment:
   WORK_DIR               project directory shared at /work (default: the current directory)
   AGENT_HOME             the agent's persistent home (default: per project, see README)
@@ -39,10 +45,19 @@ exit status: the agent's own; 2 bad input; 124 the guest did not come up in time
 """
 
 
+# Subcommands that manage instances (ops_cli.py); anything else launches.
+SUBCOMMANDS = ("ps", "stop", "gc", "doctor")
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     env = dict(os.environ if environ is None else environ)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words and words[0] in SUBCOMMANDS:
+        from microvm_run import ops_cli  # noqa: PLC0415 - the launch path never needs it
+
+        return ops_cli.main(words, env, boot=lambda spec, accel: _boot_check(env, spec, accel))
     parser = _parser(env)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(words)
     try:
         spec = _load_spec(args.spec)
         options = _options(args)
@@ -75,6 +90,24 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except launch.LaunchError as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
+
+
+def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
+    """`doctor --boot`: boot the flavor's guest with `true` in a throw-away project."""
+    import tempfile  # noqa: PLC0415 - only doctor --boot needs it
+
+    from microvm_run import launch, process  # noqa: PLC0415
+
+    spec = replace(load_spec(spec_path), command=("true",))
+    _check_runnable(spec, accel)
+    with tempfile.TemporaryDirectory(prefix="microvm-doctor-") as scratch:
+        work = Path(scratch) / "work"
+        work.mkdir()
+        # No keys, no network, a home that goes away with the check.
+        boot_env = {**process.without(env, spec.api_key_vars), "AGENT_HOME": f"{scratch}/home"}
+        facts = host.gather(spec, boot_env, work_dir_arg=str(work), allow_home=False)
+        plan = build_plan(spec, RunOptions(accel=accel, net="none", inject_keys=False), facts)
+        return launch.launch(plan, boot_env)
 
 
 def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> str | None:

@@ -45,8 +45,13 @@ Network (``open`` and ``allowlist``; ``none`` has no network device)
 Status, virtio-serial port ``org.agent-microvm.status``
     The guest writes ASCII lines: ``ready`` when the shares are mounted and
     the command is about to start, then ``exit N`` (0-255) when it ended.
-    Then it powers off.  QEMU ending without an ``exit`` line is a guest
-    failure (panic, crash, killed), never a success.
+    Then it powers off.  The host writes ``size ROWS COLS`` lines after
+    ``ready`` and whenever its terminal is resized; the guest sets hvc0's
+    size to it (TIOCSWINSZ, which sends the agent SIGWINCH).  The launch
+    data's ``MICROVM_TTY_SIZE`` (``ROWS COLS``, when the runner has a
+    terminal) is the size to set before the command starts.  QEMU ending
+    without an ``exit`` line is a guest failure (panic, crash, killed),
+    never a success.
 """
 
 from __future__ import annotations
@@ -75,7 +80,9 @@ def render_launch(
     shares: Iterable[tuple[str, str]],
     env: Mapping[str, str],
     argv: Sequence[str],
+    *,
     net: str = "none",
+    tty_size: tuple[int, int] | None = None,
 ) -> bytes:
     """The launch fragment the guest sources: quoted, so never code from data."""
     lines = [
@@ -84,6 +91,8 @@ def render_launch(
         "MICROVM_SHARES=" + shlex.quote(" ".join(f"{tag}={mount}" for tag, mount in shares)),
         f"MICROVM_NET={shlex.quote(net)}",
     ]
+    if tty_size is not None:
+        lines.append(f"MICROVM_TTY_SIZE='{int(tty_size[0])} {int(tty_size[1])}'")
     for name in sorted(env):
         lines.append(f"export {name}={shlex.quote(env[name])}")
     lines.append("set -- " + " ".join(shlex.quote(arg) for arg in argv))

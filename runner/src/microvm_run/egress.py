@@ -36,12 +36,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from microvm_run import netpolicy, sniff
-from microvm_run.netpolicy import AllowRule
+from microvm_run.netpolicy import EgressConfig, KeyRoute
+
+__all__ = ["EgressConfig", "EgressError", "EgressProxy", "KeyRoute"]
 
 HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 15.0
@@ -62,26 +62,6 @@ _DROPPED_HEADERS = frozenset(
         "upgrade",
     }
 )
-
-
-@dataclass(frozen=True)
-class KeyRoute:
-    """--inject-keys: requests under ``/<prefix>`` go to ``upstream`` with VAR's value."""
-
-    prefix: str  # a path segment, e.g. "anthropic"
-    var: str
-    upstream: str  # e.g. https://api.anthropic.com
-    header: str  # "x-api-key", "authorization" (Bearer) or "x-goog-api-key"
-
-
-@dataclass(frozen=True)
-class EgressConfig:
-    mode: str  # "open" or "allowlist"
-    rules: tuple[AllowRule, ...]
-    socket: Path
-    log: Path
-    instance_id: str
-    key_routes: tuple[KeyRoute, ...] = ()
 
 
 class EgressError(RuntimeError):

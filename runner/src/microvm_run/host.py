@@ -131,6 +131,18 @@ def read_project_allow(path: Path) -> tuple[str, ...]:
     return tuple(entries)
 
 
+def terminal_size() -> tuple[int, int] | None:
+    """(rows, columns) of the runner's terminal, if it has one."""
+    for stream in (sys.stdin, sys.stdout):
+        try:
+            size = os.get_terminal_size(stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            continue
+        if size.lines > 0 and size.columns > 0:
+            return size.lines, size.columns
+    return None
+
+
 def new_instance_id() -> str:
     # 32 random bits: collisions are also caught by the exclusive mkdir.
     return os.urandom(4).hex()
@@ -163,6 +175,7 @@ def gather(
         project_allow_file=allow_file,
         project_allow=read_project_allow(allow_file),
         egress_log=state_home(environ) / "microvm-run" / "egress.log",
+        terminal_size=terminal_size(),
         python=Path(sys.executable),
         relay=Path(__file__).with_name("relay.py"),
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import process
+from microvm_run import host, process, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -77,9 +77,12 @@ class Instance:
     # still stopped by cleanup, since no parent-death signal reaches it.
     units: list[str] = field(default_factory=list)
     listener: socket.socket | None = None
+    status_conn: socket.socket | None = None  # to send the guest terminal sizes
+    guest_ready: bool = False
     egress: Any = None  # the EgressProxy, when the plan has a network
     qemu: Any = None
     runtime_dir_created: bool = False
+    started: str = ""  # ISO 8601 UTC, for ps
     signum: int | None = None
     cleaning: bool = False
 
@@ -95,12 +98,15 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
             try:
                 create_private_dirs(plan)
                 _prepare_runtime_dir(plan, instance)
+                _record(instance)
                 _write_launch_files(plan, environ)
                 instance.listener = _listen(plan.status_socket)
                 _start_egress(plan, instance, environ)
                 _start_daemons(plan, instance, child_env)
+                _record(instance)
                 _wait_for_sockets(instance)
                 instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
+                _record(instance)
             except (OSError, process.ProcessError) as err:
                 raise LaunchError(str(err)) from None
             return _supervise(instance)
@@ -169,6 +175,53 @@ def _listen(path: Path) -> socket.socket:
     listener.listen(1)
     listener.setblocking(False)
     return listener
+
+
+# -- the instance's state file (read by ps, stop and gc) ---------------------------
+
+
+def _record(instance: Instance) -> None:
+    """Write what this launch runs to state.toml, atomically.
+
+    Written after each step that starts something, so a runner killed at any
+    point leaves gc a record of what to clean up.
+    """
+    plan = instance.plan
+    if not instance.started:
+        instance.started = state.now_utc()
+        with contextlib.suppress(OSError, ValueError):
+            # Lets gc find homes whose project is gone; never worth a failed launch.
+            state.write_home_record(plan.agent_home, plan.work_dir, plan.agent)
+    qemu_pid = instance.qemu.pid if instance.qemu is not None else 0
+    record = state.InstanceState(
+        id=plan.instance_id,
+        agent=plan.agent,
+        project=plan.work_dir,
+        agent_home=plan.agent_home,
+        spec=plan.spec,
+        started=instance.started,
+        runner_pid=os.getpid(),
+        runner_start=state.process_start_time(os.getpid()) or 0,
+        qmp_socket=plan.qmp_socket,
+        qemu_pid=qemu_pid,
+        qemu_start=(state.process_start_time(qemu_pid) or 0) if qemu_pid else 0,
+        virtiofsd_pids=tuple(d.pid for d in instance.daemons),
+        virtiofsd_starts=tuple(state.process_start_time(d.pid) or 0 for d in instance.daemons),
+        supervisor=plan.supervisor,
+        units=tuple(instance.units),
+        memory_mib=plan.memory_mib,
+        vcpus=plan.vcpus,
+        net=plan.net,
+        ports=plan.port_forwards,
+    )
+    try:
+        state.write_state(plan.runtime_dir, record)
+    except (OSError, ValueError) as err:
+        raise LaunchError(f"cannot write the instance state: {err}") from None
+
+
+def _stop_requested(plan: LaunchPlan) -> bool:
+    return (plan.runtime_dir / state.STOP_REQUESTED).exists()
 
 
 # -- the egress proxy ------------------------------------------------------------
@@ -352,6 +405,7 @@ class _Watcher:
     def _accept(self) -> None:
         self.conn, _ = self.listener.accept()
         self.conn.setblocking(False)
+        self.instance.status_conn = self.conn
         self.poller.unregister(self.listener)
         self.poller.register(self.conn, selectors.EVENT_READ, "status")
 
@@ -367,6 +421,7 @@ class _Watcher:
                 self.poller.unregister(self.conn)
                 self.conn.close()
                 self.conn = None
+                self.instance.status_conn = None
                 break
             self.buffer += chunk
             if len(self.buffer) > MAX_STATUS_LINE and b"\n" not in self.buffer:
@@ -381,6 +436,9 @@ class _Watcher:
             self.status = self.status.feed(line.decode(errors="replace"))
         if self.status.ready and not was_ready:
             _remove_credentials(self.instance.plan)
+            self.instance.guest_ready = True
+            # The size may have changed while the guest booted.
+            send_terminal_size(self.instance)
 
     def _fail(self, message: str, code: int) -> None:
         if self.failure is None:
@@ -392,8 +450,13 @@ class _Watcher:
         if self.status.exit_code is not None:
             return self.status.exit_code
         if instance.signum is not None:
-            process.log(f"stopped by {signal.Signals(instance.signum).name}")
+            by = " (microvm-run stop)" if _stop_requested(instance.plan) else ""
+            process.log(f"stopped by {signal.Signals(instance.signum).name}{by}")
             return 128 + instance.signum
+        if _stop_requested(instance.plan):
+            # A clean ACPI power-off asked for by `microvm-run stop`.
+            process.log("powered off by microvm-run stop")
+            return 128 + signal.SIGTERM
         if self.failure is not None:
             process.log(self.failure)
             _show_daemon_logs(instance)
@@ -410,6 +473,16 @@ class _Watcher:
         os.close(self.qemu_pidfd)
         if self.conn is not None:
             self.conn.close()
+
+
+def send_terminal_size(instance: Instance) -> None:
+    """Tell the guest the terminal's size (contract: ``size ROWS COLS``)."""
+    conn = instance.status_conn
+    size = host.terminal_size()
+    if conn is None or size is None or not instance.guest_ready:
+        return
+    with contextlib.suppress(OSError):
+        conn.send(f"size {size[0]} {size[1]}\n".encode())
 
 
 def _stop_qemu(instance: Instance) -> None:
@@ -549,6 +622,10 @@ def _signals_forwarded(instance: Instance) -> Iterator[None]:
 
     wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, handle) for signum in wanted}
+    # The host terminal was resized: pass it on, so the agent's TUI follows.
+    previous[signal.SIGWINCH] = signal.signal(
+        signal.SIGWINCH, lambda _signum, _frame: send_terminal_size(instance)
+    )
     try:
         yield
     finally:

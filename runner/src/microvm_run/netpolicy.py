@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 NET_MODES = ("open", "allowlist", "none")
 # Accepted for compatibility with earlier releases, where "user" was the
@@ -184,3 +185,23 @@ def check_unique_forwards(forwards: tuple[PortForward, ...]) -> None:
         if clash or (forward.host_addr == "0.0.0.0" and any(p == port for _, p in seen)):
             raise PolicyError(f"-p: host port {port} is forwarded twice")
         seen.add((forward.host_addr, port))
+
+
+@dataclass(frozen=True)
+class KeyRoute:
+    """--inject-keys: requests under ``/<prefix>`` go to ``upstream`` with VAR's value."""
+
+    prefix: str  # a path segment, e.g. "anthropic"
+    var: str
+    upstream: str  # e.g. https://api.anthropic.com
+    header: str  # "x-api-key", "authorization" (Bearer) or "x-goog-api-key"
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    mode: str  # "open" or "allowlist"
+    rules: tuple[AllowRule, ...]
+    socket: Path
+    log: Path
+    instance_id: str
+    key_routes: tuple[KeyRoute, ...] = ()

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from microvm_run import contract, home, netpolicy, qemu, virtiofsd
-from microvm_run.egress import EgressConfig, KeyRoute
-from microvm_run.netpolicy import NET_ALIASES, NET_MODES, PolicyError
+from microvm_run.netpolicy import NET_ALIASES, NET_MODES, EgressConfig, KeyRoute, PolicyError
 from microvm_run.spec import Share, Spec
 
 ACCELS = ("kvm", "tcg")
@@ -71,6 +70,7 @@ class HostFacts:
     project_allow_file: Path | None = None
     project_allow: tuple[str, ...] = ()
     egress_log: Path = Path("/dev/null")
+    terminal_size: tuple[int, int] | None = None  # (rows, columns) of the runner's tty
     python: Path = Path("/usr/bin/python3")  # runs relay.py for guestfwd
     relay: Path = Path("relay.py")
 
@@ -173,6 +173,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         guest_env,
         [*spec.command, *options.agent_args],
         net=net,
+        tty_size=facts.terminal_size,
     ).decode()
     memory_mib = options.memory_mib or spec.memory_mib
     vcpus = options.vcpus or spec.vcpus

@@ -1,0 +1,256 @@
+"""The operations subcommands: ``microvm-run ps | stop | gc | doctor``.
+
+cli.main hands argv here when its first word is one of SUBCOMMANDS.  This
+module parses and prints; ops.py and doctor.py decide and act.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import NoReturn
+
+from microvm_run import doctor, host, ops
+from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run.plan import ACCELS
+
+SUBCOMMANDS = ("ps", "stop", "gc", "doctor")
+_STOPPED = (ops.POWERED_OFF, ops.TERMINATED, ops.KILLED, ops.NOT_RUNNING)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    # One line, not argparse's usage block: the rest of microvm-run reports
+    # bad input that way.
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def main(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    *,
+    boot: doctor.BootFn | None = None,
+    ask: Callable[[str], str] | None = None,
+) -> int:
+    """Run one subcommand; returns the exit status.
+
+    ``boot`` backs ``doctor --boot`` (see doctor.BootFn); ``ask`` replaces
+    input() for gc's questions (tests; None: input() on a terminal).
+    """
+    try:
+        args = _parser(environ).parse_args(list(argv))
+    except _UsageError as err:
+        return _bad_input(str(err))
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
+    uid = os.getuid()
+    base = host.runtime_base(environ, uid)
+    try:
+        if args.command == "ps":
+            return _ps(base, environ, as_json=args.json)
+        if args.command == "stop":
+            return _stop(args, base, environ, uid)
+        if args.command == "gc":
+            return _gc(args, base, environ, uid, ask)
+        return _doctor(args, environ, boot)
+    except ops.OpsError as err:
+        return _bad_input(str(err))
+
+
+def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="microvm-run", description="Manage running microVM instances.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ps = commands.add_parser("ps", help="list running instances")
+    ps.add_argument("--json", action="store_true", help="print a JSON list")
+    stop = commands.add_parser("stop", help="power off instances (then SIGTERM, SIGKILL)")
+    stop.add_argument("ids", nargs="*", metavar="ID", help="instance id or unique prefix")
+    stop.add_argument("--all", action="store_true", help="every running instance")
+    stop.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        default="10",
+        help="how long the guest gets to power off before SIGTERM (default 10)",
+    )
+    gc = commands.add_parser("gc", help="remove what dead instances left behind")
+    gc.add_argument(
+        "--prune", action="store_true", help="also delete agent homes whose project is gone"
+    )
+    gc.add_argument("--yes", action="store_true", help="with --prune: do not ask")
+    check = commands.add_parser("doctor", help="check this host's prerequisites")
+    check.add_argument("--spec", default=environ.get("MICROVM_RUN_SPEC"), help="the guest spec")
+    check.add_argument("--boot", action="store_true", help="also boot the flavor and run `true`")
+    check.add_argument("--accel", default=environ.get("MICROVM_ACCEL", "kvm"), choices=ACCELS)
+    return parser
+
+
+def _bad_input(message: str) -> int:
+    print(f"microvm-run: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# -- ps ----------------------------------------------------------------------------------
+
+
+def _ps(base: Path, environ: Mapping[str, str], *, as_json: bool) -> int:
+    result = ops.ps(base)
+    if as_json:
+        import json  # noqa: PLC0415 - only --json needs it
+
+        print(json.dumps([row.to_dict() for row in result.rows], indent=2))
+    else:
+        print(format_table(result.rows, environ.get("HOME")))
+    if result.stale:
+        plural = "s" if result.stale != 1 else ""
+        print(
+            f"microvm-run: {result.stale} stale instance{plural}: run microvm-run gc",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def format_table(rows: Sequence[ops.PsRow], user_home: str | None, tz: tzinfo | None = None) -> str:
+    header = ("ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS")
+    table = [header] + [
+        (
+            row.id,
+            row.agent,
+            _tilde(row.project, user_home),
+            format_started(row.started, tz),
+            str(row.runner_pid),
+            human_kib(row.memory_kib),
+            row.net,
+            ",".join(row.ports) or "-",
+        )
+        for row in rows
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    )
+
+
+def human_kib(kib: int | None) -> str:
+    if kib is None:
+        return "-"
+    if kib < 1024:
+        return f"{kib}K"
+    if kib < 1024 * 1024:
+        return f"{round(kib / 1024)}M"
+    return f"{kib / (1024 * 1024):.1f}G"
+
+
+def format_started(started: str, tz: tzinfo | None = None) -> str:
+    """Local time to the minute (tz: for tests)."""
+    try:
+        moment = datetime.fromisoformat(started)
+    except ValueError:
+        return started
+    return moment.astimezone(tz).strftime("%Y-%m-%d %H:%M")
+
+
+def _tilde(path: Path, user_home: str | None) -> str:
+    if user_home and user_home != "/":
+        home = Path(user_home)
+        if path == home or home in path.parents:
+            return "~" + str(path)[len(str(home)) :]
+    return str(path)
+
+
+# -- stop --------------------------------------------------------------------------------
+
+
+def _stop(args: argparse.Namespace, base: Path, environ: Mapping[str, str], uid: int) -> int:
+    if args.ids and args.all:
+        return _bad_input("stop: name instances or pass --all, not both")
+    if not args.ids and not args.all:
+        return _bad_input("stop: name the instances to stop (IDs from microvm-run ps) or --all")
+    try:
+        timeout = float(args.timeout)
+    except ValueError:
+        return _bad_input(f"stop: --timeout must be a number of seconds, not {args.timeout!r}")
+    if not 0 <= timeout < math.inf:  # also refuses nan
+        return _bad_input(f"stop: --timeout must be 0 or more seconds, not {args.timeout}")
+    results = ops.stop(base, None if args.all else args.ids, timeout, environ, uid=uid)
+    if not results:
+        print("microvm-run: no running instances", file=sys.stderr)
+    failed = False
+    for result in results:
+        detail = f" ({result.detail})" if result.detail else ""
+        print(f"{result.id}  {result.outcome}{detail}")
+        for action in result.cleaned:
+            print(f"  {action.what}")
+        failed |= result.outcome not in _STOPPED or not all(a.ok for a in result.cleaned)
+    return 1 if failed else 0
+
+
+# -- gc ----------------------------------------------------------------------------------
+
+
+def _gc(
+    args: argparse.Namespace,
+    base: Path,
+    environ: Mapping[str, str],
+    uid: int,
+    ask: Callable[[str], str] | None,
+) -> int:
+    if args.prune and not args.yes and ask is None:
+        if not sys.stdin.isatty():
+            return _bad_input(
+                "gc --prune asks before deleting each home and needs a terminal; "
+                "pass --yes to delete without asking"
+            )
+        ask = input
+    asker = ask
+
+    def confirm(question: str) -> bool:
+        if args.yes:
+            return True
+        assert asker is not None
+        try:
+            answer = asker(f"{question} [y/N] ")
+        except EOFError:
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
+    report = ops.gc(base, environ, prune=args.prune, confirm=confirm, uid=uid)
+    for action in report.actions:
+        print(f"{action.id}: {action.what}")
+    running = [v for v in report.live if v.entry.state is not None]
+    for verdict in report.live:
+        if verdict.entry.state is None:
+            print(f"{verdict.entry.id}: left alone ({verdict.reason})")
+    if running:
+        plural = "s" if len(running) != 1 else ""
+        print(f"{len(running)} running instance{plural} left alone")
+    for outcome in report.homes:
+        print(f"home {outcome.record.path}: {outcome.what}")
+    if not report.actions and not report.homes and not report.live:
+        print("nothing to clean up")
+    return 0 if report.ok else 1
+
+
+# -- doctor ------------------------------------------------------------------------------
+
+
+def _doctor(
+    args: argparse.Namespace, environ: Mapping[str, str], boot: doctor.BootFn | None
+) -> int:
+    if args.boot and boot is None:
+        return _bad_input("doctor --boot is not available in this build")
+    checks = []
+    for check in doctor.iter_checks(
+        environ, spec_path=args.spec, accel=args.accel, boot=boot if args.boot else None
+    ):
+        print(check.line(), flush=True)
+        checks.append(check)
+    return doctor.exit_status(checks)
