@@ -335,3 +335,51 @@ def test_dry_run_text_describes_the_egress_policy(
     assert "egress       allowlist via proxy " in out
     assert "  allowlist: *.example.com" in out
     assert "forward      127.0.0.1:8080:80" in out
+
+
+# -- dirs the launch writes to -----------------------------------------------------------
+
+
+def _runnable_spec(tmp_path: Path) -> Path:
+    sample = json.loads(json.dumps(SAMPLE))
+    true = shutil.which("true")
+    assert true is not None
+    sample["host"] = {"qemu": true, "virtiofsd": true}
+    sample["guest"] |= {"kernel": str(tmp_path / "k"), "initrd": str(tmp_path / "i")}
+    (tmp_path / "k").write_text("")
+    (tmp_path / "i").write_text("")
+    spec = tmp_path / "runnable.toml"
+    spec.write_bytes(tomli_w.dumps(sample).encode())
+    return spec
+
+
+def test_an_unwritable_agent_home_is_bad_input_and_nothing_is_created(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # The tests may run as root, for whom every mode bit is writable.
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode)
+    )
+    spec = _runnable_spec(tmp_path)
+    argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
+    code, _, err = run(capsys, argv, {**env, "AGENT_HOME": str(locked / "home")})
+    assert code == 2 and err.count("\n") == 1
+    assert f"AGENT_HOME {locked / 'home'} is not writable" in err
+    assert not (locked / "home").exists()
+
+
+def test_a_full_runtime_file_system_is_bad_input(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    full = os.statvfs_result((4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255))
+    monkeypatch.setattr(os, "statvfs", lambda _path: full)
+    spec = _runnable_spec(tmp_path)
+    argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
+    code, _, err = run(capsys, argv, env)
+    assert code == 2 and err.count("\n") == 1
+    assert "file system is full" in err and "microvm-run gc" in err

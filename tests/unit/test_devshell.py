@@ -597,3 +597,15 @@ def test_result_is_plain_data() -> None:
     result = devshell.DevshellResult("hit", Path("/h/x.sh"), "/home/agent/x.sh", None)
     with pytest.raises(AttributeError):
         result.status = "none"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("damage", [b"garbage \x00\xff", b"", b"# microvm-devshell-v0 old\n"])
+def test_a_damaged_cache_entry_is_evaluated_again_not_sourced(fake: Fake, damage: bytes) -> None:
+    first, _ = fake.prepare()
+    assert first.status == "evaluated" and first.env_file is not None
+    first.env_file.write_bytes(damage)
+    second, output = fake.prepare()
+    assert second.status == "evaluated"
+    assert "was damaged; evaluating again" in output
+    assert fake.call_count() == 2
+    assert second.env_file is not None and devshell._is_intact(second.env_file)

@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     try:
         _check_runnable(spec, options.accel)
+        _check_dirs(plan)
     except PlanError as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_BAD_INPUT
@@ -280,6 +281,39 @@ def _check_runnable(spec: Spec, accel: str) -> None:
                 "/dev/kvm is not accessible: add yourself to its group "
                 "(sudo usermod -aG kvm $USER, then log in again) or use --accel tcg"
             )
+
+
+# Sockets, the launch file and logs need little; less than this is "full".
+MIN_RUNTIME_FREE = 1024 * 1024
+
+
+def _check_dirs(plan: LaunchPlan) -> None:
+    """The dirs the launch writes to: checked before anything is created."""
+    for directory in plan.dirs_to_create:
+        existing = _nearest_existing(directory)
+        if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+            raise PlanError(
+                f"AGENT_HOME {directory} is not writable ({existing} is not); "
+                "fix its permissions or set AGENT_HOME elsewhere"
+            )
+    base = _nearest_existing(plan.runtime_dir.parent)
+    if base is not None:
+        try:
+            stats = os.statvfs(base)
+        except OSError:
+            return
+        if stats.f_bavail * stats.f_frsize < MIN_RUNTIME_FREE:
+            raise PlanError(
+                f"the runtime dir's file system is full ({base}); "
+                "free space there, or run microvm-run gc"
+            )
+
+
+def _nearest_existing(path: Path) -> Path | None:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def _describe(plan: LaunchPlan) -> str:

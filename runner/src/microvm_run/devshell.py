@@ -252,8 +252,12 @@ def prepare(
     paths = CachePaths(agent_home / CACHE_SUBDIR, cache_key(work_dir, command))
     guest_file = f"{guest_home.rstrip('/')}/{CACHE_SUBDIR}/{paths.key}.sh"
     if _is_hit(paths.env_file):
-        _remove(error_file)
-        return DevshellResult("hit", paths.env_file, guest_file, None)
+        if _is_intact(paths.env_file):
+            _remove(error_file)
+            return DevshellResult("hit", paths.env_file, guest_file, None)
+        # Never source a damaged entry in the guest: evaluate it again.
+        _remove(paths.env_file)
+        _say(progress, f"dev shell cache entry {paths.env_file} was damaged; evaluating again")
 
     child_env = {**(env if env is not None else os.environ), "PWD": str(work_dir)}
     try:
@@ -282,6 +286,16 @@ def _as_failure(error: Exception) -> _EvaluationFailed:
     if isinstance(error, _EvaluationFailed):
         return error
     return _EvaluationFailed(f"cannot write the dev shell cache ({error})", "")
+
+
+def _is_intact(env_file: Path) -> bool:
+    """An entry this runner wrote: our header line first, a newline last."""
+    header = f"# {CACHE_FORMAT}: ".encode()
+    try:
+        data = env_file.read_bytes()
+    except OSError:
+        return False
+    return data.startswith(header) and data.endswith(b"\n")
 
 
 def _is_hit(env_file: Path) -> bool:
