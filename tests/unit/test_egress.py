@@ -515,6 +515,18 @@ def test_absolute_form_is_rewritten_to_origin_form(
     assert f"allow localhost:{server.port} via proxy" in wait_for_log(proxy, "allow")
 
 
+def test_absolute_form_without_a_host_header_gets_one_from_the_url(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"HTTP/1.0 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = f"GET http://localhost:{server.port}/x HTTP/1.0\r\n\r\n".encode()
+    assert exchange(proxy, 3128, request) == server.reply
+    assert server.received == [
+        f"GET /x HTTP/1.0\r\nHost: localhost:{server.port}\r\nConnection: close\r\n\r\n".encode()
+    ]
+
+
 def test_absolute_form_without_a_path_gets_slash(
     proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
 ) -> None:

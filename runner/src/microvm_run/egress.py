@@ -267,6 +267,8 @@ class EgressProxy:
         # One request per connection: the next one may name another host.
         headers = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
         headers = [(k, v) for k, v in headers if k.lower() != "connection"]
+        if head.header("host") is None:  # HTTP/1.0 clients may leave it to the URL
+            headers.append(("Host", url.netloc))
         headers.append(("Connection", "close"))
         path = url.path or "/"
         if url.query:
