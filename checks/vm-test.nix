@@ -23,6 +23,10 @@ let
           ''
             echo ok > /work/ok
             printf %s "$ANTHROPIC_API_KEY" > /work/key
+            printf %s "$ANTHROPIC_BASE_URL" > /work/base-url
+            cat /etc/resolv.conf > /work/resolv.conf
+            # DNS over TCP to the runner's egress proxy (contract "Network").
+            getent hosts api.anthropic.com > /work/dns || true
             id -u > /work/uid
             pwd > /work/pwd
             exit 7
@@ -73,7 +77,14 @@ pkgs.testers.runNixOSTest {
     assert status == 7, f"expected the agent's exit status 7, got {status}"
 
     machine.succeed("grep -qx ok /home/alice/project/ok")
-    machine.succeed('test "$(cat /home/alice/project/key)" = s3cret')
+    # --inject-keys is the default: the guest sees a placeholder and the proxy URL.
+    machine.succeed('test "$(cat /home/alice/project/key)" = microvm-run-placeholder')
+    machine.succeed(
+        'test "$(cat /home/alice/project/base-url)" = http://10.0.2.100:4180/anthropic-api-key'
+    )
+    machine.succeed("grep -qx 'nameserver 10.0.2.100' /home/alice/project/resolv.conf")
+    machine.succeed("grep -q 'use-vc' /home/alice/project/resolv.conf")
+    machine.succeed("grep -q '^10.0.2.100 ' /home/alice/project/dns")
     machine.succeed('test "$(cat /home/alice/project/pwd)" = /work')
     machine.succeed('test "$(cat /home/alice/project/uid)" = 1000')
     # virtiofsd maps the agent user to the invoking host user.

@@ -21,7 +21,7 @@ let
     match
     ;
 
-  specVersion = 1;
+  specVersion = 2;
   contractVersion = 1;
   machines = [
     "microvm"
@@ -34,6 +34,52 @@ let
     "nix-store"
     "cri-storage"
   ];
+
+  # spec.py KEY_HEADERS: how the key proxy presents a key upstream.
+  keyHeaders = [
+    "x-api-key"
+    "authorization"
+    "x-goog-api-key"
+  ];
+
+  # One [[key_proxy]] entry (--inject-keys; runner/src/microvm_run/egress.py).
+  mkKeyProxy =
+    apiKeyVars: k:
+    let
+      path = k.baseUrlPath or "";
+    in
+    checked
+      [
+        {
+          ok = elem k.var apiKeyVars;
+          msg = "key proxy for '${k.var}': not one of the agent's API key variables";
+        }
+        {
+          ok = match "https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[^ ?#]*)?" k.upstream != null;
+          msg = "key proxy for '${k.var}': upstream '${k.upstream}' must be an http(s) URL";
+        }
+        {
+          ok = elem k.header keyHeaders;
+          msg = "key proxy for '${k.var}': header '${k.header}' must be one of ${concatStringsSep ", " keyHeaders}";
+        }
+        {
+          ok = match "[A-Za-z_][A-Za-z0-9_]*" k.baseUrlVar != null;
+          msg = "key proxy for '${k.var}': baseUrlVar '${k.baseUrlVar}' is not a variable name";
+        }
+        {
+          ok = path == "" || match "/.*" path != null;
+          msg = "key proxy for '${k.var}': baseUrlPath must be empty or start with /";
+        }
+      ]
+      {
+        inherit (k) var upstream header;
+        base_url_var = k.baseUrlVar;
+        base_url_path = path;
+      };
+
+  # An allowlist entry as netpolicy.parse_allow takes it: host, *.suffix,
+  # either with :port.
+  allowEntry = "(\\*\\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:[0-9]{1,5})?";
 
   # The first failing { ok; msg; } throws; otherwise value.
   checked =
@@ -88,10 +134,13 @@ let
       guest,
       host,
       shares,
+      network ? { },
     }:
     let
       rendered = map mkShare shares;
       apiKeyVars = agent.apiKeyVars or [ ];
+      allow = network.allow or [ ];
+      keyProxies = map (mkKeyProxy apiKeyVars) (network.keyProxy or [ ]);
     in
     checked
       [
@@ -144,6 +193,14 @@ let
           ok = any (s: s.source == "work") rendered;
           msg = "no share with source 'work' (the project must be shared)";
         }
+        {
+          ok = stringList allow && all (e: match allowEntry e != null) allow;
+          msg = "network allow entries must be host names, *.suffix or either with :port (lower case)";
+        }
+        {
+          ok = unique (map (k: k.var) keyProxies);
+          msg = "two key proxies for the same variable";
+        }
       ]
       {
         spec_version = specVersion;
@@ -164,7 +221,12 @@ let
           virtiofsd = "${host.virtiofsd}";
         };
         shares = rendered;
-      };
+        network = {
+          inherit allow;
+        };
+      }
+      # Only when there is one: `key_proxy = []` would be a scalar array.
+      // (if keyProxies == [ ] then { } else { key_proxy = keyProxies; });
 
   # The evaluated NixOS config -> spec. Reads only resolved values:
   # agentVM.{agent,shares,host} and microvm.{kernel,initrdPath,kernelParams,
@@ -191,6 +253,10 @@ let
         inherit (cfg.host) qemu virtiofsd;
       };
       inherit (cfg) shares;
+      network = {
+        allow = cfg.network.allow or [ ];
+        keyProxy = cfg.network.keyProxy or [ ];
+      };
     };
 in
 {
@@ -199,6 +265,7 @@ in
     contractVersion
     machines
     shareSources
+    keyHeaders
     make
     fromConfig
     ;

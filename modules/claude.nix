@@ -1,5 +1,8 @@
 # Claude Code (Anthropic). Unfree: only this package is allowed.
 { lib, pkgs, ... }:
+let
+  network = import ../lib/network.nix;
+in
 {
   agentVM.agent = {
     name = "claude";
@@ -12,6 +15,11 @@
     apiKeyVars = [ "ANTHROPIC_API_KEY" ];
     configDir = ".claude";
     unfreePackages = [ "claude-code" ];
+  };
+  agentVM.network = {
+    # lib/network.nix: the API endpoints and the key proxy route.
+    allow = lib.mkDefault network.claude.allow;
+    keyProxy = lib.mkDefault network.claude.keyProxy;
   };
   # Updates come with the flake; a self-updating binary in a throw-away VM
   # would only download on every start.

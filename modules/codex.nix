@@ -1,5 +1,8 @@
 # Codex CLI (OpenAI).
 { lib, pkgs, ... }:
+let
+  network = import ../lib/network.nix;
+in
 {
   agentVM.agent = {
     name = "codex";
@@ -12,5 +15,10 @@
     ];
     apiKeyVars = [ "OPENAI_API_KEY" ];
     configDir = ".codex";
+  };
+  agentVM.network = {
+    # lib/network.nix: the API endpoints and the key proxy route.
+    allow = lib.mkDefault network.codex.allow;
+    keyProxy = lib.mkDefault network.codex.keyProxy;
   };
 }

@@ -1,5 +1,8 @@
 # Gemini CLI (Google).
 { lib, pkgs, ... }:
+let
+  network = import ../lib/network.nix;
+in
 {
   agentVM.agent = {
     name = "gemini";
@@ -11,5 +14,10 @@
     ];
     apiKeyVars = [ "GEMINI_API_KEY" ];
     configDir = ".gemini";
+  };
+  agentVM.network = {
+    # lib/network.nix: the API endpoints and the key proxy route.
+    allow = lib.mkDefault network.gemini.allow;
+    keyProxy = lib.mkDefault network.gemini.keyProxy;
   };
 }

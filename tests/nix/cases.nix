@@ -197,7 +197,7 @@ in
   claudeSpecIsExact = {
     expr = claudeSpec;
     expected = {
-      spec_version = 1;
+      spec_version = 2;
       agent = {
         name = "claude";
         command = [
@@ -242,6 +242,21 @@ in
           read_only = false;
         }
       ];
+      network.allow = [
+        "api.anthropic.com"
+        "statsig.anthropic.com"
+        "console.anthropic.com"
+        "claude.ai"
+      ];
+      key_proxy = [
+        {
+          var = "ANTHROPIC_API_KEY";
+          upstream = "https://api.anthropic.com";
+          header = "x-api-key";
+          base_url_var = "ANTHROPIC_BASE_URL";
+          base_url_path = "";
+        }
+      ];
     };
   };
 
@@ -279,7 +294,7 @@ in
   claudeSpecToml = {
     expr = toml.render claudeSpec;
     expected = ''
-      spec_version = 1
+      spec_version = 2
 
       [agent]
       api_key_vars = ["ANTHROPIC_API_KEY"]
@@ -298,6 +313,16 @@ in
       [host]
       qemu = "${store "qemu"}/bin/qemu-system-x86_64"
       virtiofsd = "${store "virtiofsd"}/bin/virtiofsd"
+
+      [network]
+      allow = ["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com", "claude.ai"]
+
+      [[key_proxy]]
+      base_url_path = ""
+      base_url_var = "ANTHROPIC_BASE_URL"
+      header = "x-api-key"
+      upstream = "https://api.anthropic.com"
+      var = "ANTHROPIC_API_KEY"
 
       [[shares]]
       mount_point = "/nix/.ro-store"
@@ -318,6 +343,94 @@ in
       tag = "home"
     '';
   };
+
+  specMinimalHasNoKeyProxyAndAnEmptyAllowlist = {
+    expr = {
+      inherit (spec.make minimal) network;
+      keyProxy = (spec.make minimal) ? key_proxy;
+    };
+    expected = {
+      network.allow = [ ];
+      keyProxy = false;
+    };
+  };
+
+  specAcceptsAllowlistForms = {
+    expr =
+      (spec.make (
+        minimal
+        // {
+          network.allow = [
+            "api.example.com"
+            "*.example.com"
+            "git.example.com:8443"
+          ];
+        }
+      )).network.allow;
+    expected = [
+      "api.example.com"
+      "*.example.com"
+      "git.example.com:8443"
+    ];
+  };
+
+  specRejectsBadAllowEntries = {
+    expr = map (entry: throws (spec.make (minimal // { network.allow = [ entry ]; }))) [
+      "http://x.example"
+      "*"
+      "Upper.Example"
+      "a b"
+    ];
+    expected = [
+      true
+      true
+      true
+      true
+    ];
+  };
+
+  specRejectsBadKeyProxies =
+    let
+      ok = {
+        var = "K";
+        upstream = "https://api.example.com";
+        header = "authorization";
+        baseUrlVar = "K_BASE_URL";
+      };
+      withProxy =
+        k:
+        minimal
+        // {
+          agent = minimal.agent // {
+            apiKeyVars = [ "K" ];
+          };
+          network.keyProxy = [ k ];
+        };
+    in
+    {
+      expr = {
+        good = (spec.make (withProxy ok)).key_proxy;
+        notAKeyVar = throws (spec.make (withProxy (ok // { var = "OTHER"; })));
+        badUpstream = throws (spec.make (withProxy (ok // { upstream = "ftp://x"; })));
+        badHeader = throws (spec.make (withProxy (ok // { header = "cookie"; })));
+        badPath = throws (spec.make (withProxy (ok // { baseUrlPath = "v1"; })));
+      };
+      expected = {
+        good = [
+          {
+            var = "K";
+            upstream = "https://api.example.com";
+            header = "authorization";
+            base_url_var = "K_BASE_URL";
+            base_url_path = "";
+          }
+        ];
+        notAKeyVar = true;
+        badUpstream = true;
+        badHeader = true;
+        badPath = true;
+      };
+    };
 
   specMinimalDefaults = {
     expr = (spec.make minimal).agent.api_key_vars ++ (spec.make minimal).guest.kernel_params;

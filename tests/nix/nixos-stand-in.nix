@@ -134,6 +134,8 @@ in
       useDHCP = opt types.bool true;
       useNetworkd = flag;
       firewall.enable = opt types.bool true;
+      nameservers = opt (types.listOf types.str) [ ];
+      resolvconf.extraOptions = opt (types.listOf types.str) [ ];
     };
 
     systemd = {
@@ -157,6 +159,7 @@ in
 
     security.sudo.enable = opt types.bool true;
     services.openssh.enable = flag;
+    services.resolved.enable = flag;
     documentation.enable = opt types.bool true;
 
     programs.git = {

@@ -3,6 +3,7 @@
 # (lib/guest.nix) the modules use. Store paths are made up.
 let
   guest = import ../../lib/guest.nix;
+  network = import ../../lib/network.nix;
   store = name: "/nix/store/00000000000000000000000000000000-${name}";
 
   agents = {
@@ -44,6 +45,7 @@ let
           virtiofsd = "${store "virtiofsd"}/bin/virtiofsd";
         };
         shares = guest.baseShares ++ (if cri then guest.criShares else [ ]);
+        network = network.${name};
       };
       microvm = {
         kernel = {

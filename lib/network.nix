@@ -1,0 +1,55 @@
+# Each flavor's network defaults, pure data (the flavor modules and
+# tests/nix read it): the allowlist for `--net allowlist` (its API and login
+# endpoints; users extend it with --allow) and the key proxy routes for
+# `--inject-keys`. `baseUrlVar` is the variable through which the CLI takes
+# its API base URL.
+{
+  claude = {
+    allow = [
+      "api.anthropic.com"
+      "statsig.anthropic.com"
+      "console.anthropic.com"
+      "claude.ai"
+    ];
+    keyProxy = [
+      {
+        var = "ANTHROPIC_API_KEY";
+        upstream = "https://api.anthropic.com";
+        header = "x-api-key";
+        baseUrlVar = "ANTHROPIC_BASE_URL";
+      }
+    ];
+  };
+  codex = {
+    allow = [
+      "api.openai.com"
+      "auth.openai.com"
+      "chatgpt.com"
+    ];
+    keyProxy = [
+      {
+        var = "OPENAI_API_KEY";
+        upstream = "https://api.openai.com";
+        header = "authorization";
+        baseUrlVar = "OPENAI_BASE_URL";
+        baseUrlPath = "/v1";
+      }
+    ];
+  };
+  gemini = {
+    allow = [
+      "generativelanguage.googleapis.com"
+      "cloudcode-pa.googleapis.com"
+      "oauth2.googleapis.com"
+      "accounts.google.com"
+    ];
+    keyProxy = [
+      {
+        var = "GEMINI_API_KEY";
+        upstream = "https://generativelanguage.googleapis.com";
+        header = "x-goog-api-key";
+        baseUrlVar = "GOOGLE_GEMINI_BASE_URL";
+      }
+    ];
+  };
+}
