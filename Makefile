@@ -39,8 +39,8 @@ venv:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit
-	$(VENV)/bin/ruff format --check runner tests bench/runner_overhead bench/devshell_hit
+	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory
+	$(VENV)/bin/ruff format --check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -55,5 +55,6 @@ test: lint venv
 bench: venv
 	$(PY) bench/runner_overhead
 	@if [ -x bench/devshell_hit ]; then $(PY) bench/devshell_hit; fi
+	$(PY) bench/idle_memory
 
 -include nix.mk
