@@ -72,6 +72,8 @@
         agents = builtins.attrNames agents;
         spec = import ./lib/spec.nix;
         toml = import ./lib/toml.nix;
+        # Each flavor's default allowlist and key proxy routes, to extend.
+        network = import ./lib/network.nix;
       };
 
       nixosModules = {

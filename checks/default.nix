@@ -54,6 +54,24 @@ let
           ok = !nixos.config.security.sudo.enable && !(builtins.elem "wheel" nixos.config.users.users.agent.extraGroups);
           msg = "the agent can become root";
         }
+        {
+          # The guest contract's DNS: TCP to the egress proxy, and no resolver
+          # daemon that would rewrite the file.
+          ok =
+            let
+              c = nixos.config;
+            in
+            !c.services.resolved.enable
+            && !c.networking.resolvconf.enable
+            && c.environment.etc."resolv.conf".text == "nameserver 10.0.2.100\noptions use-vc\n";
+          msg = "/etc/resolv.conf is not the contract's (nameserver 10.0.2.100, options use-vc)";
+        }
+        {
+          ok =
+            map (p: p.var) (spec.key_proxy or [ ]) == spec.agent.api_key_vars
+            && spec.network.allow != [ ];
+          msg = "no allowlist, or not one key proxy route per API key variable";
+        }
       ];
       bad = builtins.filter (f: !f.ok) facts;
     in

@@ -1,8 +1,9 @@
-# The guest spec (schema: runner/src/microvm_run/spec.py, version 1), made
+# The guest spec (schema: runner/src/microvm_run/spec.py, version 2), made
 # from plain values. Pure: no pkgs, no module system, so tests/nix can check
 # it with builtins only.
 #
-#   make { agent; guest; host; shares; }  -> spec attrset (render with toml.nix)
+#   make { agent; guest; host; shares; network ? { allow; keyProxy; }; }
+#                                          -> spec attrset (render with toml.nix)
 #   fromConfig config                      -> the same, from an evaluated NixOS
 #                                             config (agentVM.* and microvm.*)
 let
@@ -12,6 +13,8 @@ let
     attrNames
     concatStringsSep
     elem
+    elemAt
+    fromJSON
     isInt
     isList
     isString
@@ -19,6 +22,7 @@ let
     listToAttrs
     map
     match
+    stringLength
     ;
 
   specVersion = 2;
@@ -55,7 +59,7 @@ let
           msg = "key proxy for '${k.var}': not one of the agent's API key variables";
         }
         {
-          ok = match "https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[^ ?#]*)?" k.upstream != null;
+          ok = match "https?://[A-Za-z0-9.-]+(:[0-9]+)?(/[^[:space:]?#]*)?" k.upstream != null;
           msg = "key proxy for '${k.var}': upstream '${k.upstream}' must be an http(s) URL";
         }
         {
@@ -78,8 +82,19 @@ let
       };
 
   # An allowlist entry as netpolicy.parse_allow takes it: host, *.suffix,
-  # either with :port.
-  allowEntry = "(\\*\\.)?[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*(:[0-9]{1,5})?";
+  # either with :port (1..65535); a name of at most 253 characters.
+  allowEntry = "(\\*\\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*)(:([0-9]{1,5}))?";
+  validAllow =
+    e:
+    let
+      m = match allowEntry e;
+      # Groups: 1 the name, 6 the port digits.
+      digits = elemAt m 6;
+      port = fromJSON (elemAt (match "0*([0-9]+)" digits) 0);
+    in
+    m != null
+    && stringLength (elemAt m 1) <= 253
+    && (digits == null || (port >= 1 && port <= 65535));
 
   # The first failing { ok; msg; } throws; otherwise value.
   checked =
@@ -140,6 +155,7 @@ let
       rendered = map mkShare shares;
       apiKeyVars = agent.apiKeyVars or [ ];
       allow = network.allow or [ ];
+      badAllow = builtins.filter (e: !validAllow e) allow;
       keyProxies = map (mkKeyProxy apiKeyVars) (network.keyProxy or [ ]);
     in
     checked
@@ -194,8 +210,12 @@ let
           msg = "no share with source 'work' (the project must be shared)";
         }
         {
-          ok = stringList allow && all (e: match allowEntry e != null) allow;
-          msg = "network allow entries must be host names, *.suffix or either with :port (lower case)";
+          ok = stringList allow && badAllow == [ ];
+          msg =
+            if stringList allow then
+              "network allow entry '${builtins.head badAllow}' is not a lower-case host name, *.suffix or either with :port (1..65535)"
+            else
+              "network allow must be a list of strings";
         }
         {
           ok = unique (map (k: k.var) keyProxies);

@@ -421,15 +421,24 @@ in
       systemd.network.enable = true;
       systemd.network.wait-online.enable = false;
       systemd.network.networks."10-uplink" = {
-        matchConfig.Type = "ether";
+        matchConfig = {
+          Type = "ether";
+          # Physical devices only: container veths are "ether" too.
+          Kind = "!*";
+        };
         address = [ "10.0.2.15/24" ];
         gateway = [ "10.0.2.2" ];
         networkConfig.DHCP = "no";
         linkConfig.RequiredForOnline = "no";
       };
+      # /etc/resolv.conf is a plain file, not networking.nameservers: with
+      # networkd and no resolved, nothing would hand those to resolvconf.
       services.resolved.enable = false;
-      networking.nameservers = [ "10.0.2.100" ];
-      networking.resolvconf.extraOptions = [ "use-vc" ];
+      networking.resolvconf.enable = false;
+      environment.etc."resolv.conf".text = ''
+        nameserver 10.0.2.100
+        options use-vc
+      '';
       # Behind QEMU's NAT with nothing listening: no firewall to set up.
       networking.firewall.enable = lib.mkDefault false;
 

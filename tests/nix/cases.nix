@@ -5,7 +5,7 @@ let
   spec = import ../../lib/spec.nix;
   guest = import ../../lib/guest.nix;
   samples = import ./samples.nix;
-  inherit (samples) store;
+  inherit (samples) store minimal twoKeys;
 
   # Does evaluating x throw? (tryEval catches throw/assert only.)
   throws = x: !(builtins.tryEval (builtins.deepSeq x x)).success;
@@ -13,30 +13,6 @@ let
   claudeSpec = spec.fromConfig samples.configs.claude;
   claudeCriSpec = spec.fromConfig samples.configs.claude-cri;
 
-  minimal = {
-    agent = {
-      name = "t";
-      command = [ "true" ];
-    };
-    guest = {
-      machine = "q35";
-      kernel = "k";
-      initrd = "i";
-      memoryMiB = 512;
-      vcpus = 1;
-    };
-    host = {
-      qemu = "q";
-      virtiofsd = "v";
-    };
-    shares = [
-      {
-        tag = "work";
-        source = "work";
-        mountPoint = "/work";
-      }
-    ];
-  };
   withShares = shares: minimal // { inherit shares; };
 in
 {
@@ -380,13 +356,39 @@ in
       "*"
       "Upper.Example"
       "a b"
+      "a..example"
+      "-a.example"
+      "a.example:0"
+      "a.example:65536"
+      "a.example:123456"
+      # 254 characters: one more than a DNS name may have.
+      (builtins.concatStringsSep "." (builtins.genList (_: "abcdefghijklmnopqrstuvwxy") 9) + ".abcdefghijklmnopqrst")
     ];
+    expected = builtins.genList (_: true) 10;
+  };
+
+  specAllowlistPortBounds = {
+    expr =
+      (spec.make (
+        minimal
+        // {
+          network.allow = [
+            "a.example:1"
+            "a.example:65535"
+            "a.example:08443"
+          ];
+        }
+      )).network.allow;
     expected = [
-      true
-      true
-      true
-      true
+      "a.example:1"
+      "a.example:65535"
+      "a.example:08443"
     ];
+  };
+
+  specRejectsNonListAllow = {
+    expr = throws (spec.make (minimal // { network.allow = "api.example.com"; }));
+    expected = true;
   };
 
   specRejectsBadKeyProxies =
@@ -414,6 +416,20 @@ in
         badUpstream = throws (spec.make (withProxy (ok // { upstream = "ftp://x"; })));
         badHeader = throws (spec.make (withProxy (ok // { header = "cookie"; })));
         badPath = throws (spec.make (withProxy (ok // { baseUrlPath = "v1"; })));
+        spaceInUpstream = throws (spec.make (withProxy (ok // { upstream = "https://a.example/x y"; })));
+        queryInUpstream = throws (spec.make (withProxy (ok // { upstream = "https://a.example/?k=1"; })));
+        badBaseUrlVar = throws (spec.make (withProxy (ok // { baseUrlVar = "1X"; })));
+        twiceTheSameVar = throws (
+          spec.make (
+            withProxy ok
+            // {
+              network.keyProxy = [
+                ok
+                ok
+              ];
+            }
+          )
+        );
       };
       expected = {
         good = [
@@ -429,8 +445,91 @@ in
         badUpstream = true;
         badHeader = true;
         badPath = true;
+        spaceInUpstream = true;
+        queryInUpstream = true;
+        badBaseUrlVar = true;
+        twiceTheSameVar = true;
       };
     };
+
+  # Two [[key_proxy]] tables after [network], each with its own header, and
+  # the shares after them (arrays of tables sort by name).
+  specTwoKeyProxiesToml = {
+    expr = toml.render (spec.make twoKeys);
+    expected = ''
+      spec_version = 2
+
+      [agent]
+      api_key_vars = ["A_KEY", "B_KEY"]
+      command = ["true"]
+      name = "t"
+
+      [guest]
+      contract = 1
+      initrd = "i"
+      kernel = "k"
+      kernel_params = []
+      machine = "q35"
+      memory_mib = 512
+      vcpus = 1
+
+      [host]
+      qemu = "q"
+      virtiofsd = "v"
+
+      [network]
+      allow = ["*.a.example", "b.example:8443"]
+
+      [[key_proxy]]
+      base_url_path = ""
+      base_url_var = "A_BASE_URL"
+      header = "x-api-key"
+      upstream = "https://a.example"
+      var = "A_KEY"
+
+      [[key_proxy]]
+      base_url_path = "/v1"
+      base_url_var = "B_BASE_URL"
+      header = "authorization"
+      upstream = "https://b.example:8443/api"
+      var = "B_KEY"
+
+      [[shares]]
+      mount_point = "/work"
+      read_only = false
+      source = "work"
+      tag = "work"
+    '';
+  };
+
+  specKeyHeadersMatchRunner = {
+    # runner/src/microvm_run/spec.py KEY_HEADERS, in its order
+    expr = spec.keyHeaders;
+    expected = [
+      "x-api-key"
+      "authorization"
+      "x-goog-api-key"
+    ];
+  };
+
+  specVersionIsTwo = {
+    expr = [
+      spec.specVersion
+      (spec.make minimal).spec_version
+    ];
+    expected = [
+      2
+      2
+    ];
+  };
+
+  # Every flavor routes each of its API key variables through the key proxy.
+  everyFlavorProxiesItsKeys = {
+    expr = builtins.mapAttrs (
+      _: c: map (p: p.var) (spec.fromConfig c).key_proxy == c.agentVM.agent.apiKeyVars
+    ) samples.configs;
+    expected = builtins.mapAttrs (_: _: true) samples.configs;
+  };
 
   specMinimalDefaults = {
     expr = (spec.make minimal).agent.api_key_vars ++ (spec.make minimal).guest.kernel_params;

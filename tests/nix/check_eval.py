@@ -22,6 +22,36 @@ EXPECTED_KEYS = {
     "gemini": ["GEMINI_API_KEY"],
     "codex": ["OPENAI_API_KEY"],
 }
+# (var, upstream, header, base_url_var, base_url_path) per flavor.
+EXPECTED_KEY_PROXY = {
+    "claude": (
+        "ANTHROPIC_API_KEY",
+        "https://api.anthropic.com",
+        "x-api-key",
+        "ANTHROPIC_BASE_URL",
+        "",
+    ),
+    "gemini": (
+        "GEMINI_API_KEY",
+        "https://generativelanguage.googleapis.com",
+        "x-goog-api-key",
+        "GOOGLE_GEMINI_BASE_URL",
+        "",
+    ),
+    "codex": (
+        "OPENAI_API_KEY",
+        "https://api.openai.com",
+        "authorization",
+        "OPENAI_BASE_URL",
+        "/v1",
+    ),
+}
+# At least these: each flavor's API endpoint and its login.
+EXPECTED_ALLOW = {
+    "claude": ["api.anthropic.com", "console.anthropic.com"],
+    "gemini": ["generativelanguage.googleapis.com", "oauth2.googleapis.com"],
+    "codex": ["api.openai.com", "auth.openai.com"],
+}
 CRI_RUNTIMES = ["containerd", "cri-o", "crun", "docker", "podman"]
 
 
@@ -128,6 +158,29 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
         expect(data["agentVM"]["cri"]["runtimes"] == CRI_RUNTIMES, "cri runtimes")
     net = data["networking"]
     expect(not net["waitOnline"] and not net["firewall"], "network wait-online or firewall on")
+    # The guest contract's network (contract.py "Network").
+    uplink = net["uplink"] or {}
+    expect(net["useNetworkd"], "not networkd")
+    expect(
+        uplink.get("address") == ["10.0.2.15/24"] and uplink.get("gateway") == ["10.0.2.2"],
+        f"uplink address/gateway: {uplink.get('address')} via {uplink.get('gateway')}",
+    )
+    expect(uplink.get("matchConfig", {}).get("Kind") == "!*", "uplink also matches virtual links")
+    expect(uplink.get("networkConfig", {}).get("DHCP") == "no", "uplink runs DHCP")
+    expect(not net["resolved"] and not net["resolvconf"], "resolved or resolvconf manages DNS")
+    expect(
+        net["resolvConf"] == "nameserver 10.0.2.100\noptions use-vc\n",
+        f"/etc/resolv.conf is {net['resolvConf']!r}",
+    )
+
+    # The flavor's allowlist and key proxy route reach the spec.
+    want_proxy = EXPECTED_KEY_PROXY[agent]
+    expect(
+        [(p.var, p.upstream, p.header, p.base_url_var, p.base_url_path) for p in loaded.key_proxies]
+        == [want_proxy],
+        f"key proxies {loaded.key_proxies}",
+    )
+    expect(set(EXPECTED_ALLOW[agent]) <= set(loaded.allow), f"allow {loaded.allow}")
 
     svc = data["agentService"]
     expect(svc["unitConfig"].get("SuccessAction") == "poweroff", "agent service does not power off")

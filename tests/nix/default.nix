@@ -16,5 +16,9 @@ in
       inherit (cases.${n}) expr expected;
     }) failedNames;
   };
-  specs = builtins.mapAttrs (_: c: toml.render (spec.fromConfig c)) samples.configs;
+  # Each sample flavor, plus edge shapes the runner must read as well.
+  specs = builtins.mapAttrs (_: c: toml.render (spec.fromConfig c)) samples.configs // {
+    minimal = toml.render (spec.make samples.minimal);
+    two-keys = toml.render (spec.make samples.twoKeys);
+  };
 }

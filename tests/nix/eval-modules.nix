@@ -119,6 +119,10 @@ else
       inherit (config.networking) hostName useNetworkd;
       firewall = config.networking.firewall.enable;
       waitOnline = config.systemd.network.wait-online.enable;
+      resolved = config.services.resolved.enable;
+      resolvconf = config.networking.resolvconf.enable;
+      resolvConf = config.environment.etc."resolv.conf".text or null;
+      uplink = config.systemd.network.networks."10-uplink" or null;
     };
     sudo = config.security.sudo.enable;
     agentService = {

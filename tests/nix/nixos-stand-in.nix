@@ -134,8 +134,7 @@ in
       useDHCP = opt types.bool true;
       useNetworkd = flag;
       firewall.enable = opt types.bool true;
-      nameservers = opt (types.listOf types.str) [ ];
-      resolvconf.extraOptions = opt (types.listOf types.str) [ ];
+      resolvconf.enable = opt types.bool true;
     };
 
     systemd = {

@@ -1,6 +1,8 @@
 # Sample flavors as plain attrsets shaped like the evaluated NixOS config
 # that lib/spec.nix's fromConfig reads, built from the same pure defaults
-# (lib/guest.nix) the modules use. Store paths are made up.
+# (lib/guest.nix, lib/network.nix) the modules use, and two inputs for
+# lib/spec.nix's make: the smallest, and one with two key proxy routes.
+# Store paths are made up.
 let
   guest = import ../../lib/guest.nix;
   network = import ../../lib/network.nix;
@@ -62,9 +64,67 @@ let
       };
       system.boot.loader.kernelFile = "bzImage";
     };
+  # The smallest spec input lib/spec.nix accepts: no network, no keys.
+  minimal = {
+    agent = {
+      name = "t";
+      command = [ "true" ];
+    };
+    guest = {
+      machine = "q35";
+      kernel = "k";
+      initrd = "i";
+      memoryMiB = 512;
+      vcpus = 1;
+    };
+    host = {
+      qemu = "q";
+      virtiofsd = "v";
+    };
+    shares = [
+      {
+        tag = "work";
+        source = "work";
+        mountPoint = "/work";
+      }
+    ];
+  };
+
+  # Two API keys, two key proxy routes, a wildcard and a port in the allowlist.
+  twoKeys =
+    minimal
+    // {
+      agent = minimal.agent // {
+        apiKeyVars = [
+          "A_KEY"
+          "B_KEY"
+        ];
+      };
+      network = {
+        allow = [
+          "*.a.example"
+          "b.example:8443"
+        ];
+        keyProxy = [
+          {
+            var = "A_KEY";
+            upstream = "https://a.example";
+            header = "x-api-key";
+            baseUrlVar = "A_BASE_URL";
+          }
+          {
+            var = "B_KEY";
+            upstream = "https://b.example:8443/api";
+            header = "authorization";
+            baseUrlVar = "B_BASE_URL";
+            baseUrlPath = "/v1";
+          }
+        ];
+      };
+    };
 in
 {
-  inherit agents store;
+  inherit agents store minimal twoKeys;
   configs = builtins.listToAttrs (
     builtins.concatMap (name: [
       {

@@ -25,9 +25,10 @@ def main() -> int:
             bad += 1
             continue
         sources = ",".join(s.source for s in spec.shares)
+        proxies = ",".join(f"{p.var}->{p.base_url_var}" for p in spec.key_proxies) or "-"
         print(
             f"ok   {path.name}: {spec.agent} {spec.memory_mib} MiB {spec.vcpus} vCPU "
-            f"shares={sources}"
+            f"shares={sources} allow={len(spec.allow)} key_proxy={proxies}"
         )
     print(f"{len(paths) - bad} specs valid, {bad} invalid")
     return 1 if bad else 0
