@@ -3,7 +3,9 @@
 # Set-up on a fresh Debian/Ubuntu machine (as root):  make setup
 # Tests (unit, Nix, integration with real VMs):       make test
 
-PREFIX ?= /opt/agent-microvm-test
+# AMVM_TEST_PREFIX (as scripts/setup-host and the tests read it) moves the
+# whole test prefix, venv included: one per checkout that tests side by side.
+PREFIX ?= $(or $(AMVM_TEST_PREFIX),/opt/agent-microvm-test)
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
