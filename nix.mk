@@ -21,6 +21,10 @@ NIX_SPEC_DIR ?= build/nix-specs
 EVAL_DIR ?= build/eval-modules
 ARGS ?=
 
+# The tests' own Nix configuration (tests/support/nixenv.py says why): no
+# machine's /etc/nix is read, so a fresh machine needs none.
+NIX_TEST_ENV = NIX_CONF_DIR=$(CURDIR)/tests/support/nix-conf NIX_USER_CONF_FILES=
+
 # The -cri flavor carries the container runtimes ENABLE_CRI starts.
 nix_flavor = $(1)$(if $(ENABLE_CRI),-cri)
 quote = '$(subst ','\'',$(1))'
@@ -37,7 +41,7 @@ $(AGENTS:%=%.run): %.run:
 nix-test:
 	@command -v $(NIX_INSTANTIATE) >/dev/null || { \
 	  echo "nix-test: $(NIX_INSTANTIATE) not found (Debian: apt-get install nix-bin)" >&2; exit 1; }
-	NIX_INSTANTIATE=$(NIX_INSTANTIATE) tests/nix/run --emit-spec $(NIX_SPEC_DIR)
+	$(NIX_TEST_ENV) NIX_INSTANTIATE=$(NIX_INSTANTIATE) tests/nix/run --emit-spec $(NIX_SPEC_DIR)
 	PYTHONPATH=runner/src $(PY) tests/nix/validate_specs.py $(NIX_SPEC_DIR)
 
 eval-modules:

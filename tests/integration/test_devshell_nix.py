@@ -2,8 +2,10 @@
 
 No VM: these prove the host half (evaluate, cache, hit, invalidate, fail,
 interrupt) and that the env file gives a POSIX shell the project's variables.
-The fixtures build their dev shells from builtins.derivation with /bin/bash
-as the builder, so nothing is fetched and nothing needs nixpkgs.
+The fixtures build their dev shells from builtins.derivation with a static
+bash from the project as the builder, so nothing is fetched, nothing needs
+nixpkgs, and Nix's build sandbox stays on. Every Nix here runs with the
+suite's own configuration (tests/support/nix-conf), none of the machine's.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from microvm_run.devshell import DevshellResult, prepare
+from tests.support.devshell_fixture import copy_fixture
 from tests.support.interrupt import PREPARE_CHILD, wait_for
+from tests.support.nixenv import NIX_TEST_ENV
 from tests.support.prereq import require
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "devshell"
 COUNTING_NIX = """#!/bin/sh
 echo call >> "$NIX_CALLS"
 exec {nix} "$@"
@@ -44,7 +47,7 @@ class Host:
     def __init__(self, tmp_path: Path, fixture: str) -> None:
         self.work = tmp_path / "project"
         self.home = tmp_path / "home"
-        shutil.copytree(FIXTURES / fixture, self.work)
+        copy_fixture(fixture, self.work)
         self.home.mkdir()
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
@@ -54,8 +57,7 @@ class Host:
         self.env = {
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
             "NIX_CALLS": str(self.calls),
-            # Offline: no binary cache lookups (there is nothing to fetch).
-            "NIX_CONFIG": "substituters =",
+            **NIX_TEST_ENV,
         }
 
     def prepare(self, **kwargs: Any) -> DevshellResult:
@@ -147,7 +149,7 @@ def test_broken_flake_boots_without_the_shell_and_leaves_the_error(tmp_path: Pat
     assert "print-dev-env" in report and str(host.work) in report
     assert not [name for name in host.cache_files() if name.endswith(".sh")]
     # Fixing the flake clears the error on the next launch.
-    shutil.copy(FIXTURES / "simple" / "flake.nix", host.work / "flake.nix")
+    copy_fixture("simple", host.work)
     assert host.prepare().status == "evaluated"
     assert not error_file.exists()
 
@@ -165,13 +167,14 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
 ) -> None:
     host = Host(tmp_path, "slow")
     # Unique per run: pytest reuses tmp dir names across sessions, and a
-    # derivation built once is never built (and so never held) again.  Not
-    # under tmp_path: /tmp/pytest-of-root is 0700, and Nix may build as an
-    # unprivileged build user who would not see the file and never hold.
+    # derivation built once is never built (and so never held) again.  The
+    # hold is a FIFO (the builder waits on it with bash's `read -t`), in a
+    # directory the sandbox is given through extra-sandbox-paths.
     hold_dir = Path(tempfile.mkdtemp(prefix="amvm-hold-"))
     hold_dir.chmod(0o755)
     hold = hold_dir / f"hold-{os.urandom(8).hex()}"
-    hold.write_text("")
+    os.mkfifo(hold)
+    host.env["NIX_CONFIG"] = f"extra-sandbox-paths = {hold_dir}"
     flake = host.work / "flake.nix"
     flake.write_text(flake.read_text().replace("@HOLD@", str(hold)))
     child = subprocess.Popen(
@@ -196,6 +199,7 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     assert not [name for name in host.cache_files() if name.endswith((".sh", ".tmp"))]
     hold.unlink()
     hold_dir.rmdir()
+    del host.env["NIX_CONFIG"]  # the sandbox path is gone with it
     result = host.prepare()
     assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
     assert result.env_file is not None

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.devshell_fixture import copy_fixture
+from tests.support.nixenv import NIX_TEST_ENV
 from tests.support.prereq import require
 
-from .conftest import REPO, VM, HostUser, wait_until_clean
+from .conftest import VM, HostUser, wait_until_clean
 
 pytestmark = pytest.mark.integration
 
@@ -28,14 +30,14 @@ def root_vm(venv_python: Path, runner_copy: Path, guest_spec: Path, scratch: Pat
     runtime.mkdir(mode=0o700, exist_ok=True)
     user = HostUser("root", 0, 0, home)
     vm = VM(user, venv_python, runner_copy, guest_spec, scratch, runtime)
-    # No substituters: nothing may be fetched, and nothing needs to be.
-    vm.extra_env = {"NIX_CONFIG": "substituters =", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    # The suite's Nix configuration (no substituters, sandbox on).
+    vm.extra_env = {**NIX_TEST_ENV, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     return vm
 
 
 def test_the_agent_sees_the_projects_dev_shell(root_vm: VM) -> None:
     work = root_vm.project()
-    shutil.copy(REPO / "tests/fixtures/devshell/simple/flake.nix", work / "flake.nix")
+    copy_fixture("simple", work)
     command = (
         'printf "%s\\n" "$MY_PROJECT_VAR" "$HOME" "$PATH" > /work/seen; '
         'printf "%s" "$TRICKY_VAR" > /work/tricky'
@@ -62,7 +64,7 @@ def test_the_agent_sees_the_projects_dev_shell(root_vm: VM) -> None:
 
 def test_a_broken_dev_shell_boots_without_it_and_leaves_the_error(root_vm: VM) -> None:
     work = root_vm.project()
-    shutil.copy(REPO / "tests/fixtures/devshell/broken/flake.nix", work / "flake.nix")
+    copy_fixture("broken", work)
     result = root_vm.run(
         work, 'test -s "$HOME/.microvm-devshell.err" && echo booted > /work/ok', DIRENV_ALLOW="1"
     )
