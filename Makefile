@@ -10,7 +10,7 @@ VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv test lint unit integration nix-test-all bench
+.PHONY: help setup venv test lint unit integration nix-test-all bench ci-fresh
 
 help:
 	@echo "make setup        install host prerequisites and the test venv (root; Debian)"
@@ -18,6 +18,7 @@ help:
 	@echo "make unit         fast tests of the runner's pure parts"
 	@echo "make integration  real QEMU + virtiofsd + the busybox test guest"
 	@echo "make bench        print the bench/ tables"
+	@echo "make ci-fresh     rehearse CI: .ci/run on a clean clone in a bare bookworm root (root)"
 	@echo "make claude.run   run Claude Code on WORK_DIR (Nix host; also gemini.run, codex.run)"
 
 setup:
@@ -58,5 +59,8 @@ bench: venv
 	$(PY) bench/runner_overhead
 	@if [ -x bench/devshell_hit ]; then $(PY) bench/devshell_hit; fi
 	$(PY) bench/idle_memory
+
+ci-fresh:
+	scripts/ci-fresh
 
 -include nix.mk
