@@ -10,12 +10,13 @@ VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv test lint unit integration nix-test-all bench ci-fresh
+.PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
 help:
 	@echo "make setup        install host prerequisites and the test venv (root; Debian)"
 	@echo "make test         lint + unit + Nix logic + integration tests (real VMs under TCG)"
 	@echo "make unit         fast tests of the runner's pure parts"
+	@echo "make unit-sandboxed  tests/unit in a copy of the Nix build sandbox (bubblewrap)"
 	@echo "make integration  real QEMU + virtiofsd + the busybox test guest"
 	@echo "make bench        print the bench/ tables"
 	@echo "make ci-fresh     rehearse CI: .ci/run on a clean clone in a bare bookworm root (root)"
@@ -48,11 +49,17 @@ lint: venv
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+# pkgs/microvm-run.nix runs tests/unit in the Nix build sandbox (no /usr/bin,
+# no /bin/bash, no HOME, no network): every flavor's build depends on it.
+unit-sandboxed: venv
+	VENV=$(VENV) scripts/unit-sandboxed $(PYTEST_ARGS)
+
 integration: venv
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
 test: lint venv
 	$(MAKE) nix-test
+	$(MAKE) unit-sandboxed PYTEST_ARGS=
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv

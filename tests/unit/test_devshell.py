@@ -32,7 +32,9 @@ from microvm_run.devshell import (
 )
 from tests.support.interrupt import PREPARE_CHILD, wait_for
 
-FAKE_NIX = r"""#!/bin/bash
+# The shebang is filled in with the bash on PATH: the Nix build sandbox,
+# where these tests also run, has no /bin/bash and no /usr/bin/env.
+FAKE_NIX = r"""#!{bash}
 # Stands in for nix/devenv: records the call, prints $FAKE_JSON, exits $FAKE_STATUS.
 {
   echo call
@@ -66,6 +68,13 @@ DEV_ENV: dict[str, Any] = {
 }
 
 
+def host_tool(name: str) -> str:
+    """The absolute path of a tool on the test's own PATH."""
+    path = shutil.which(name)
+    assert path is not None, f"{name} is not on PATH"
+    return path
+
+
 class Fake:
     """A fake nix on PATH plus the project and agent home that prepare() needs."""
 
@@ -79,11 +88,11 @@ class Fake:
             directory.mkdir()
         (self.work / "flake.nix").write_text("{ outputs = _: { }; }\n")
         for name in ("nix", "devenv"):
-            (self.bin / name).write_text(FAKE_NIX)
+            (self.bin / name).write_text(FAKE_NIX.replace("{bash}", host_tool("bash"), 1))
             (self.bin / name).chmod(0o755)
         self.set_json(DEV_ENV)
         self.env = {
-            "PATH": f"{self.bin}:/usr/bin:/bin",
+            "PATH": f"{self.bin}:{os.environ.get('PATH', os.defpath)}",
             "FAKE_CALLS": str(self.calls),
             "FAKE_JSON": str(self.json),
         }
@@ -222,8 +231,9 @@ def test_other_files_do_not_change_the_key(tmp_path: Path) -> None:
 def source_in(shell: list[str], env_file: Path, names: list[str]) -> dict[str, str]:
     """Source env_file in a clean shell and return the named variables."""
     script = '. "$1"; shift; for n in "$@"; do eval "printf \'%s\\0\' \\"\\${$n-<unset>}\\""; done'
+    # The shell by its absolute path: the guest-like PATH below is data here.
     result = subprocess.run(
-        [*shell, "-c", script, "sh", str(env_file), *names],
+        [host_tool(shell[0]), *shell[1:], "-c", script, "sh", str(env_file), *names],
         env={"PATH": "/usr/bin:/bin", "HOME": "/home/agent", "TERM": "linux"},
         capture_output=True, check=True,
     )  # fmt: skip

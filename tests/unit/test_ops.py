@@ -450,8 +450,16 @@ def test_gc_kills_leftovers_whose_start_time_matches_only(base: Path, env: dict[
 
 
 def test_gc_without_a_user_manager_says_it_cannot_stop_units(
-    base: Path, env: dict[str, str]
+    base: Path, env: dict[str, str], tmp_path: Path
 ) -> None:
+    # systemd's tools on PATH (as on a user's host, unlike the Nix build
+    # sandbox), so the missing manager is what gc reports; they must not run.
+    tools = tmp_path / "systemd-bin"
+    tools.mkdir()
+    for name in ("systemd-run", "systemctl"):
+        (tools / name).write_text(f"#!{sys.executable}\nraise SystemExit(99)\n")
+        (tools / name).chmod(0o755)
+    env = {**env, "PATH": f"{tools}:{env['PATH']}"}
     dead = make_instance(base, "dead0001", runner_pid=999_999_999, runner_start=5)
     report = run_gc(base, env)
     failed = [a for a in report.actions if not a.ok]
