@@ -9,6 +9,7 @@
 # Needs microvm.nix's guest module (the flake's nixosModules.base adds it).
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -24,6 +25,12 @@ let
 
   launchFwCfg = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agent-microvm/launch/raw";
   statusPort = "/dev/virtio-ports/org.agent-microvm.status";
+  # systemd's device units for the console and the status port (udev tags
+  # hvc* and vport* for systemd; names as `systemd-escape --path` gives).
+  consoleDevice = "dev-hvc0.device";
+  statusDevice = "dev-virtio\\x2dports-org.agent\\x2dmicrovm.status.device";
+  # How long the agent waits for networkd to configure the uplink.
+  uplinkTimeoutSec = 60;
   runDir = "/run/agent-microvm";
 
   # Runs as the agent user: the agent's environment, then the command.
@@ -63,33 +70,27 @@ let
       ]
     }:$PATH
 
-    # The port appears once udev has seen the device; wait briefly. A
-    # missing port (not started by microvm-run) is not fatal. It is opened
-    # once, on fd 3, for both directions: a virtio port opens only once.
-    i=0
-    while [ ! -e ${statusPort} ] && [ "$i" -lt 100 ]; do
-      sleep 0.05
-      i=$((i + 1))
-    done
-    status_open=0
-    if [ -e ${statusPort} ] && exec 3<>${statusPort}; then
-      status_open=1
-      # `size ROWS COLS` from the host: the agent's terminal follows the
-      # host's (TIOCSWINSZ sends the agent SIGWINCH).
-      (
-        while read -r word rows cols _; do
-          case "$word $rows $cols" in
-            "size "[0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
-          esac
-        done <&3
-      ) &
+    # The unit starts only once systemd has the status port's device (it
+    # requires and is ordered after it), so a port that will not open is an
+    # error, not a skip. It is opened once, on fd 3, for both directions: a
+    # virtio port opens only once.
+    if ! exec 3<>${statusPort}; then
+      echo "agent-microvm: cannot open the status port ${statusPort}" >&2
+      exit 1 # no status line: the runner reports a guest failure
     fi
+    # `size ROWS COLS` from the host: the agent's terminal follows the
+    # host's (TIOCSWINSZ sends the agent SIGWINCH).
+    (
+      while read -r word rows cols _; do
+        case "$word $rows $cols" in
+          "size "[0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+        esac
+      done <&3
+    ) &
 
     report() {
-      if [ "$status_open" = 1 ]; then
-        printf '%s\n' "$1" >&3 ||
-          echo "agent-microvm: could not write '$1' to the status port" >&2
-      fi
+      printf '%s\n' "$1" >&3 ||
+        echo "agent-microvm: could not write '$1' to the status port" >&2
     }
 
     if [ ! -r ${launchFwCfg} ]; then
@@ -99,6 +100,18 @@ let
     fi
     mkdir -p ${runDir}
     install -m 0640 -o root -g ${user} ${launchFwCfg} ${runDir}/launch
+
+    # The uplink is static but comes up asynchronously: the agent starts
+    # once networkd has configured it, unless the runner gave no network
+    # device at all (MICROVM_NET=none).
+    net=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${MICROVM_NET:-}")
+    if [ "$net" != none ]; then
+      if ! ${config.systemd.package}/lib/systemd/systemd-networkd-wait-online \
+        --any --operational-state=routable --timeout=${toString uplinkTimeoutSec} >/dev/null; then
+        echo "agent-microvm: the network (MICROVM_NET=$net) was not configured within ${toString uplinkTimeoutSec} s" >&2
+        exit 1 # no status line: the runner reports a guest failure
+      fi
+    fi
 
     ${cfg.launch.rootPreStart}
 
@@ -121,6 +134,15 @@ let
     exit 0
   '';
   launcher = pkgs.writeShellScript "agent-microvm-launcher" launcherText;
+
+  registration = pkgs.closureInfo { rootPaths = [ config.system.build.toplevel ]; };
+  registerStore = pkgs.writeShellScript "agent-microvm-register-store" ''
+    for param in $(cat /proc/cmdline); do
+      case "$param" in
+        regInfo=*) exec ${config.nix.package.out}/bin/nix-store --load-db < "''${param#regInfo=}" ;;
+      esac
+    done
+  '';
 
   keyProxyType = lib.types.submodule {
     options = {
@@ -227,7 +249,12 @@ in
         type = lib.types.listOf lib.types.str;
         default = [ ];
         example = [ "claude-code" ];
-        description = "Names of unfree packages the guest may use (allowUnfreePredicate); nothing else unfree is allowed.";
+        description = ''
+          Names (`lib.getName`) of unfree packages the guest may use; they go
+          to nixpkgs' `allowUnfreePackages`, so a consumer's own list or
+          predicate still applies. Ignored when the consumer sets
+          `nixpkgs.pkgs`: allow them in that package set instead.
+        '';
       };
     };
 
@@ -472,9 +499,45 @@ in
         pkgs.curl
       ];
 
-      nixpkgs.config.allowUnfreePredicate = lib.mkIf (cfg.agent.unfreePackages != [ ]) (
-        lib.mkDefault (pkg: builtins.elem (lib.getName pkg) cfg.agent.unfreePackages)
-      );
+      # nixpkgs.config is not a submodule (nixos/modules/misc/nixpkgs.nix):
+      # a mkIf inside it is never discharged by NixOS, and of two modules'
+      # allowUnfreePredicate only one survives. So the condition sits on the
+      # option itself, and the allowance is nixpkgs' additive list, which
+      # concatenates with a consumer's list and composes with a consumer's
+      # predicate (pkgs/stdenv/generic/check-meta.nix). With their own
+      # nixpkgs.pkgs, consumers allow the agent's package there themselves:
+      # NixOS refuses nixpkgs.config next to nixpkgs.pkgs.
+      nixpkgs.config =
+        lib.mkIf (cfg.agent.unfreePackages != [ ] && !options.nixpkgs.pkgs.isDefined)
+          {
+            allowUnfreePackages = cfg.agent.unfreePackages;
+          };
+
+      # The guest's Nix database learns the system closure (so `nix` in the
+      # guest does not rebuild what the shared store already holds), but not
+      # on the boot path: microvm.nix's registerClosure loads it in stage 2,
+      # before systemd starts anything, on every boot. Here a unit loads it
+      # beside the agent's start, and nix-daemon (socket-activated, the
+      # agent's only way into Nix) waits for it. The registration is passed
+      # as a kernel parameter, as microvm.nix does: the closure cannot name
+      # itself inside the system it describes.
+      microvm.registerClosure = false;
+      microvm.kernelParams = lib.mkIf config.nix.enable [ "regInfo=${registration}/registration" ];
+      systemd.services.agent-microvm-register-store = lib.mkIf config.nix.enable {
+        description = "Register the system closure in the guest's Nix database";
+        wantedBy = [ "multi-user.target" ];
+        before = [ "nix-daemon.service" ];
+        unitConfig.ConditionKernelCommandLine = "regInfo";
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart = registerStore;
+        };
+      };
+      systemd.services.nix-daemon = lib.mkIf config.nix.enable {
+        after = [ "agent-microvm-register-store.service" ];
+        wants = [ "agent-microvm-register-store.service" ];
+      };
 
       nix.settings.experimental-features = [
         "nix-command"
@@ -488,7 +551,17 @@ in
       systemd.services.agent-microvm = {
         description = "The agent on the console (agent-microvm guest contract ${toString spec.contractVersion})";
         wantedBy = [ "multi-user.target" ];
-        after = [ "local-fs.target" ];
+        # virtio_console is a module: without the devices, the unit would
+        # race udev, fail on its TTY (208/STDIN) and power off silently.
+        requires = [
+          consoleDevice
+          statusDevice
+        ];
+        after = [
+          "local-fs.target"
+          consoleDevice
+          statusDevice
+        ];
         unitConfig = {
           RequiresMountsFor = map (s: s.mountPoint) cfg.shares;
           # The agent ending (or this unit failing) ends the VM; the exit

@@ -15,6 +15,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+from microvm_run.contract import STATUS_PORT
 from microvm_run.spec import load_spec
 
 EXPECTED_KEYS = {
@@ -53,6 +54,21 @@ EXPECTED_ALLOW = {
     "codex": ["api.openai.com", "auth.openai.com"],
 }
 CRI_RUNTIMES = ["containerd", "cri-o", "crun", "docker", "podman"]
+
+
+def systemd_device_unit(path: str) -> str:
+    """`systemd-escape --path --suffix=device PATH` for the paths we use."""
+    parts = [p for p in path.split("/") if p]
+    escaped = []
+    for part in parts:
+        out = ""
+        for i, ch in enumerate(part):
+            if ch.isalnum() or ch in ":_" or (ch == "." and i > 0):
+                out += ch
+            else:
+                out += f"\\x{ord(ch):02x}"
+        escaped.append(out)
+    return "-".join(escaped) + ".device"
 
 
 def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
@@ -147,9 +163,17 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
         "store overlay",
     )
 
+    # What nixpkgs would let the guest use (stand-in-unfree.nix): free
+    # packages, the flavor's own unfree package, no other unfree one.
     unfree = data["unfreeAllowed"]
-    allowed = sorted(k for k, v in unfree.items() if v)
-    expect(allowed == (["claude-code"] if agent == "claude" else []), f"unfree allowed: {allowed}")
+    want_unfree = {
+        "claude-code": agent == "claude",
+        "unfree-other": False,
+        "gemini-cli": True,
+        "codex": True,
+        "git": True,
+    }
+    expect(unfree == want_unfree, f"unfree allowed: {unfree}, expected {want_unfree}")
     expect(data["sudo"] is False, "sudo is enabled")
     groups = data["agentGroups"]
     expect("wheel" not in groups, "agent is in wheel")
@@ -182,7 +206,39 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
     )
     expect(set(EXPECTED_ALLOW[agent]) <= set(loaded.allow), f"allow {loaded.allow}")
 
+    # The agent starts once its console and the status port exist (systemd's
+    # device units, named as `systemd-escape --path` names them).
     svc = data["agentService"]
+    devices = ["dev-hvc0.device", systemd_device_unit(f"/dev/virtio-ports/{STATUS_PORT}")]
+    for device in devices:
+        expect(device in svc["requires"], f"agent service does not require {device}")
+        expect(device in svc["after"], f"agent service not ordered after {device}")
+    launcher = data["scripts"]["launcher"]
+    expect("sleep 0.05" not in launcher, "launcher still polls for the status port")
+    expect(
+        "systemd-networkd-wait-online" in launcher and "MICROVM_NET" in launcher,
+        "launcher does not wait for the uplink (outside MICROVM_NET=none)",
+    )
+    # The closure is registered beside the agent's start, not in stage 2.
+    reg = data["storeRegistration"]
+    expect(reg["registerClosure"] is False, "microvm.registerClosure loads the store DB at boot")
+    expect("--load-db" not in reg["postBootCommands"], "stage 2 loads the store DB")
+    unit = reg["unit"] or {}
+    expect(
+        unit.get("serviceConfig", {}).get("Type") == "oneshot"
+        and "nix-store --load-db" in unit.get("script", "")
+        and "agent-microvm.service" not in unit.get("before", []),
+        f"store registration unit: {unit}",
+    )
+    expect(
+        "agent-microvm-register-store.service" in reg["nixDaemonAfter"],
+        "nix-daemon does not wait for the store registration",
+    )
+    expect(
+        sum(p.startswith("regInfo=") for p in mv["kernelParams"]) == 1,
+        "no single regInfo= kernel parameter",
+    )
+
     expect(svc["unitConfig"].get("SuccessAction") == "poweroff", "agent service does not power off")
     expect(svc["serviceConfig"].get("TTYPath") == "/dev/hvc0", "agent service not on hvc0")
     expect(svc["serviceConfig"].get("ImportCredential") == EXPECTED_KEYS[agent], "credentials")

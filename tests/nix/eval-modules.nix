@@ -26,11 +26,9 @@ let
   eval = nixpkgsLib.evalModules {
     modules = [
       ./nixos-stand-in.nix
-      (microvmModule "options")
-      (microvmModule "system")
-      (microvmModule "mounts")
-      (microvmModule "optimization")
-      (microvmModule "asserts")
+      # microvm.nix's nixosModules.microvm: its whole guest module list
+      # (nixos-modules/microvm/default.nix), as the flake's base imports it.
+      (microvm + "/nixos-modules/microvm")
       ../../modules/base.nix
       (../../modules + "/${flavor}.nix")
       {
@@ -55,7 +53,8 @@ let
     };
     macvtapFds = { };
     inherit (microvmLib) withDriveLetters extractOptValues extractParamValue;
-    linuxTarget = pkgs.stdenv.hostPlatform.linux-kernel.target;
+    # As microvm.nix's lib/runner.nix picks it.
+    linuxTarget = pkgs.linux.target;
   };
 
   shareView = s: {
@@ -111,9 +110,21 @@ else
       inherit (fs) device fsType options neededForBoot;
       overlay = fs.overlay;
     }) config.fileSystems;
-    unfreeAllowed = nixpkgsLib.mapAttrs (
-      _: p: (config.nixpkgs.config.allowUnfreePredicate or (_: false)) p
-    ) { inherit (pkgs) claude-code gemini-cli codex git; };
+    # Which packages nixpkgs would let this configuration use
+    # (stand-in-unfree.nix: nixpkgs' own config evaluation and check-meta).
+    unfreeAllowed =
+      let
+        allowed = import ./stand-in-unfree.nix { lib = nixpkgsLib; } config.nixpkgs.config;
+      in
+      nixpkgsLib.mapAttrs (_: allowed) {
+        inherit (pkgs)
+          claude-code
+          unfree-other
+          gemini-cli
+          codex
+          git
+          ;
+      };
     agentGroups = config.users.users.agent.extraGroups;
     networking = {
       inherit (config.networking) hostName useNetworkd;
@@ -125,9 +136,48 @@ else
       uplink = config.systemd.network.networks."10-uplink" or null;
     };
     sudo = config.security.sudo.enable;
+    # Forced as NixOS forces them when it writes the units.
+    mounts = map (m: {
+      inherit (m)
+        what
+        where
+        type
+        options
+        overrideStrategy
+        unitConfig
+        ;
+    }) config.systemd.mounts;
     agentService = {
-      inherit (config.systemd.services.agent-microvm) wantedBy after;
-      inherit (config.systemd.services.agent-microvm) unitConfig serviceConfig;
+      inherit (config.systemd.services.agent-microvm)
+        wantedBy
+        requires
+        after
+        unitConfig
+        serviceConfig
+        ;
+    };
+    # The guest's Nix database: how and when the closure is registered.
+    storeRegistration = {
+      inherit (mv) registerClosure;
+      postBootCommands = config.boot.postBootCommands;
+      unit =
+        let
+          u = config.systemd.services.agent-microvm-register-store or null;
+        in
+        if u == null then
+          null
+        else
+          {
+            inherit (u)
+              wantedBy
+              before
+              after
+              unitConfig
+              serviceConfig
+              ;
+            script = u.serviceConfig.ExecStart.text;
+          };
+      nixDaemonAfter = config.systemd.services.nix-daemon.after or [ ];
     };
     inherit (config.agentVM) spec;
     specToml = config.agentVM.specFile.text;

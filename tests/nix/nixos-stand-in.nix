@@ -1,11 +1,16 @@
-# STAND-IN for NixOS: declares only the NixOS options that our modules and
-# the microvm.nix guest modules evaluated in tests/nix/eval-modules.nix set
-# or read, so that lib.evalModules can type-check them without nixpkgs.
-# Types are as loose as the real ones or looser; every value our modules set
-# still has to be *declared* here, so a typo in an option path fails.
+# STAND-IN for NixOS: declares the NixOS options that our modules and
+# microvm.nix's guest modules (its whole nixosModules.microvm list) set or
+# read, so that lib.evalModules can type-check them without nixpkgs.
+#
+# Rule (LESSONS #14): each declaration is exactly as strict as the NixOS one
+# it mirrors: same type, same merge, same checks, same default. The comment
+# above each names the nixpkgs file; docs/nix.md lists the revisions read
+# (the pin's nearest stored versions). Options NixOS declares but nothing
+# here uses are left out, so a typo in an option path still fails.
 # This is not NixOS: the real evaluation is `nix flake check` (checks/).
 {
   config,
+  options,
   lib,
   pkgs,
   ...
@@ -23,40 +28,331 @@ let
   strs = opt (types.listOf types.str) [ ];
   anyAttrs = opt (types.attrsOf types.anything) { };
 
-  # Like NixOS' systemd unit options: list definitions concatenate, other
-  # values must agree.
+  # --- systemd: nixos/lib/systemd-lib.nix, nixos/lib/systemd-unit-options.nix
+
+  boolValues = [
+    true
+    false
+    "yes"
+    "no"
+  ];
+
+  assertValueOneOf =
+    name: values: group: attr:
+    lib.optional (
+      attr ? ${name} && !lib.elem attr.${name} values
+    ) "Systemd ${group} field `${name}' cannot have value `${toString attr.${name}}'.";
+
+  assertOnlyFields =
+    fields: group: attr:
+    let
+      badFields = lib.filter (name: !lib.elem name fields) (lib.attrNames attr);
+    in
+    lib.optional (badFields != [ ]) "Systemd ${group} has extra fields [${lib.concatStringsSep " " badFields}].";
+
+  # Applied by addCheck to each definition, so mkOverride / mkIf wrappers of
+  # the values are still there and are looked through.
+  checkUnitConfig =
+    group: checks: attrs:
+    let
+      defs = lib.mapAttrs (
+        _: v:
+        if v._type or "" == "override" then
+          v.content
+        else if v._type or "" == "if" then
+          v.content
+        else
+          v
+      ) attrs;
+      errors = lib.concatMap (c: c group defs) checks;
+    in
+    if errors == [ ] then true else builtins.trace (lib.concatStringsSep "\n" errors) false;
+
+  # A unit name, as every dependency list takes (wantedBy, after, ...).
+  unitNameType = types.strMatching "[a-zA-Z0-9@%:_.\\-]+[.](service|socket|device|mount|automount|swap|target|path|timer|scope|slice)";
+
+  # List definitions concatenate, other values must agree.
   unitOption = lib.mkOptionType {
-    name = "systemd option (stand-in)";
+    name = "systemd option";
     merge =
       loc: defs:
       let
         defs' = lib.filterOverrides defs;
       in
-      if lib.any (d: builtins.isList d.value) defs' then
-        lib.concatMap (d: lib.toList d.value) defs'
+      if lib.any (def: builtins.isList def.value) defs' then
+        lib.concatMap (def: lib.toList def.value) defs'
       else
         lib.mergeEqualOption loc defs';
   };
-  unitSection = opt (types.attrsOf unitOption) { };
+  section = opt (types.attrsOf unitOption) { };
+  checkedSection = check: opt (types.addCheck (types.attrsOf unitOption) check) { };
 
-  unit = types.submodule {
+  checkService = checkUnitConfig "Service" [
+    (assertValueOneOf "Type" [
+      "exec"
+      "simple"
+      "forking"
+      "oneshot"
+      "dbus"
+      "notify"
+      "notify-reload"
+      "idle"
+    ])
+    (assertValueOneOf "Restart" [
+      "no"
+      "on-success"
+      "on-failure"
+      "on-abnormal"
+      "on-abort"
+      "always"
+    ])
+  ];
+
+  unitNames = opt (types.listOf unitNameType) [ ];
+
+  # sharedOptions + commonUnitOptions + stage2CommonUnitOptions
+  commonUnitOptions = {
+    enable = opt types.bool true;
+    overrideStrategy = opt (types.enum [
+      "asDropinIfExists"
+      "asDropin"
+    ]) "asDropinIfExists";
+    requiredBy = unitNames;
+    upheldBy = unitNames;
+    wantedBy = unitNames;
+    aliases = unitNames;
+    description = opt types.singleLineStr "";
+    documentation = strs;
+    requires = unitNames;
+    wants = unitNames;
+    upholds = unitNames;
+    after = unitNames;
+    before = unitNames;
+    bindsTo = unitNames;
+    partOf = unitNames;
+    conflicts = unitNames;
+    requisite = unitNames;
+    unitConfig = section;
+    onFailure = unitNames;
+    onSuccess = unitNames;
+    restartTriggers = opt (types.listOf types.unspecified) [ ];
+    reloadTriggers = opt (types.listOf unitOption) [ ];
+  };
+
+  # stage2ServiceOptions (serviceOptions: environment, path, serviceConfig
+  # with checkService, script and the other job scripts).
+  serviceType = types.submodule {
+    options = commonUnitOptions // {
+      environment = opt (types.attrsOf (
+        types.nullOr (
+          types.oneOf [
+            types.str
+            types.path
+            types.package
+          ]
+        )
+      )) { };
+      path = opt (types.listOf (
+        types.oneOf [
+          types.package
+          types.str
+        ]
+      )) [ ];
+      serviceConfig = checkedSection checkService;
+      script = opt types.lines "";
+      scriptArgs = opt types.str "";
+      preStart = opt types.lines "";
+      postStart = opt types.lines "";
+      reload = opt types.lines "";
+      preStop = opt types.lines "";
+      postStop = opt types.lines "";
+      restartIfChanged = opt types.bool true;
+      reloadIfChanged = flag;
+      stopIfChanged = opt types.bool true;
+    };
+  };
+
+  socketType = types.submodule {
+    options = commonUnitOptions // {
+      listenStreams = strs;
+      listenDatagrams = strs;
+      socketConfig = section;
+    };
+  };
+
+  # stage2MountOptions: what and where are mandatory (no default).
+  mountType = types.submodule {
+    options = commonUnitOptions // {
+      what = mkOption {
+        type = types.str;
+        description = "stand-in";
+      };
+      where = mkOption {
+        type = types.str;
+        description = "stand-in";
+      };
+      type = opt types.str "";
+      options = opt types.commas "";
+      mountConfig = section;
+    };
+  };
+
+  # --- networkd: nixos/modules/system/boot/networkd.nix (check.network.*)
+  checkNetworkSection = checkUnitConfig "Network" [
+    (assertOnlyFields [
+      "Description"
+      "DHCP"
+      "DHCPServer"
+      "LinkLocalAddressing"
+      "IPv4LLRoute"
+      "DefaultRouteOnDevice"
+      "LLMNR"
+      "MulticastDNS"
+      "DNSOverTLS"
+      "DNSSEC"
+      "DNSSECNegativeTrustAnchors"
+      "LLDP"
+      "EmitLLDP"
+      "BindCarrier"
+      "Address"
+      "Gateway"
+      "DNS"
+      "Domains"
+      "DNSDefaultRoute"
+      "NTP"
+      "IPForward"
+      "IPMasquerade"
+      "IPv6PrivacyExtensions"
+      "IPv6AcceptRA"
+      "IPv6DuplicateAddressDetection"
+      "IPv6HopLimit"
+      "IPv4ProxyARP"
+      "IPv6ProxyNDP"
+      "IPv6ProxyNDPAddress"
+      "IPv6SendRA"
+      "DHCPPrefixDelegation"
+      "IPv6MTUBytes"
+      "Bridge"
+      "Bond"
+      "VRF"
+      "VLAN"
+      "IPVLAN"
+      "MACVLAN"
+      "VXLAN"
+      "Tunnel"
+      "MACsec"
+      "ActiveSlave"
+      "PrimarySlave"
+      "ConfigureWithoutCarrier"
+      "IgnoreCarrierLoss"
+      "Xfrm"
+      "KeepConfiguration"
+      "BatmanAdvanced"
+    ])
+    # both, none, v4, v6 are the deprecated spellings NixOS refuses.
+    (assertValueOneOf "DHCP" [
+      "yes"
+      "no"
+      "ipv4"
+      "ipv6"
+    ])
+    (assertValueOneOf "LinkLocalAddressing" [
+      "yes"
+      "no"
+      "ipv4"
+      "ipv6"
+      "fallback"
+      "ipv4-fallback"
+    ])
+    (assertValueOneOf "IPv6AcceptRA" boolValues)
+  ];
+  checkNetworkLink = checkUnitConfig "Link" [
+    (assertOnlyFields [
+      "MACAddress"
+      "MTUBytes"
+      "ARP"
+      "Multicast"
+      "AllMulticast"
+      "Unmanaged"
+      "Group"
+      "RequiredForOnline"
+      "RequiredFamilyForOnline"
+      "ActivationPolicy"
+      "Promiscuous"
+    ])
+    (assertValueOneOf "RequiredForOnline" (
+      boolValues
+      ++ [
+        "missing"
+        "off"
+        "no-carrier"
+        "dormant"
+        "degraded-carrier"
+        "carrier"
+        "degraded"
+        "enslaved"
+        "routable"
+      ]
+    ))
+    (assertValueOneOf "ActivationPolicy" [
+      "up"
+      "always-up"
+      "manual"
+      "always-down"
+      "down"
+      "bound"
+    ])
+  ];
+  networkType = types.submodule {
     options = {
       enable = opt types.bool true;
-      description = opt types.str "";
-      wantedBy = strs;
-      requiredBy = strs;
-      after = strs;
-      before = strs;
-      wants = strs;
-      requires = strs;
-      path = opt (types.listOf (types.either types.package types.str)) [ ];
-      environment = opt (types.attrsOf (types.nullOr (types.either types.str types.package))) { };
-      script = opt types.lines "";
-      unitConfig = unitSection;
-      serviceConfig = unitSection;
-      socketConfig = unitSection;
-      listenStreams = strs;
+      matchConfig = section;
+      networkConfig = checkedSection checkNetworkSection;
+      linkConfig = checkedSection checkNetworkLink;
+      address = strs;
+      gateway = strs;
+      dns = strs;
+      ntp = strs;
+      domains = opt (types.nullOr (types.listOf types.str)) null;
+      extraConfig = opt types.lines "";
     };
+  };
+
+  # --- nixpkgs.config: nixos/modules/misc/nixpkgs.nix (configType). Not a
+  # submodule: definitions are raw values, folded by mergeConfig; a nested
+  # mkIf / mkDefault is not discharged, only the first definition of a
+  # non-list attribute survives, lists concatenate.
+  isConfig = x: builtins.isAttrs x || lib.isFunction x;
+  optCall = f: x: if lib.isFunction f then f x else f;
+  mergeConfig =
+    lhs_: rhs_:
+    let
+      lhs = optCall lhs_ { inherit lib pkgs; };
+      rhs = optCall rhs_ { inherit lib pkgs; };
+    in
+    (lib.zipAttrsWith (
+      _: values:
+      let
+        rhs' = lib.elemAt values 0;
+      in
+      if builtins.isList rhs' then lib.concatLists values else rhs'
+    ) [ lhs rhs ])
+    // lib.optionalAttrs (lhs ? packageOverrides) {
+      packageOverrides =
+        pkgs:
+        optCall lhs.packageOverrides pkgs // optCall (lib.attrByPath [ "packageOverrides" ] { } rhs) pkgs;
+    };
+  configType = lib.mkOptionType {
+    name = "nixpkgs-config";
+    description = "nixpkgs config";
+    check = isConfig;
+    merge = _: lib.foldr (def: mergeConfig def.value) { };
+  };
+  overlayType = lib.mkOptionType {
+    name = "nixpkgs-overlay";
+    description = "nixpkgs overlay";
+    check = lib.isFunction;
+    merge = lib.mergeOneOption;
   };
 
   fileSystem = types.submodule {
@@ -110,12 +406,15 @@ in
     warnings = strs;
 
     boot = {
+      # nixos/modules/system/boot/kernel.nix
       kernelPackages = opt types.raw { kernel = pkgs.linux; };
       kernelParams = strs;
       kernelModules = strs;
       blacklistedKernelModules = strs;
       consoleLogLevel = opt types.int 4;
       kernel.sysctl = opt (types.attrsOf (types.either types.int types.str)) { };
+      # nixos/modules/system/boot/stage-2.nix
+      postBootCommands = opt types.lines "";
       loader.grub.enable = opt types.bool true;
       swraid.enable = flag;
       initrd = {
@@ -129,7 +428,8 @@ in
     fileSystems = opt (types.attrsOf fileSystem) { };
 
     networking = {
-      hostName = opt types.str "nixos";
+      # nixos/modules/tasks/network-interfaces.nix: a checked host name.
+      hostName = opt (types.strMatching "^$|^[[:alnum:]]([[:alnum:]_-]{0,61}[[:alnum:]])?$") "nixos";
       hostId = opt (types.nullOr types.str) null;
       useDHCP = opt types.bool true;
       useNetworkd = flag;
@@ -138,15 +438,18 @@ in
     };
 
     systemd = {
-      services = opt (types.attrsOf unit) { };
-      sockets = opt (types.attrsOf unit) { };
-      mounts = opt (types.listOf (types.attrsOf types.anything)) [ ];
-      generators = opt (types.attrsOf types.str) { };
+      # nixos/modules/system/boot/systemd.nix
+      package = opt types.package pkgs.systemd;
+      services = opt (types.attrsOf serviceType) { };
+      sockets = opt (types.attrsOf socketType) { };
+      mounts = opt (types.listOf mountType) [ ];
+      generators = opt (types.attrsOf types.path) { };
       tpm2.enable = flag;
+      # nixos/modules/system/boot/networkd.nix
       network = {
         enable = flag;
         wait-online.enable = opt types.bool true;
-        networks = opt (types.attrsOf (types.attrsOf types.anything)) { };
+        networks = opt (types.attrsOf networkType) { };
       };
     };
 
@@ -157,8 +460,18 @@ in
     };
 
     security.sudo.enable = opt types.bool true;
+    # nixos/modules/security/misc.nix
+    security.virtualisation.flushL1DataCache = opt (types.nullOr (
+      types.enum [
+        "never"
+        "cond"
+        "always"
+      ]
+    )) null;
     services.openssh.enable = flag;
+    # nixos/modules/system/boot/resolved.nix
     services.resolved.enable = flag;
+    services.nix-daemon.enable = opt types.bool true;
     documentation.enable = opt types.bool true;
 
     programs.git = {
@@ -168,17 +481,28 @@ in
 
     environment = {
       systemPackages = opt (types.listOf types.package) [ ];
-      variables = opt (types.attrsOf types.str) { };
+      variables = opt (types.attrsOf (types.either types.str (types.listOf types.str))) { };
       etc = opt (types.attrsOf etcFile) { };
     };
 
+    # nixos/modules/misc/nixpkgs.nix
     nixpkgs = {
-      config = opt (types.submodule { freeformType = types.attrsOf types.raw; }) { };
-      overlays = opt (types.listOf types.raw) [ ];
+      config = opt configType { };
+      overlays = opt (types.listOf overlayType) [ ];
+      pkgs = mkOption {
+        type = types.pkgs;
+        description = "stand-in";
+      };
+      hostPlatform = mkOption {
+        type = types.either types.str types.attrs;
+        description = "stand-in";
+      };
     };
 
+    # nixos/modules/config/nix.nix and nixos/modules/services/system/nix-daemon.nix
     nix = {
       enable = opt types.bool true;
+      package = opt types.package pkgs.nix;
       settings = opt (types.submodule {
         freeformType = types.attrsOf types.anything;
         options.auto-optimise-store = flag;
@@ -206,21 +530,53 @@ in
         settings = anyAttrs;
       };
       cri-o.enable = flag;
+      # nixos/modules/virtualisation/rosetta.nix (microvm.nix sets it for vfkit)
+      rosetta.enable = flag;
     };
 
     system = {
       stateVersion = opt types.str "26.05";
       switch.enable = opt types.bool true;
+      nixos.label = opt types.str "26.05-stand-in";
       build = opt (types.attrsOf types.raw) { };
+      # nixos/modules/system/activation/top-level.nix: the kernel's own
+      # target since hostPlatform.linux-kernel left nixpkgs (2026-06).
       boot.loader = {
-        kernelFile = opt types.str pkgs.stdenv.hostPlatform.linux-kernel.target;
+        kernelFile = opt types.str config.boot.kernelPackages.kernel.target;
         initrdFile = opt types.str "initrd";
       };
     };
   };
 
-  config.system.build = {
-    toplevel = pkgs.writeText "nixos-system-${config.networking.hostName}-stand-in" "";
-    initialRamdisk = pkgs.writeText "initrd-stand-in" "";
-  };
+  config = lib.mkMerge [
+    {
+      system.build = {
+        toplevel = pkgs.writeText "nixos-system-${config.networking.hostName}-stand-in" "";
+        initialRamdisk = pkgs.writeText "initrd-stand-in" "";
+      };
+
+      # nixos/modules/misc/nixpkgs.nix: a consumer's own pkgs ignores
+      # nixpkgs.config, and NixOS says so rather than dropping it.
+      assertions = [
+        {
+          assertion = options.nixpkgs.pkgs.isDefined -> config.nixpkgs.config == { };
+          message = ''
+            Your system configures nixpkgs with an externally created instance.
+            `nixpkgs.config` options should be passed when creating the instance instead.
+
+            Current value:
+            ${lib.generators.toPretty { multiline = true; } config.nixpkgs.config}
+
+            Defined in:
+            ${lib.concatMapStringsSep "\n" (file: "  - ${file}") options.nixpkgs.config.files}
+          '';
+        }
+      ];
+    }
+    # nixos/modules/system/boot/networkd.nix: networkd brings resolved along
+    # unless a module says otherwise at a higher priority.
+    (lib.mkIf config.systemd.network.enable {
+      services.resolved.enable = lib.mkDefault true;
+    })
+  ];
 }

@@ -52,10 +52,12 @@ let
     "iptables"
     "nerdctl"
     "netcat"
+    "nix"
     "python3"
     "qemu"
     "qemu_kvm"
     "socat"
+    "systemd"
     "util-linux"
     "virtiofsd"
   ];
@@ -65,12 +67,28 @@ let
     isLinux = true;
     isDarwin = false;
     qemuArch = "x86_64";
-    linux-kernel.target = "bzImage";
+    # No linux-kernel: nixpkgs removed hostPlatform.linux-kernel (2026-06);
+    # the kernel's own `target` names the image (pkgs.linux.target).
   };
+
+  # meta.license as nixpkgs has it: claude-code is unfree; "unfree-other"
+  # stands for any other unfree package (nothing may allow it by accident).
+  unfree = {
+    shortName = "unfree";
+    free = false;
+  };
+  licensed =
+    name: license:
+    let
+      p = mkFake name { };
+    in
+    p // { meta = p.meta // { inherit license; }; };
 
   pkgs =
     lib.genAttrs names (n: mkFake n { })
     // {
+      claude-code = licensed "claude-code" unfree;
+      unfree-other = licensed "unfree-other" unfree;
       inherit lib;
       _type = "pkgs"; # what types.pkgs checks
       buildPackages = pkgs;
@@ -85,6 +103,9 @@ let
       };
       runtimeShell = "/nix/store/${fakeHash "bash"}-bash/bin/bash";
       writeText = name: text: mkFake name { inherit text; };
+      # microvm.nix's store-disk.nix: the closure's registration for the
+      # guest's Nix database (microvm.registerClosure).
+      closureInfo = { rootPaths }: mkFake "closure-info" { inherit rootPaths; };
       writeShellScript =
         name: text:
         mkFake name {
