@@ -53,6 +53,7 @@
                 { pkgs, ... }:
                 {
                   nixpkgs.hostPlatform = lib.mkDefault system;
+                  agentVM.enable = true;
                   agentVM.cri.enable = lib.mkIf cri true;
                   environment.systemPackages = if builtins.isFunction packages then packages pkgs else packages;
                 }
@@ -76,13 +77,12 @@
         network = import ./lib/network.nix;
       };
 
+      # Each is usable on its own and acts only with `agentVM.enable = true`
+      # (a guest module imported into a host by mistake changes nothing).
+      # base carries cri and devshell (agentVM.cri.enable,
+      # agentVM.devshell.enable); an agent module is base + that agent.
       nixosModules = {
         inherit base;
-        default = base;
-        # Wrapped, not bare paths: some `nix flake check` versions accept
-        # only functions or attribute sets here. base imports both already.
-        cri.imports = [ ./modules/cri.nix ];
-        devshell.imports = [ ./modules/devshell.nix ];
       }
       // lib.mapAttrs (_: module: {
         imports = [

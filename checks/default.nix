@@ -96,4 +96,14 @@ evalChecks
   microvm-run = self.packages.${system}.microvm-run;
   nix-lib = libTests;
   vm-test = import ./vm-test.nix { inherit self lib pkgs system; };
+  # ENABLE_CRI=docker,podman with a local image; storage not vfs.
+  vm-test-cri = import ./vm-test.nix {
+    inherit
+      self
+      lib
+      pkgs
+      system
+      ;
+    cri = true;
+  };
 }

@@ -21,7 +21,6 @@ in
     allow = lib.mkDefault network.claude.allow;
     keyProxy = lib.mkDefault network.claude.keyProxy;
   };
-  # Updates come with the flake; a self-updating binary in a throw-away VM
-  # would only download on every start.
-  environment.variables.DISABLE_AUTOUPDATER = "1";
+  # No DISABLE_AUTOUPDATER here: nixpkgs' claude-code wrapper sets it
+  # (pkgs/by-name/cl/claude-code/package.nix, wrapProgram --set).
 }

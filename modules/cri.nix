@@ -4,6 +4,14 @@
 # lives on the cri-storage share (under the agent home on the host), mounted
 # at /var/lib/containers; the agent reaches every socket through group
 # membership, never sudo.
+#
+# Those groups are root in the guest: whoever talks to a rootful daemon can
+# mount / into a privileged container. That is the point of the throw-away
+# VM (the guest's root reaches no more of the host than the agent does: the
+# shares), not a boundary inside it.
+#
+# No nerdctl: it goes rootless for every non-root user (it needs
+# rootlesskit and a user containerd), so it could not reach these daemons.
 {
   config,
   lib,
@@ -30,14 +38,19 @@ let
       # podman talks to the rootful service instead of running rootless.
       env.CONTAINER_HOST = "unix:///run/podman/podman.sock";
     };
+    # crictl reads CONTAINER_RUNTIME_ENDPOINT before /etc/crictl.yaml, which
+    # the cri-o module writes with cri-o's socket.
     containerd = {
       units = [ "containerd.service" ];
       env.CONTAINERD_ADDRESS = "/run/containerd/containerd.sock";
+      env.CONTAINER_RUNTIME_ENDPOINT = "unix:///run/containerd/containerd.sock";
     };
     crun = {
-      # A containerd of its own whose default runtime is crun.
+      # A containerd of its own whose CRI runtime is crun (crictl); `ctr`
+      # containers there use runc, containerd's built-in default.
       units = [ "containerd-crun.service" ];
       env.CONTAINERD_ADDRESS = "/run/containerd-crun/containerd.sock";
+      env.CONTAINER_RUNTIME_ENDPOINT = "unix:///run/containerd-crun/containerd.sock";
     };
     cri-o = {
       units = [ "crio.service" ];
@@ -147,7 +160,7 @@ in
   };
 
   config = lib.mkMerge [
-    (lib.mkIf (!cfg.enable) {
+    (lib.mkIf (config.agentVM.enable && !cfg.enable) {
       agentVM.launch.rootPreStart = ''
         ${readEnableCri}
         if [ -n "$enable_cri" ]; then
@@ -156,7 +169,7 @@ in
         fi
       '';
     })
-    (lib.mkIf cfg.enable {
+    (lib.mkIf (config.agentVM.enable && cfg.enable) {
       agentVM.shares = lib.mkAfter (import ../lib/guest.nix).criShares;
 
       agentVM.launch.rootPreStart = ''
@@ -186,7 +199,13 @@ in
       virtualisation.docker = {
         enable = true;
         enableOnBoot = false;
-        daemon.settings.data-root = "${storage}/docker";
+        daemon.settings = {
+          data-root = "${storage}/docker";
+          # Named, so that docker fails to start when overlayfs on the share
+          # does not work, instead of silently falling back to vfs (a full
+          # copy per layer).
+          storage-driver = "overlay2";
+        };
       };
       virtualisation.podman = {
         enable = true;
@@ -222,6 +241,8 @@ in
         path = [
           pkgs.containerd
           pkgs.crun
+          # io.containerd.runc.v2 runs `runc` from PATH for `ctr` containers.
+          pkgs.runc
           pkgs.iptables
         ];
         serviceConfig = {
@@ -237,7 +258,6 @@ in
       environment.etc."cni/net.d/10-agent-bridge.conflist".text = cniBridge;
       environment.systemPackages = [
         pkgs.docker-compose
-        pkgs.nerdctl
         pkgs.cri-tools
         pkgs.crun
         pkgs.cni-plugins

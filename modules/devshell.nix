@@ -19,7 +19,7 @@ in
     '';
   };
 
-  config = lib.mkIf cfg.enable {
+  config = lib.mkIf (config.agentVM.enable && cfg.enable) {
     agentVM.launch.agentPreStart = ''
       if [ -n "''${MICROVM_DEVSHELL:-}" ]; then
         if [ -r "$MICROVM_DEVSHELL" ]; then

@@ -178,6 +178,23 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
     groups = data["agentGroups"]
     expect("wheel" not in groups, "agent is in wheel")
     if cri:
+        view = data["criView"]
+        # A named overlay driver: no silent fallback to vfs on the share.
+        expect(
+            view["dockerSettings"].get("storage-driver") == "overlay2",
+            f"docker storage driver {view['dockerSettings'].get('storage-driver')}",
+        )
+        expect(
+            view["containersStorage"].get("storage", {}).get("driver") == "overlay",
+            "podman/cri-o storage driver is not overlay",
+        )
+        expect("nerdctl" not in view["systemPackages"], "nerdctl (always rootless) is installed")
+        expect("runc" in view["containerdCrunPath"], "containerd-crun has no runc for ctr")
+        for socket in ("/run/containerd/containerd.sock", "/run/containerd-crun/containerd.sock"):
+            expect(
+                f"CONTAINER_RUNTIME_ENDPOINT=unix://{socket}" in data["scripts"]["launcher"],
+                f"crictl is not pointed at {socket}",
+            )
         expect({"docker", "podman", "containerd", "crio"} <= set(groups), f"agent groups {groups}")
         expect(data["agentVM"]["cri"]["runtimes"] == CRI_RUNTIMES, "cri runtimes")
     net = data["networking"]

@@ -14,6 +14,8 @@
   microvm,
   flavor,
   cri ? false,
+  # false: the modules imported as a host would import them by mistake.
+  enable ? true,
   # For negative checks: more modules, e.g. one that must trip an assertion.
   extraModules ? [ ],
 }:
@@ -33,6 +35,7 @@ let
       (../../modules + "/${flavor}.nix")
       {
         _module.args.pkgs = pkgs;
+        agentVM.enable = enable;
         agentVM.cri.enable = cri;
       }
     ]
@@ -73,6 +76,16 @@ if failed != [ ] then
 else
   {
     flavor = "${flavor}${nixpkgsLib.optionalString cri "-cri"}";
+    # What the modules do to a system that is not a guest (enable = false).
+    hostView = {
+      guest = mv.guest.enable;
+      inherit (config.networking) hostName useNetworkd;
+      services = builtins.attrNames config.systemd.services;
+      mounts = builtins.length config.systemd.mounts;
+      kernelParams = config.boot.kernelParams;
+      nixpkgsConfig = config.nixpkgs.config;
+      users = builtins.attrNames config.users.users;
+    };
     microvm = {
       inherit (mv)
         hypervisor
@@ -136,6 +149,13 @@ else
       uplink = config.systemd.network.networks."10-uplink" or null;
     };
     sudo = config.security.sudo.enable;
+    # The container runtimes' configuration (cri flavors).
+    criView = nixpkgsLib.optionalAttrs cri {
+      dockerSettings = config.virtualisation.docker.daemon.settings;
+      containersStorage = config.virtualisation.containers.storage.settings;
+      systemPackages = map nixpkgsLib.getName config.environment.systemPackages;
+      containerdCrunPath = map nixpkgsLib.getName config.systemd.services.containerd-crun.path;
+    };
     # Forced as NixOS forces them when it writes the units.
     mounts = map (m: {
       inherit (m)

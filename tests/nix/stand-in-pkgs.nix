@@ -56,6 +56,7 @@ let
     "python3"
     "qemu"
     "qemu_kvm"
+    "runc"
     "socat"
     "systemd"
     "util-linux"
