@@ -67,6 +67,22 @@ let
           msg = "/etc/resolv.conf is not the contract's (nameserver 10.0.2.100, options use-vc)";
         }
         {
+          # The agent waits for its console and the status port (a module in
+          # NixOS' kernel), and the closure registration is off the boot path.
+          ok =
+            let
+              svc = nixos.config.systemd.services.agent-microvm;
+              devices = [
+                "dev-hvc0.device"
+                "dev-virtio\\x2dports-org.agent\\x2dmicrovm.status.device"
+              ];
+            in
+            lib.all (d: lib.elem d svc.requires && lib.elem d svc.after) devices
+            && !nixos.config.microvm.registerClosure
+            && !lib.hasInfix "--load-db" nixos.config.boot.postBootCommands;
+          msg = "agent-microvm.service is not ordered after its devices, or stage 2 loads the store DB";
+        }
+        {
           ok =
             map (p: p.var) (spec.key_proxy or [ ]) == spec.agent.api_key_vars
             && spec.network.allow != [ ];
