@@ -530,7 +530,7 @@ in
       # agent's only way into Nix) waits for it. The registration is passed
       # as a kernel parameter, as microvm.nix does: the closure cannot name
       # itself inside the system it describes.
-      microvm.registerClosure = false;
+      microvm.registerClosure = lib.mkDefault false;
       microvm.kernelParams = lib.mkIf config.nix.enable [ "regInfo=${registration}/registration" ];
       systemd.services.agent-microvm-register-store = lib.mkIf config.nix.enable {
         description = "Register the system closure in the guest's Nix database";
