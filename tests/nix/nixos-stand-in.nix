@@ -2,11 +2,14 @@
 # microvm.nix's guest modules (its whole nixosModules.microvm list) set or
 # read, so that lib.evalModules can type-check them without nixpkgs.
 #
-# Rule (LESSONS #14): each declaration is exactly as strict as the NixOS one
-# it mirrors: same type, same merge, same checks, same default. The comment
-# above each names the nixpkgs file; docs/nix.md lists the revisions read
-# (the pin's nearest stored versions). Options NixOS declares but nothing
-# here uses are left out, so a typo in an option path still fails.
+# Rule (LESSONS #14): a declaration with a nixpkgs file named above it is as
+# strict as the NixOS one it mirrors: same type, same merge, same checks,
+# same default (docs/nix.md lists the revisions read, the pin's nearest
+# stored versions). The rest (users, fileSystems, environment.etc, the
+# container modules' settings, programs.git, ...) only make the option path
+# exist, with a type no stricter than NixOS' and possibly looser: a value
+# they accept is not proven valid. Options NixOS declares but nothing here
+# uses are left out, so a typo in an option path still fails.
 # This is not NixOS: the real evaluation is `nix flake check` (checks/).
 {
   config,
