@@ -2,7 +2,9 @@
 # tests/nix read it): the allowlist for `--net allowlist` (its API and login
 # endpoints; users extend it with --allow) and the key proxy routes for
 # `--inject-keys`. `baseUrlVar` is the variable through which the CLI takes
-# its API base URL.
+# its API base URL. `methods` and `paths` (prefixes of the upstream path) are
+# all the key route forwards: the calls the agent's API client makes, so the
+# real key is good for nothing else on that host (no TRACE, no other APIs).
 {
   claude = {
     allow = [
@@ -17,6 +19,12 @@
         upstream = "https://api.anthropic.com";
         header = "x-api-key";
         baseUrlVar = "ANTHROPIC_BASE_URL";
+        # /v1/messages, /v1/messages/count_tokens, /v1/models
+        methods = [
+          "GET"
+          "POST"
+        ];
+        paths = [ "/v1/" ];
       }
     ];
   };
@@ -33,6 +41,12 @@
         header = "authorization";
         baseUrlVar = "OPENAI_BASE_URL";
         baseUrlPath = "/v1";
+        # /v1/responses, /v1/chat/completions, /v1/models
+        methods = [
+          "GET"
+          "POST"
+        ];
+        paths = [ "/v1/" ];
       }
     ];
   };
@@ -49,6 +63,15 @@
         upstream = "https://generativelanguage.googleapis.com";
         header = "x-goog-api-key";
         baseUrlVar = "GOOGLE_GEMINI_BASE_URL";
+        # /v1beta/models/M:streamGenerateContent, :countTokens, :embedContent
+        methods = [
+          "GET"
+          "POST"
+        ];
+        paths = [
+          "/v1beta/"
+          "/v1/"
+        ];
       }
     ];
   };

@@ -51,6 +51,12 @@ let
     apiKeyVars: k:
     let
       path = k.baseUrlPath or "";
+      # spec.py's defaults; lib/network.nix names them for every flavor.
+      methods = k.methods or [
+        "GET"
+        "POST"
+      ];
+      paths = k.paths or [ "/v1/" ];
     in
     checked
       [
@@ -74,9 +80,27 @@ let
           ok = path == "" || match "/.*" path != null;
           msg = "key proxy for '${k.var}': baseUrlPath must be empty or start with /";
         }
+        {
+          # spec.py KEY_ROUTE_METHOD: an upper-case token, never one that
+          # reflects the request (TRACE, TRACK) or opens a tunnel (CONNECT).
+          ok =
+            methods != [ ]
+            && all (
+              m: match "[A-Z]{1,16}" m != null && !(elem m [ "TRACE" "TRACK" "CONNECT" ])
+            ) methods;
+          msg = "key proxy for '${k.var}': methods must be upper-case HTTP methods, not TRACE, TRACK or CONNECT";
+        }
+        {
+          # spec.py KEY_ROUTE_PATH: plain segments, starting and ending in /.
+          ok =
+            paths != [ ]
+            && all (p: match "(/[A-Za-z0-9._~-]+)+/" p != null && match ".*/[.][.]?/.*" p == null) paths;
+          msg = "key proxy for '${k.var}': paths must be like /v1/ (plain segments, ending in /)";
+        }
       ]
       {
         inherit (k) var upstream header;
+        inherit methods paths;
         base_url_var = k.baseUrlVar;
         base_url_path = path;
       };

@@ -231,6 +231,11 @@ in
           header = "x-api-key";
           base_url_var = "ANTHROPIC_BASE_URL";
           base_url_path = "";
+          methods = [
+            "GET"
+            "POST"
+          ];
+          paths = [ "/v1/" ];
         }
       ];
     };
@@ -297,6 +302,8 @@ in
       base_url_path = ""
       base_url_var = "ANTHROPIC_BASE_URL"
       header = "x-api-key"
+      methods = ["GET", "POST"]
+      paths = ["/v1/"]
       upstream = "https://api.anthropic.com"
       var = "ANTHROPIC_API_KEY"
 
@@ -419,6 +426,22 @@ in
         spaceInUpstream = throws (spec.make (withProxy (ok // { upstream = "https://a.example/x y"; })));
         queryInUpstream = throws (spec.make (withProxy (ok // { upstream = "https://a.example/?k=1"; })));
         badBaseUrlVar = throws (spec.make (withProxy (ok // { baseUrlVar = "1X"; })));
+        traceMethod = throws (spec.make (withProxy (ok // { methods = [ "TRACE" ]; })));
+        lowerMethod = throws (spec.make (withProxy (ok // { methods = [ "get" ]; })));
+        noMethods = throws (spec.make (withProxy (ok // { methods = [ ]; })));
+        pathWithoutSlash = throws (spec.make (withProxy (ok // { paths = [ "/v1" ]; })));
+        dotDotPath = throws (spec.make (withProxy (ok // { paths = [ "/v1/../" ]; })));
+        rootPath = throws (spec.make (withProxy (ok // { paths = [ "/" ]; })));
+        ownPaths =
+          (spec.make (
+            withProxy (
+              ok
+              // {
+                methods = [ "POST" ];
+                paths = [ "/v1beta/" ];
+              }
+            )
+          )).key_proxy;
         twiceTheSameVar = throws (
           spec.make (
             withProxy ok
@@ -439,6 +462,11 @@ in
             header = "authorization";
             base_url_var = "K_BASE_URL";
             base_url_path = "";
+            methods = [
+              "GET"
+              "POST"
+            ];
+            paths = [ "/v1/" ];
           }
         ];
         notAKeyVar = true;
@@ -448,6 +476,23 @@ in
         spaceInUpstream = true;
         queryInUpstream = true;
         badBaseUrlVar = true;
+        traceMethod = true;
+        lowerMethod = true;
+        noMethods = true;
+        pathWithoutSlash = true;
+        dotDotPath = true;
+        rootPath = true;
+        ownPaths = [
+          {
+            var = "K";
+            upstream = "https://api.example.com";
+            header = "authorization";
+            base_url_var = "K_BASE_URL";
+            base_url_path = "";
+            methods = [ "POST" ];
+            paths = [ "/v1beta/" ];
+          }
+        ];
         twiceTheSameVar = true;
       };
     };
@@ -484,6 +529,8 @@ in
       base_url_path = ""
       base_url_var = "A_BASE_URL"
       header = "x-api-key"
+      methods = ["GET", "POST"]
+      paths = ["/v1/"]
       upstream = "https://a.example"
       var = "A_KEY"
 
@@ -491,6 +538,8 @@ in
       base_url_path = "/v1"
       base_url_var = "B_BASE_URL"
       header = "authorization"
+      methods = ["GET", "POST"]
+      paths = ["/v1/"]
       upstream = "https://b.example:8443/api"
       var = "B_KEY"
 

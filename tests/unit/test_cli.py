@@ -244,6 +244,17 @@ def test_allow_adds_to_microvm_allow(
                      ("c.example", False, 8443), ("d.example", False, None)]  # fmt: skip
 
 
+def test_allow_private_is_its_own_rule_from_the_flag_and_the_environment(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    env = env | {"MICROVM_ALLOW_PRIVATE": "db.lan.example:5432"}
+    plan = dry_run(capsys, env, spec_file, work, "--allow-private", "nas.lan.example",
+                   "--allow", "a.example")  # fmt: skip
+    rules = [(r["host"], r["port"], r["private"]) for r in plan["egress"]["rules"]]
+    assert rules == [("a.example", None, False), ("db.lan.example", 5432, True),
+                     ("nas.lan.example", None, True)]  # fmt: skip
+
+
 def test_project_allowlist_file_is_read_from_the_config_dir(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
     tmp_path: Path,

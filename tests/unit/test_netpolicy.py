@@ -8,14 +8,17 @@ from microvm_run.netpolicy import (
     BASE_PORTS,
     KEY_PROXY_PORT,
     AllowRule,
+    KeyRoute,
     PolicyError,
     PortForward,
     check_unique_forwards,
     extra_ports,
+    key_route_refusal,
     parse_allow,
     parse_allow_file,
     parse_port_forward,
     permitted,
+    private_permitted,
     public_address,
 )
 
@@ -204,6 +207,14 @@ def test_extra_ports_are_the_rule_ports_beyond_the_fixed_ones() -> None:
         "64:ff9b::10.0.0.1",  # NAT64 of the LAN
         "2002:7f00:1::1",  # 6to4 of 127.0.0.1
         "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+        # RFC 8215 local-use NAT64: a gateway on the LAN, whatever
+        # ipaddress.is_global says on the running Python release.
+        "64:ff9b:1::1",
+        "64:ff9b:1::a00:1",
+        "64:ff9b:1:ffff:ffff:ffff:ffff:ffff",
+        "100.64.0.1",  # CGNAT
+        "192.0.0.9",
+        "198.18.0.1",
         "",
         "garbage",
         "localhost",
@@ -226,6 +237,55 @@ def test_public_address_refuses_everything_not_globally_routed(address: str) -> 
 )  # fmt: skip
 def test_public_address_accepts_global_unicast(address: str) -> None:
     assert public_address(address)
+
+
+def test_allow_private_rules_are_separate_and_say_so() -> None:
+    plain = parse_allow("db.corp.example:5432")
+    private = parse_allow("db.corp.example:5432", private=True)
+    assert plain != private and private.private and not plain.private
+    assert str(private) == "db.corp.example:5432 (private)"
+    rules = (plain, parse_allow("*.lan.example", private=True))
+    assert permitted(rules, "db.corp.example", 5432)
+    assert not private_permitted(rules, "db.corp.example", 5432)
+    assert private_permitted(rules, "nas.lan.example", 443)
+    assert not private_permitted(rules, "nas.lan.example", 22)  # the web ports only
+    assert not private_permitted(rules, "lan.example", 443)
+
+
+def _route(**kw: object) -> KeyRoute:
+    return KeyRoute("anthropic-api-key", "ANTHROPIC_API_KEY", "https://api.example", "x-api-key",
+                    **kw)  # type: ignore[arg-type]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "target", ["/v1/messages", "/v1/messages?beta=true", "/v1/models", "/v1/messages/count_tokens"]
+)
+def test_key_route_admits_the_apis_methods_and_paths(target: str) -> None:
+    for method in ("GET", "POST"):
+        assert key_route_refusal(_route(), method, target) is None
+
+
+@pytest.mark.parametrize("method", ["TRACE", "TRACK", "OPTIONS", "CONNECT", "PUT", "DELETE",
+                                    "PATCH", "HEAD", "get", "PROPFIND"])  # fmt: skip
+def test_key_route_refuses_other_methods(method: str) -> None:
+    refusal = key_route_refusal(_route(), method, "/v1/messages")
+    assert refusal is not None and "method" in refusal
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/", "/v1", "/v2/messages", "/api/oauth", "/v1/../admin", "/v1/./x", "/v1//x",
+     "/v1/%2e%2e/admin", "/v1/%2E%2E/admin", "/v1%2fadmin", "/v1/x%2Fy", "/v1/x%5cy",
+     "/v1/x\\y", "/v1/x y", "v1/messages", "/v1/x%00"],
+)  # fmt: skip
+def test_key_route_refuses_paths_outside_the_api_in_any_spelling(target: str) -> None:
+    assert key_route_refusal(_route(), "POST", target) is not None
+
+
+def test_key_route_paths_and_methods_are_data() -> None:
+    route = _route(methods=("POST",), paths=("/v1beta/", "/v1/"))
+    assert key_route_refusal(route, "POST", "/v1beta/models/x:generateContent") is None
+    assert key_route_refusal(route, "GET", "/v1beta/models") is not None
 
 
 @pytest.mark.parametrize(

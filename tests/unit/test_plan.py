@@ -259,6 +259,18 @@ def test_allowlist_rules_come_from_spec_project_and_options(key_spec: Spec) -> N
     assert sorted(guestfwds(plan)) == [22, 53, 80, 443, 3128, 4180, 8443]
 
 
+def test_allow_private_rules_are_marked_and_forward_their_ports(spec: Spec) -> None:
+    options = RunOptions(net="open", allow_private=("db.lan.example:5432", "*.corp.example"))
+    plan = build_plan(spec, options, make_facts())
+    assert plan.egress is not None
+    assert [(str(r), r.private) for r in plan.egress.rules] == [
+        ("db.lan.example:5432 (private)", True), ("*.corp.example (private)", True)
+    ]  # fmt: skip
+    assert sorted(guestfwds(plan)) == [53, 80, 443, 3128, 5432]
+    with pytest.raises(PlanError, match="allow entry 'http://x'"):
+        build_plan(spec, RunOptions(allow_private=("http://x",)), make_facts())
+
+
 def test_rule_ports_that_are_already_forwarded_are_not_doubled(spec: Spec) -> None:
     options = RunOptions(net="allowlist", allow=("a.example:443", "b.example:53", "c:4180"))
     plan = build_plan(spec, options, make_facts())
@@ -332,6 +344,7 @@ def test_inject_keys_keeps_the_key_on_the_host(key_spec: Spec) -> None:
     assert (route.prefix, route.var, route.upstream, route.header) == (
         "anthropic-api-key", "ANTHROPIC_API_KEY", "https://api.anthropic.com", "x-api-key"
     )  # fmt: skip
+    assert (route.methods, route.paths) == (("GET", "POST"), ("/v1/",))
     assert 4180 in guestfwds(plan)
     assert not any("io.systemd.credentials" in arg for arg in plan.qemu_argv)
     # The key's value is nowhere in what the runner writes, shows or passes.
@@ -345,11 +358,15 @@ def test_inject_keys_appends_the_base_url_path(sample: dict[str, Any]) -> None:
         {"var": "ANTHROPIC_API_KEY", "upstream": "https://example.com", "header": "authorization",
          "base_url_var": "OPENAI_BASE_URL", "base_url_path": "/v1"}
     ]  # fmt: skip
+    sample["key_proxy"][0] |= {"methods": ["POST"], "paths": ["/v1beta/"]}
     spec = parse_spec(sample, Path("/s.toml"))
     plan = build_plan(spec, RunOptions(), make_facts())
     assert "export OPENAI_BASE_URL=http://10.0.2.100:4180/anthropic-api-key/v1" in (
         plan.launch_data
     )
+    assert plan.egress is not None
+    (route,) = plan.egress.key_routes  # the spec's route data reaches the proxy
+    assert (route.methods, route.paths) == (("POST",), ("/v1beta/",))
 
 
 def test_inject_keys_without_the_key_in_the_environment(key_spec: Spec) -> None:

@@ -86,6 +86,9 @@ def test_network_and_key_proxy_tables_parse(sample: dict[str, Any], version: int
     sample["key_proxy"] = [KEY_PROXY | {"base_url_path": "/v1"}]
     spec = parse_spec(sample, Path("/specs/claude.toml"))
     assert spec.allow == ("api.anthropic.com", "*.example.com", "git.corp:8443")
+    # Without methods and paths: the defaults, GET and POST under /v1/.
+    assert spec.key_proxies[0].methods == ("GET", "POST")
+    assert spec.key_proxies[0].paths == ("/v1/",)
     assert spec.key_proxies == (
         KeyProxy(
             var="ANTHROPIC_API_KEY",
@@ -95,6 +98,12 @@ def test_network_and_key_proxy_tables_parse(sample: dict[str, Any], version: int
             base_url_path="/v1",
         ),
     )
+
+
+def test_key_route_methods_and_paths_are_read(sample: dict[str, Any]) -> None:
+    sample["key_proxy"] = [KEY_PROXY | {"methods": ["POST"], "paths": ["/v1beta/", "/v1/"]}]
+    (proxy,) = parse_spec(sample, Path("/specs/gemini.toml")).key_proxies
+    assert (proxy.methods, proxy.paths) == (("POST",), ("/v1beta/", "/v1/"))
 
 
 def test_version_2_without_the_new_tables_has_no_allowlist_or_key_proxies(
@@ -174,6 +183,15 @@ def _without(key: str) -> Any:
         (_key_proxy(base_url_path="v1"), "base_url_path must be empty or start with /"),
         (_key_proxy(base_url_path=1), "base_url_path must be empty or start with /"),
         (_key_proxy(extra=1), "unknown key 'extra'"),
+        (_key_proxy(methods=["GET", "TRACE"]), "must not include TRACE"),
+        (_key_proxy(methods=["CONNECT"]), "must not include TRACE, TRACK or CONNECT"),
+        (_key_proxy(methods=["get"]), "methods must be a non-empty list"),
+        (_key_proxy(methods=[]), "methods must be a non-empty list"),
+        (_key_proxy(methods="GET"), "methods must be a non-empty list"),
+        (_key_proxy(paths=["/v1"]), "paths must be a non-empty list"),
+        (_key_proxy(paths=["/"]), "paths must be a non-empty list"),
+        (_key_proxy(paths=["/v1/../"]), "paths must be a non-empty list"),
+        (_key_proxy(paths=["v1/"]), "paths must be a non-empty list"),
         (_without("var"), "var"),
         (_without("upstream"), "upstream"),
         (_without("header"), "header"),

@@ -36,6 +36,7 @@ environment:
   MICROVM_ACCEL, MICROVM_NET, MICROVM_BOOT_TIMEOUT, MICROVM_SUPERVISOR,
   MICROVM_MEM, MICROVM_VCPUS, MICROVM_INJECT_KEYS   defaults for the options of the same name
   MICROVM_ALLOW          extra allowlist entries, separated by spaces or commas
+  MICROVM_ALLOW_PRIVATE  --allow-private entries, separated by spaces or commas
   DIRENV_ALLOW=1         evaluate the project's dev shell on the host (runs its Nix code)
   ANTHROPIC_API_KEY, GEMINI_API_KEY, OPENAI_API_KEY
                          passed to the agent as credentials (never in argv or on disk in a share)
@@ -164,6 +165,14 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="with --net allowlist: also allow HOST (*.suffix and HOST:PORT work); repeatable",
     )
     add(
+        "--allow-private",
+        metavar="HOST",
+        action="append",
+        default=_words(env.get("MICROVM_ALLOW_PRIVATE", "")),
+        help="allow HOST even where it resolves to loopback, the LAN or this host "
+        "(no other rule does, in any mode; HOST:PORT for other ports than 80/443); repeatable",
+    )
+    add(
         "-p",
         "--publish",
         metavar="[ADDR:]HOST_PORT:GUEST_PORT",
@@ -240,6 +249,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         accel=args.accel,
         net=args.net,
         allow=tuple(args.allow),
+        allow_private=tuple(args.allow_private),
         ports=tuple(args.publish),
         inject_keys=args.inject_keys,
         supervisor=args.supervisor,
@@ -339,6 +349,10 @@ def _describe(plan: LaunchPlan) -> str:
         )
         if plan.egress.mode == "allowlist":
             lines.append(f"  allowlist: {rules}")
+        else:
+            inward = [str(rule) for rule in plan.egress.rules if rule.private]
+            if inward:
+                lines.append(f"  allow-private: {', '.join(inward)}")
         for route in plan.egress.key_routes:
             lines.append(f"  key proxy: {route.var} -> {route.upstream} ({route.header})")
     for forward in plan.port_forwards:

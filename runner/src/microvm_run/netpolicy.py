@@ -43,6 +43,35 @@ _PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also admits "²",
 # IPv6 ranges that carry an IPv4 address a connection may end up at.
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+# Never public, whatever the running Python's ``is_global`` says: its tables
+# changed between releases (3.11.x and 3.12.x disagree on several of these).
+_NOT_PUBLIC = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",  # CGNAT: the ISP's side of the LAN
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.0.0.0/24",
+        "192.0.2.0/24",
+        "192.168.0.0/16",
+        "198.18.0.0/15",
+        "198.51.100.0/24",
+        "203.0.113.0/24",
+        "224.0.0.0/3",  # multicast and reserved, up to the broadcast address
+        "64:ff9b:1::/48",  # RFC 8215: local-use NAT64, a gateway on the LAN
+        "100::/64",
+        "2001::/23",  # IETF protocol assignments (Teredo, ORCHID, ...)
+        "2001:db8::/32",
+        "2002::/16",  # 6to4: the IPv4 inside is checked instead (see below)
+        "fc00::/7",
+        "fe80::/10",
+        "fec0::/10",
+        "ff00::/8",
+    )
+)
 
 
 class PolicyError(ValueError):
@@ -51,11 +80,18 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class AllowRule:
-    """``host``, ``*.suffix`` (any subdomain, not the bare suffix) or either with ``:port``."""
+    """``host``, ``*.suffix`` (any subdomain, not the bare suffix) or either with ``:port``.
+
+    ``private``: the rule came from ``--allow-private`` and admits the name
+    even when it resolves to loopback, the LAN or the host's own addresses.
+    No other rule does, in any mode: a public name that a wildcard, a
+    split-horizon resolver or a rebinding attack points inwards is refused.
+    """
 
     host: str
     wildcard: bool = False
     port: int | None = None  # None: the web ports, 80 and 443
+    private: bool = False
 
     def matches(self, host: str, port: int) -> bool:
         # A rule without a port admits the web only: allowing a name for its
@@ -68,7 +104,8 @@ class AllowRule:
 
     def __str__(self) -> str:
         name = f"*.{self.host}" if self.wildcard else self.host
-        return name if self.port is None else f"{name}:{self.port}"
+        text = name if self.port is None else f"{name}:{self.port}"
+        return f"{text} (private)" if self.private else text
 
 
 def normalise_host(host: str) -> str:
@@ -79,7 +116,7 @@ def valid_hostname(host: str) -> bool:
     return len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
 
 
-def parse_allow(entry: str) -> AllowRule:
+def parse_allow(entry: str, *, private: bool = False) -> AllowRule:
     """One allowlist entry: ``api.example.com``, ``*.example.com``, ``git.corp:8443``."""
     text = normalise_host(entry)
     name, sep, port_text = text.rpartition(":") if ":" in text else (text, "", "")
@@ -97,7 +134,7 @@ def parse_allow(entry: str) -> AllowRule:
             f"allow entry {entry!r} is not a host name (examples: api.example.com, "
             "*.example.com, git.example.com:8443)"
         )
-    return AllowRule(host=name, wildcard=wildcard, port=port)
+    return AllowRule(host=name, wildcard=wildcard, port=port, private=private)
 
 
 def parse_allow_file(text: str, source: str) -> list[AllowRule]:
@@ -118,6 +155,12 @@ def permitted(rules: tuple[AllowRule, ...], host: str, port: int) -> bool:
     return any(rule.matches(host, port) for rule in rules)
 
 
+def private_permitted(rules: tuple[AllowRule, ...], host: str, port: int) -> bool:
+    """Did the user name this host:port with ``--allow-private``?"""
+    host = normalise_host(host)
+    return any(rule.private and rule.matches(host, port) for rule in rules)
+
+
 def extra_ports(rules: tuple[AllowRule, ...]) -> tuple[int, ...]:
     """Ports beyond BASE_PORTS that the guest needs a transparent path to."""
     reserved = {*BASE_PORTS, KEY_PROXY_PORT}
@@ -125,11 +168,12 @@ def extra_ports(rules: tuple[AllowRule, ...]) -> tuple[int, ...]:
 
 
 def public_address(address: str) -> bool:
-    """May ``open`` mode connect here?  Only globally routed unicast.
+    """May the proxy connect here without ``--allow-private``?  Only global unicast.
 
-    Refuses loopback, RFC 1918, link-local, CGNAT, ULA, multicast and the
-    other special ranges, so a name that resolves to the host or the LAN
-    (including DNS rebinding tricks) is not a way in.
+    Refuses loopback, RFC 1918, link-local, CGNAT, ULA, NAT64 local use,
+    multicast and the other special ranges, so a name that resolves to the
+    host or the LAN (including DNS rebinding tricks) is not a way in, in any
+    mode.  The host's own public addresses are checked separately (egress.py).
     """
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
@@ -143,6 +187,8 @@ def public_address(address: str) -> bool:
             ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         else:
             ip = ip.ipv4_mapped or ip.sixtofour or ip
+    if any(ip in net for net in _NOT_PUBLIC if net.version == ip.version):
+        return False
     return ip.is_global and not ip.is_multicast
 
 
@@ -189,12 +235,43 @@ def check_unique_forwards(forwards: tuple[PortForward, ...]) -> None:
 
 @dataclass(frozen=True)
 class KeyRoute:
-    """--inject-keys: requests under ``/<prefix>`` go to ``upstream`` with VAR's value."""
+    """--inject-keys: requests under ``/<prefix>`` go to ``upstream`` with VAR's value.
+
+    Only ``methods`` on paths under one of ``paths`` (the flavor's data in
+    lib/network.nix): the key is good for the agent's API calls, not for
+    TRACE or for whatever else the upstream host serves.
+    """
 
     prefix: str  # a path segment, e.g. "anthropic"
     var: str
     upstream: str  # e.g. https://api.anthropic.com
     header: str  # "x-api-key", "authorization" (Bearer) or "x-goog-api-key"
+    methods: tuple[str, ...] = ("GET", "POST")
+    paths: tuple[str, ...] = ("/v1/",)  # prefixes of the upstream path, each ending in /
+
+
+# A path the key route passes: plain segments of RFC 3986 path characters.
+# No percent-encoded dot, slash or backslash, no empty or dot segments: the
+# prefix check must see the path the upstream will route.
+_ROUTE_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?")
+_ENCODED_SEPARATOR = re.compile(r"%(2[eEfF]|5[cC]|00)")
+
+
+def key_route_refusal(route: KeyRoute, method: str, target: str) -> str | None:
+    """Why the key route refuses ``method target`` (relative to the upstream), or None."""
+    if method not in route.methods:
+        return f"method {method} is not one the API uses ({', '.join(route.methods)})"
+    path = target.split("?", 1)[0]
+    segments = path.split("/")[1:]
+    if (
+        not _ROUTE_PATH.fullmatch(path)
+        or _ENCODED_SEPARATOR.search(path)
+        or any(segment in (".", "..") for segment in segments)
+    ):
+        return "path is not a plain API path"
+    if not any(path.startswith(prefix) for prefix in route.paths):
+        return f"path is outside the API ({', '.join(route.paths)})"
+    return None
 
 
 @dataclass(frozen=True)

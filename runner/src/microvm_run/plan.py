@@ -42,6 +42,8 @@ class RunOptions:
     accel: str = "kvm"
     net: str = "open"
     allow: tuple[str, ...] = ()  # --allow HOST, MICROVM_ALLOW
+    # --allow-private HOST, MICROVM_ALLOW_PRIVATE: may resolve to loopback/LAN
+    allow_private: tuple[str, ...] = ()
     ports: tuple[str, ...] = ()  # -p [HOST_ADDR:]HOST_PORT:GUEST_PORT
     inject_keys: bool | None = None  # None: on when the flavor supports it
     supervisor: str = "auto"
@@ -321,7 +323,7 @@ def _egress(
         rules = tuple(
             netpolicy.parse_allow(entry)
             for entry in (*spec.allow, *facts.project_allow, *options.allow)
-        )
+        ) + tuple(netpolicy.parse_allow(entry, private=True) for entry in options.allow_private)
     except PolicyError as err:
         raise PlanError(str(err)) from None
     routes = tuple(
@@ -330,6 +332,8 @@ def _egress(
             var=p.var,
             upstream=p.upstream,
             header=p.header,
+            methods=p.methods,
+            paths=p.paths,
         )
         for p in spec.key_proxies
         if inject

@@ -44,6 +44,8 @@ Spec version 2 (version 1 is version 2 without ``[network]`` and
     header = "x-api-key"                 # see KEY_HEADERS
     base_url_var = "ANTHROPIC_BASE_URL"  # the guest variable pointed at the proxy
     base_url_path = ""                   # appended to the proxy URL, e.g. "/v1"
+    methods = ["GET", "POST"]            # optional: all the route forwards (never
+    paths = ["/v1/"]                     # TRACE); prefixes of the upstream path
 
 Relative paths in ``[guest]`` and ``[host]`` are resolved against the spec
 file's directory, so a test guest can ship a spec beside its kernel.
@@ -73,6 +75,9 @@ SHARE_SOURCES = {
 
 # How the key proxy presents a key upstream: the header and its form.
 KEY_HEADERS = ("x-api-key", "authorization", "x-goog-api-key")
+# What lib/spec.nix checks too: a key route's methods and path prefixes.
+KEY_ROUTE_METHOD = re.compile(r"[A-Z]{1,16}")
+KEY_ROUTE_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+/")
 
 _AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -102,6 +107,8 @@ class KeyProxy:
     header: str
     base_url_var: str
     base_url_path: str = ""
+    methods: tuple[str, ...] = ("GET", "POST")
+    paths: tuple[str, ...] = ("/v1/",)
 
 
 @dataclass(frozen=True)
@@ -238,7 +245,11 @@ def _key_proxies(data: dict[str, Any], key_vars: list[str], where: str) -> tuple
         ctx = f"{where} key_proxy[{index}]"
         if not isinstance(item, dict):
             raise SpecError(f"{ctx}: must be a table")
-        _no_unknown(item, {"var", "upstream", "header", "base_url_var", "base_url_path"}, ctx)
+        _no_unknown(
+            item,
+            {"var", "upstream", "header", "base_url_var", "base_url_path", "methods", "paths"},
+            ctx,
+        )
         var = _str(item, "var", ctx)
         if var not in key_vars:
             raise SpecError(f"{ctx}: var {var!r} is not in agent.api_key_vars")
@@ -254,10 +265,28 @@ def _key_proxies(data: dict[str, Any], key_vars: list[str], where: str) -> tuple
         path = item.get("base_url_path", "")
         if not isinstance(path, str) or (path and not path.startswith("/")):
             raise SpecError(f"{ctx}: base_url_path must be empty or start with /")
-        proxies.append(KeyProxy(var, upstream, header, base_url_var, path))
+        methods = _key_route_list(item, "methods", KEY_ROUTE_METHOD, ("GET", "POST"), ctx)
+        if {"TRACE", "TRACK", "CONNECT"} & set(methods):
+            raise SpecError(f"{ctx}: methods must not include TRACE, TRACK or CONNECT")
+        paths = _key_route_list(item, "paths", KEY_ROUTE_PATH, ("/v1/",), ctx)
+        proxies.append(KeyProxy(var, upstream, header, base_url_var, path, methods, paths))
     if len({p.var for p in proxies}) != len(proxies):
         raise SpecError(f"{where}: two key_proxy entries for the same var")
     return tuple(proxies)
+
+
+def _key_route_list(
+    item: dict[str, Any], key: str, pattern: re.Pattern[str], default: tuple[str, ...], ctx: str
+) -> tuple[str, ...]:
+    values = item.get(key, list(default))
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, str) and pattern.fullmatch(v) for v in values)
+        or any("/./" in v or "/../" in v for v in values)
+    ):
+        raise SpecError(f"{ctx}: {key} must be a non-empty list like {list(default)}")
+    return tuple(values)
 
 
 def _shares(data: dict[str, Any], where: str) -> list[Any]:
