@@ -88,6 +88,8 @@ def _complete_request(data: bytes) -> bool:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
+        if name.strip().lower() == b"transfer-encoding":
+            return len(data) > end + 4 and data.endswith(b"\r\n\r\n")  # a body's end
     return len(data) >= end + 4 + length
 
 
@@ -122,10 +124,14 @@ def proxy_factory(sock_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Egre
         routes: tuple[KeyRoute, ...] = (),
         keys: dict[str, str] | None = None,
         socket_path: Path | None = None,
+        *,
+        private: bool = True,
     ) -> EgressProxy:
+        # The upstreams here all listen on loopback, which only a private
+        # rule (--allow-private) reaches: ``private=False`` tests that.
         config = EgressConfig(
             mode=mode,
-            rules=tuple(parse_allow(entry) for entry in allow),
+            rules=tuple(parse_allow(entry, private=private) for entry in allow),
             socket=socket_path or sock_dir / "egress.sock",
             log=tmp_path / "state" / "egress.log",
             instance_id="cafe0001",
@@ -142,12 +148,13 @@ def proxy_factory(sock_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Egre
 
 
 def connect(proxy: EgressProxy, port: int) -> socket.socket:
-    """What relay.py does for one guest connection."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT_S)
-    sock.connect(str(proxy.config.socket))
-    sock.sendall(f"{port}\n".encode())
-    return sock
+    """What QEMU and relay.py do for one guest connection: the socket is handed over."""
+    guest, relayed = socket.socketpair()
+    with relayed, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as relay:
+        relay.connect(str(proxy.config.socket))
+        socket.send_fds(relay, [f"{port}\n".encode()], [relayed.fileno()])
+    guest.settimeout(TIMEOUT_S)
+    return guest
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -195,14 +202,15 @@ def status(response: bytes) -> int:
 # -- allowlist and open mode over the transparent HTTP path -----------------------
 
 
-def test_allowlist_passes_a_listed_name_unchanged(
+def test_allowlist_passes_a_listed_name_as_one_request(
     proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
 ) -> None:
     server = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
     request = b"GET /x HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n"
     assert exchange(proxy, server.port, request) == server.reply
-    assert server.received == [request]  # transparent: not a byte changed
+    # Unchanged but for one request per connection.
+    assert server.received == [request[:-2] + b"Connection: close\r\n\r\n"]
     text = wait_for_log(proxy, "allow")
     assert f"cafe0001 allow localhost:{server.port} via http" in text
     assert proxy.allowed == 1 and proxy.summary() is None
@@ -253,7 +261,7 @@ def test_host_header_case_port_and_trailing_dot_are_normalised(
     request = b"GET / HTTP/1.1\r\nhost: LocalHost.:9\r\n\r\n"
     # The port in the Host header is not where the connection goes: the guest port is.
     assert exchange(proxy, server.port, request) == b"pong"
-    assert server.received == [request]
+    assert server.received == [request[:-2] + b"Connection: close\r\n\r\n"]
 
 
 @pytest.mark.parametrize(
@@ -532,9 +540,11 @@ def test_absolute_form_without_a_path_gets_slash(
 ) -> None:
     server = upstream()
     proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
-    request = f"GET http://localhost:{server.port} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    request = f"GET http://localhost:{server.port} HTTP/1.1\r\n\r\n".encode()
     exchange(proxy, 3128, request)
-    assert server.received == [b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"]
+    assert server.received == [
+        f"GET / HTTP/1.1\r\nHost: localhost:{server.port}\r\nConnection: close\r\n\r\n".encode()
+    ]
 
 
 @pytest.mark.parametrize(
@@ -745,7 +755,7 @@ def test_key_proxy_upstream_down_is_502_without_the_key(
         closed_port = probe.getsockname()[1]
     route = KeyRoute("k", "OPENAI_API_KEY", f"http://127.0.0.1:{closed_port}", "authorization")
     proxy = proxy_factory("allowlist", (), (route,), KEYS)
-    response = exchange(proxy, 4180, b"GET /k/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = exchange(proxy, 4180, b"GET /k/v1/x HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status(response) == 502
     assert b"sk-real" not in response
     assert "sk-real" not in wait_for_log(proxy, "key-proxy")
@@ -847,7 +857,8 @@ def test_a_connection_without_a_port_line_is_dropped(
         sock.connect(str(proxy.config.socket))
         sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         sock.shutdown(socket.SHUT_WR)
-        assert read_all(sock) == b""
+        with contextlib.suppress(ConnectionResetError):  # unread bytes at close: a reset
+            assert read_all(sock) == b""
 
 
 def test_end_to_end_through_relay_py(
@@ -875,4 +886,349 @@ def test_end_to_end_through_relay_py(
         assert relay.wait(TIMEOUT_S) == 0
     assert results["localhost"] == server.reply
     assert status(results["blocked.example"]) == 403
-    assert server.received == [b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"]
+    assert server.received == [b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"]
+
+
+# -- addresses: checked in every mode, inward only through --allow-private ---------
+
+
+@pytest.mark.parametrize("mode", ["allowlist", "open"])
+def test_a_listed_name_that_resolves_to_loopback_is_refused_without_a_private_rule(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], mode: str
+) -> None:
+    # What a wildcard rule, split-horizon DNS or rebinding amounts to: an
+    # allowed name whose address is the host's own loopback.
+    server = upstream()
+    proxy = proxy_factory(mode, (f"localhost:{server.port}",), private=False)
+    response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status(response) == 403
+    assert b"non-public address" in response and b"--allow-private" in response
+    assert server.received == []
+    assert f"deny localhost:{server.port} via http (resolves to non-public address" in (
+        wait_for_log(proxy, "deny")
+    )
+
+
+def test_a_private_rule_admits_only_its_own_host_and_port(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server, other = upstream(), upstream()
+    proxy = proxy_factory("open", (f"localhost:{server.port}",), private=True)
+    request = b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert exchange(proxy, server.port, request) == b"pong"
+    assert status(exchange(proxy, other.port, request)) == 403  # open mode, but inward
+    assert other.received == []
+
+
+def test_the_hosts_own_address_is_refused_before_any_handshake(
+    proxy_factory: Callable[..., EgressProxy],
+    upstream: Callable[..., Upstream],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if 127.0.0.1 were a public address of this host: the check that
+    # remains is "one of our own", asked of the kernel before connecting.
+    server = upstream()
+    accepted: list[object] = []
+    handle = server.server.RequestHandlerClass.handle
+
+    def counting(self: socketserver.BaseRequestHandler) -> None:
+        accepted.append(self.client_address)
+        handle(self)
+
+    monkeypatch.setattr(server.server.RequestHandlerClass, "handle", counting)
+    monkeypatch.setattr("microvm_run.netpolicy.public_address", lambda _address: True)
+    proxy = proxy_factory("open")
+    response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert status(response) == 403 and b"this host's address 127.0.0.1" in response
+    time.sleep(0.2)
+    assert accepted == [] and server.received == []
+
+
+# -- one request per policy decision --------------------------------------------------
+
+
+def test_a_pipelined_second_request_never_reaches_the_upstream(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    first = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    second = b"GET /secret HTTP/1.1\r\nHost: denied.example\r\n\r\n"
+    assert exchange(proxy, server.port, first + second) == server.reply
+    assert server.received == [first[:-2] + b"Connection: close\r\n\r\n"]
+
+
+def test_a_second_absolute_form_request_on_3128_is_not_forwarded(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    first = f"GET http://localhost:{server.port}/a HTTP/1.1\r\n\r\n".encode()
+    second = f"GET http://denied.example:{server.port}/b HTTP/1.1\r\n\r\n".encode()
+    assert exchange(proxy, 3128, first + second) == b"pong"
+    (got,) = server.received
+    assert got.startswith(b"GET /a HTTP/1.1\r\n") and b"/b" not in got
+
+
+@pytest.mark.parametrize("host", ["denied.example", "localhost:1", "x@localhost"])
+def test_a_url_that_disagrees_with_its_host_header_is_400_on_3128(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], host: str
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = f"GET http://localhost:{server.port}/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    response = exchange(proxy, 3128, request)
+    assert status(response) == 400 and b"Host header differ" in response
+    assert server.received == []
+
+
+def test_an_absolute_url_on_the_transparent_port_must_match_the_host_header(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    # The upstream routes by the URL: deciding by the Host header alone let
+    # a denied virtual host on an allowed address through.
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    bad = b"GET http://denied.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert status(exchange(proxy, server.port, bad)) == 400
+    good = b"GET http://localhost/ HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    assert exchange(proxy, server.port, good) == b"pong"
+    assert len(server.received) == 1
+
+
+def test_a_chunked_body_is_forwarded_whole_and_what_follows_it_is_not(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    head = b"POST /up HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    smuggled = b"GET /secret HTTP/1.1\r\nHost: denied.example\r\n\r\n"
+    with connect(proxy, server.port) as sock:
+        sock.sendall(head + body[:9])
+        time.sleep(0.05)  # the body in pieces, as a slow client sends it
+        sock.sendall(body[9:] + smuggled)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b"pong"
+    (got,) = server.received
+    assert got.endswith(b"\r\n\r\n" + body) and b"secret" not in got
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        b"Content-Length: 3\r\nContent-Length: 4\r\n",
+        b"Content-Length: +3\r\n",
+        b"Transfer-Encoding: gzip, chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    ],
+)
+def test_ambiguous_body_lengths_are_refused(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], headers: bytes
+) -> None:
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    request = b"POST / HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\nabc"
+    assert status(exchange(proxy, server.port, request)) == 400
+    assert status(exchange(proxy, 3128, request.replace(b"/", b"http://localhost/", 1))) == 400
+    assert server.received == []
+
+
+@pytest.mark.parametrize(
+    "target", [b"http://[::1/", b"http://[x]:80/", b"http://localhost:99999/", b"http://%zz/"]
+)
+def test_a_malformed_absolute_url_on_3128_is_one_400_and_no_traceback(
+    proxy_factory: Callable[..., EgressProxy],
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+    target: bytes,
+) -> None:
+    proxy = proxy_factory("open")
+    response = exchange(proxy, 3128, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(response) == 400 and response.count(b"HTTP/1.1") == 1
+    proxy.stop()
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- the key route: the agent's API only, and never the key back ---------------------
+
+
+def test_trace_on_the_key_route_is_refused_before_the_upstream(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(), upstream(echo=True)
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    response = exchange(
+        proxy, 4180, b"TRACE /anthropic-api-key/v1/messages HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert status(response) == 405
+    assert b"sk-ant" not in response
+    assert x_api.received == []
+    assert "method TRACE" in wait_for_log(proxy, "deny")
+
+
+def test_a_reflecting_upstream_never_hands_the_key_back(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    # An upstream (or a path on it) that echoes the request: the proxy
+    # cuts the response off before the bytes of the key reach the guest.
+    bearer, x_api = upstream(), upstream(echo=True)
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    request = (
+        b"POST /anthropic-api-key/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    with connect(proxy, 4180) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(ConnectionResetError):
+            response = read_all(sock)
+    assert b"sk-ant-real-5678"[:4] not in response.replace(b"sk-ant-real", b"")
+    assert b"real-5678" not in response and b"x-api-key" not in response.lower()
+    assert "the response contained the key" in wait_for_log(proxy, "contained")
+
+
+@pytest.mark.parametrize("target", [b"/anthropic-api-key/admin", b"/anthropic-api-key/v1/../x",
+                                    b"/anthropic-api-key/v1/%2e%2e/x"])  # fmt: skip
+def test_the_key_route_refuses_paths_outside_the_api(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], target: bytes
+) -> None:
+    bearer, x_api = upstream(), upstream()
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    response = exchange(proxy, 4180, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status(response) == 403
+    assert x_api.received == []
+
+
+def test_a_pipelined_second_request_on_the_key_route_gets_no_key(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    first = b"GET /anthropic-api-key/v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"TRACE /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert exchange(proxy, 4180, first + second) == x_api.reply
+    (got,) = x_api.received
+    assert b"TRACE" not in got
+
+
+# -- bounded: connections, log lines, names; escaped: what the guest chose ------------
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
+    proxy_factory: Callable[..., EgressProxy], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("microvm_run.egress.MAX_CONNECTIONS", 4)
+    proxy = proxy_factory("open")
+    held = [connect(proxy, 443) for _ in range(4)]
+    time.sleep(0.2)
+    with connect(proxy, 443) as extra:
+        assert read_all(extra) == b""  # closed by the proxy, not left waiting
+    assert "over 4 connections" in wait_for_log(proxy, "over 4")
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    (answer,) = dns_exchange(proxy, [dns_message("a.example")])  # room again
+    assert parse_answer(answer)["rcode"] == 0
+
+
+def test_guest_chosen_names_are_escaped_in_the_log_and_the_summary(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    proxy = proxy_factory("allowlist", ("ok.example",))
+    dns_exchange(proxy, [dns_message("\x1b[2J\x1b]0;pwned\x07.example")])
+    exchange(proxy, 80, b"GET / HTTP/1.1\r\nHost: evil\x1b[31m.example\r\n\r\n")
+    text = wait_for_log(proxy, "evil")
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b[2j\\x1b]0;pwned\\x07.example:53" in text
+    assert "evil\\x1b[31m.example:80" in text
+    assert len(text.splitlines()) == 2
+    summary = proxy.summary()
+    assert summary is not None and "\x1b" not in summary and "\\x1b[31m" in summary
+
+
+# -- whole downloads: no task lost to the garbage collector -------------------------
+
+
+class BigUpstream:
+    """Serves ``size`` bytes after any request head, in uneven, paced pieces."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.payload = bytes(range(256)) * (size // 256)
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(inner) -> None:
+                sock = inner.request
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := sock.recv(4096)):
+                    data += chunk
+                if data.startswith(b"CONNECT") or not data.startswith((b"GET", b"\x16")):
+                    pass
+                header = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode()
+                sock.sendall(header)
+                view = memoryview(self.payload)
+                pos, step = 0, 1
+                while pos < len(view):
+                    end = min(pos + 4096 * step, len(view))
+                    sock.sendall(view[pos:end])
+                    pos, step = end, step % 37 + 1
+                    if step == 1:
+                        time.sleep(0.001)  # slower than the guest now and then
+                sock.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_many_large_downloads_lose_no_bytes_under_garbage_collection(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    import gc  # noqa: PLC0415 - only this test drives the collector
+
+    size = 8 * 1024 * 1024
+    big = BigUpstream(size)
+    proxy = proxy_factory("allowlist", (f"localhost:{big.port}",))
+    stop = threading.Event()
+
+    def collect() -> None:  # what a busy runner's allocations do, often
+        while not stop.is_set():
+            gc.collect()
+            time.sleep(0.002)
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    results: list[int] = []
+
+    def download(way: str) -> None:
+        with connect(proxy, 3128 if way == "connect" else big.port) as sock:
+            if way == "connect":
+                sock.sendall(f"CONNECT localhost:{big.port} HTTP/1.1\r\n\r\n".encode())
+                assert sock.recv(39).startswith(b"HTTP/1.1 200")
+            sock.sendall(b"GET /big HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)  # the client is done talking
+            data = read_all(sock)
+        body = data.partition(b"\r\n\r\n")[2]
+        results.append(len(body) if body == big.payload else -len(body))
+
+    try:
+        for _ in range(3):
+            threads = [
+                threading.Thread(target=download, args=(way,), daemon=True)
+                for way in ("http", "connect", "http", "connect")
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+    finally:
+        stop.set()
+        collector.join()
+        big.close()
+    assert results == [size] * 12

@@ -90,124 +90,61 @@ def read_until_eof(sock: socket.socket) -> bytes:
     return data
 
 
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        assert chunk, "EOF too early"
-        data += chunk
-    return data
+def receive_guest(conn: socket.socket) -> tuple[bytes, list[socket.socket]]:
+    """What the egress proxy reads: the port line and the attached sockets."""
+    message, fds, _flags, _addr = socket.recv_fds(conn, 64, 4)
+    return message, [socket.socket(fileno=fd) for fd in fds]
 
 
 @pytest.mark.parametrize("pair", [socket.socketpair, tcp_pair], ids=["unix", "tcp"])
-def test_port_header_then_guest_bytes_then_the_answer(
+def test_the_guest_socket_itself_is_handed_over_and_the_relay_exits(
     sock_dir: Path, pair: Callable[[], tuple[socket.socket, socket.socket]]
 ) -> None:
-    received: list[bytes] = []
+    handed: list[tuple[bytes, list[socket.socket]]] = []
 
     def script(conn: socket.socket) -> None:
-        received.append(read_until_eof(conn))  # ends when the guest half-closes
-        conn.sendall(b"answer")
+        handed.append(receive_guest(conn))
 
     proxy = FakeProxy(sock_dir / "egress.sock", script)
     relay, guest = start_relay("443", proxy.path, pair)
     with guest:
-        guest.sendall(b"client hello")
-        guest.shutdown(socket.SHUT_WR)
-        assert read_until_eof(guest) == b"answer"
-    assert relay.wait(TIMEOUT_S) == 0
-    proxy.join()
-    assert received == [b"443\nclient hello"]
+        # The relay is gone while the guest's connection is still open: no
+        # host process per guest connection.
+        assert relay.wait(TIMEOUT_S) == 0
+        proxy.join()
+        ((message, sockets),) = handed
+        assert message == b"443\n" and len(sockets) == 1
+        (served,) = sockets
+        with served:
+            served.settimeout(TIMEOUT_S)
+            guest.sendall(b"client hello")
+            guest.shutdown(socket.SHUT_WR)
+            assert read_until_eof(served) == b"client hello"
+            served.sendall(b"answer")
+            served.shutdown(socket.SHUT_WR)
+            assert read_until_eof(guest) == b"answer"
 
 
-def test_proxy_half_close_reaches_the_guest_which_can_still_send(sock_dir: Path) -> None:
-    received: list[bytes] = []
-
-    def script(conn: socket.socket) -> None:
-        assert read_exactly(conn, 3) == b"53\n"
-        conn.sendall(b"banner")
-        conn.shutdown(socket.SHUT_WR)
-        received.append(read_until_eof(conn))
-
-    proxy = FakeProxy(sock_dir / "egress.sock", script)
-    relay, guest = start_relay("53", proxy.path)
-    with guest:
-        assert read_until_eof(guest) == b"banner"  # EOF while the guest's side is open
-        guest.sendall(b"late words")
-        guest.shutdown(socket.SHUT_WR)
-        assert read_until_eof(guest) == b""
-    assert relay.wait(TIMEOUT_S) == 0
-    proxy.join()
-    assert received == [b"late words"]
-
-
-def test_interleaved_exchange(sock_dir: Path) -> None:
-    def script(conn: socket.socket) -> None:
-        assert read_exactly(conn, 5) == b"3128\n"
-        for i in range(20):
-            assert read_exactly(conn, 4) == f"q{i:03}"[:4].encode()
-            conn.sendall(f"a{i:03}"[:4].encode())
-        assert read_until_eof(conn) == b""
-
-    proxy = FakeProxy(sock_dir / "egress.sock", script)
-    relay, guest = start_relay("3128", proxy.path)
-    with guest:
-        for i in range(20):
-            guest.sendall(f"q{i:03}"[:4].encode())
-            assert read_exactly(guest, 4) == f"a{i:03}"[:4].encode()
-        guest.shutdown(socket.SHUT_WR)
-        assert read_until_eof(guest) == b""
-    assert relay.wait(TIMEOUT_S) == 0
-    proxy.join()
-
-
-def test_large_transfers_both_ways_at_once_do_not_deadlock(sock_dir: Path) -> None:
-    size = 8 * 1024 * 1024
-    payload = bytes(range(256)) * (size // 256)
+def test_many_connections_leave_no_relay_running(sock_dir: Path) -> None:
+    kept: list[socket.socket] = []
 
     def script(conn: socket.socket) -> None:
-        # Echo as it comes: both directions full at the same time.
-        assert read_exactly(conn, 4) == b"443\n"
-        while chunk := conn.recv(65536):
-            conn.sendall(chunk)
-        conn.shutdown(socket.SHUT_WR)
+        for _ in range(20):
+            accepted, _ = proxy.listener.accept() if kept else (conn, None)
+            with accepted:
+                kept.extend(receive_guest(accepted)[1])
 
     proxy = FakeProxy(sock_dir / "egress.sock", script)
-    relay, guest = start_relay("443", proxy.path)
-    echoed: list[bytes | OSError] = []
-
-    def read_back() -> None:
-        try:
-            echoed.append(read_until_eof(guest))
-        except OSError as err:
-            echoed.append(err)
-
-    reader = threading.Thread(target=read_back, daemon=True)
-    with guest:
-        reader.start()
-        guest.sendall(payload)
-        guest.shutdown(socket.SHUT_WR)
-        reader.join(TIMEOUT_S * 3)
-        assert not reader.is_alive(), "the relay deadlocked"
-    assert echoed == [payload]
-    assert relay.wait(TIMEOUT_S) == 0
+    proxy.listener.listen(32)
+    started = [start_relay("80", proxy.path) for _ in range(20)]
+    assert [relay.wait(TIMEOUT_S) for relay, _ in started] == [0] * 20
     proxy.join()
-
-
-def test_guest_reset_ends_the_relay(sock_dir: Path) -> None:
-    closed = threading.Event()
-
-    def script(conn: socket.socket) -> None:
-        read_until_eof(conn)
-        closed.set()
-
-    proxy = FakeProxy(sock_dir / "egress.sock", script)
-    relay, guest = start_relay("80", proxy.path)
-    guest.sendall(b"GET / HTTP/1.1\r\n")
-    guest.close()
-    assert relay.wait(TIMEOUT_S) == 0
-    proxy.join()
-    assert closed.is_set()
+    assert len(kept) == 20  # every guest connection is open, held by the proxy alone
+    for sock in kept:
+        sock.close()
+    for _, guest in started:
+        with guest:
+            assert read_until_eof(guest) == b""
 
 
 def test_no_proxy_means_exit_1_and_nothing_for_the_guest(sock_dir: Path) -> None:

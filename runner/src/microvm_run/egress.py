@@ -1,9 +1,11 @@
 """The egress proxy: the guest's only way out in ``open`` and ``allowlist`` mode.
 
 QEMU runs user networking with ``restrict=on`` and hands each guest TCP
-connection to EGRESS_ADDR:PORT to relay.py, which passes it here over a
-unix socket in the instance's runtime dir, prefixed by a line naming the
-guest port.  By port:
+connection to EGRESS_ADDR:PORT to relay.py, which passes the connection's
+socket itself (SCM_RIGHTS) to this proxy's unix socket in the instance's
+runtime dir, with a line naming the guest port, and exits: no host process
+lives per guest connection, and the proxy holds at most MAX_CONNECTIONS.
+By port:
 
 * 53: DNS over TCP.  Every allowed name resolves to EGRESS_ADDR; nothing is
   looked up for the guest, so DNS cannot carry data out.
@@ -13,12 +15,18 @@ guest port.  By port:
 * 3128: an explicit HTTP proxy (CONNECT, or absolute-form requests);
   HTTP(S)_PROXY in the guest points here.
 * 4180: with --inject-keys, the API key proxy: the guest's API base URL
-  points here, and the request goes upstream with the real key added.
+  points here, and the request goes upstream with the real key added, if
+  its method and path are ones the agent's API uses (the flavor's route).
 
 Policy, applied on the host: ``allowlist`` admits only names that match a
-rule; ``open`` admits any name whose addresses are all public (never the
-host's loopback, the LAN or the host's own addresses).  Each decision is
-appended to the egress log with the host name.
+rule; ``open`` admits any name.  In both, every address the name resolves
+to must be public (never the host's loopback, the LAN or the host's own
+addresses) unless the user named the host with ``--allow-private``.  Plain
+HTTP is one request per connection: the proxy forwards the first request
+(its body framed by Content-Length or chunked encoding) with
+``Connection: close`` and nothing after it, so a pipelined second request
+cannot reach another virtual host on an allowed address.  Each decision is
+appended to the (bounded, escaped) egress log.
 
 The proxy runs on an asyncio loop in a thread of the runner, so it ends with
 the runner; the listening socket is bound before QEMU starts, so a policy
@@ -33,12 +41,12 @@ import os
 import socket
 import ssl
 import threading
-import time
 from collections import Counter
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from microvm_run import netpolicy, sniff
+from microvm_run.egresslog import EgressLog, printable
 from microvm_run.netpolicy import EgressConfig, KeyRoute
 
 __all__ = ["EgressConfig", "EgressError", "EgressProxy", "KeyRoute"]
@@ -46,6 +54,9 @@ __all__ = ["EgressConfig", "EgressError", "EgressProxy", "KeyRoute"]
 HEAD_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 15.0
 START_TIMEOUT_S = 5.0
+# Guest connections held at once; beyond it a new one is closed at once (and
+# counted).  Each costs the runner a few tens of KiB, not a process.
+MAX_CONNECTIONS = 256
 _CHUNK = 64 * 1024
 # Headers that carry credentials or hop-by-hop state; the key proxy drops
 # whatever the guest sent for them before adding the real key.
@@ -62,6 +73,10 @@ _DROPPED_HEADERS = frozenset(
         "upgrade",
     }
 )
+# Hop-by-hop headers of a plain HTTP request: one request per connection
+# means no keep-alive and no protocol switch (which would turn the rest of
+# the connection into bytes no policy reads).
+_HOP_HEADERS = frozenset({"connection", "keep-alive", "proxy-connection", "upgrade"})
 
 
 class EgressError(RuntimeError):
@@ -82,22 +97,32 @@ class EgressProxy:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self.denied: Counter[str] = Counter()
-        self.allowed = 0
-        self._log_file = None
+        self._log = EgressLog(config.log, config.instance_id)
+        # Strong references to every connection's task: the loop keeps only
+        # weak ones, and a task waiting on a stream whose protocol holds its
+        # reader weakly is otherwise garbage ("Task was destroyed but it is
+        # pending"), which cut large downloads short.
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def denied(self) -> Counter[str]:
+        return self._log.denied
+
+    @property
+    def allowed(self) -> int:
+        return self._log.allowed
 
     def start(self) -> None:
         try:
-            self.config.log.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._log_file = self.config.log.open("a", buffering=1)
+            self._log.open()
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as err:
             raise EgressError(f"cannot set up the egress proxy: {err}") from None
         try:
             listener.bind(str(self.config.socket))
             os.chmod(self.config.socket, 0o600)
-            listener.listen(64)
+            listener.listen(MAX_CONNECTIONS)
+            listener.setblocking(False)
         except OSError as err:
             listener.close()
             raise EgressError(f"cannot set up the egress proxy: {err}") from None
@@ -114,41 +139,24 @@ class EgressProxy:
             self._thread.join(10.0)
         elif not self._loop.is_closed():
             self._loop.close()  # start() failed before the thread ran
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        self._log.close()
 
     def summary(self) -> str | None:
-        """One line on what was denied, for the end of the run."""
-        if not self.denied:
-            return None
-        shown = ", ".join(f"{host} ({n}x)" for host, n in self.denied.most_common(5))
-        more = len(self.denied) - 5
-        tail = f" and {more} more" if more > 0 else ""
-        total = sum(self.denied.values())
-        return f"egress denied {total} connection(s): {shown}{tail}; see {self.config.log}"
+        """One line on what was denied, for the end of the run (names escaped)."""
+        return self._log.summary()
 
     # -- the loop thread ---------------------------------------------------------
 
     def _run(self, listener: socket.socket) -> None:
         asyncio.set_event_loop(self._loop)
-        try:
-            self._server = self._loop.run_until_complete(
-                asyncio.start_unix_server(self._handle, sock=listener)
-            )
-        except BaseException as err:  # reported to start() via the event
-            self._start_error = err
-            listener.close()
-            self._loop.close()
-            self._started.set()
-            return
+        server = self._loop.create_task(self._serve(listener))
         self._started.set()
         try:
             self._loop.run_forever()
         finally:
-            self._server.close()
             # Cancel every connection and let each run its cleanup (closing
             # the guest's and the upstream's sockets) before the loop closes.
+            server.cancel()
             tasks = asyncio.all_tasks(self._loop)
             for task in tasks:
                 task.cancel()
@@ -156,28 +164,53 @@ class EgressProxy:
                 self._loop.run_until_complete(
                     asyncio.wait(tasks, timeout=START_TIMEOUT_S) if tasks else asyncio.sleep(0)
                 )
+            listener.close()
             self._loop.close()
 
-    def _record(self, verdict: str, host: str, port: int, via: str, why: str = "") -> None:
-        if verdict == "deny":
-            self.denied[f"{host}:{port}"] += 1
-        else:
-            self.allowed += 1
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        line = f"{stamp} {self.config.instance_id} {verdict} {host}:{port} via {via}"
-        if why:
-            line += f" ({why})"
-        if self._log_file is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._log_file.write(line + "\n")
+    async def _serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError:
+                await asyncio.sleep(0.1)  # EMFILE and the like: back off, go on
+                continue
+            if len(self._connections) >= MAX_CONNECTIONS:
+                conn.close()  # the guest's connection goes with the relay's
+                self._log.record("deny", "*", 0, "relay", f"over {MAX_CONNECTIONS} connections")
+                continue
+            task = loop.create_task(self._accept(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), HEAD_TIMEOUT_S)
-            port_text = line.strip().decode("ascii", "replace")
-            if not port_text.isdigit():
+    def _record(self, verdict: str, host: str, port: int, via: str, why: str = "") -> None:
+        self._log.record(verdict, host, port, via, why)
+
+    async def _accept(self, conn: socket.socket) -> None:
+        """Take the guest's socket from relay.py, then serve it."""
+        with conn:
+            try:
+                port, guest = await _receive_guest(conn)
+            except (OSError, TimeoutError, ValueError):
                 return
-            port = int(port_text)
+        if guest is None:
+            return
+        try:
+            reader, writer = await asyncio.open_connection(sock=guest, limit=_CHUNK)
+        except OSError:
+            guest.close()
+            return
+        try:
+            await self._handle(reader, writer, port)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int
+    ) -> None:
+        try:
             if port == netpolicy.DNS_PORT:
                 await self._dns(reader, writer)
             elif port == netpolicy.KEY_PROXY_PORT and self.config.key_routes:
@@ -186,12 +219,8 @@ class EgressProxy:
                 await self._explicit(reader, writer)
             else:
                 await self._transparent(reader, writer, port)
-        except (TimeoutError, OSError, asyncio.IncompleteReadError, ssl.SSLError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ssl.SSLError, ValueError):
             pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
 
     # -- DNS ---------------------------------------------------------------------
 
@@ -228,13 +257,25 @@ class EgressProxy:
             if data:  # a connection closed before a byte is no attempt
                 self._record("deny", "?", port, via, "no host name in the first bytes")
             return
-        try:
-            upstream = await self._open(host, port, via)
-        except Denied as why:
-            if via == "http":
-                await _refuse_http(writer, host, str(why))
+        if via == "tls":
+            try:
+                upstream = await self._open(host, port, via)
+            except Denied:
+                return
+            await _splice(reader, writer, upstream, data)
             return
-        await _splice(reader, writer, upstream, data)
+        head = sniff.http_head(data)
+        assert isinstance(head, sniff.HttpHead)  # _read_destination found a Host in it
+        if not head.target.startswith("/") and head.target != "*":
+            # The upstream would route by the URL, not the Host header.
+            authority = _authority(head.target)
+            if authority is None or not _same_authority(authority, host, port):
+                self._record("deny", host, port, via, "request URL and Host header differ")
+                await _refuse_http(writer, host, "request URL and Host header differ", 400)
+                return
+        await self._forward_request(
+            reader, writer, head=head, data=data, host=host, port=port, via=via, target=head.target
+        )
 
     async def _explicit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await _read_until(reader, sniff.http_head)
@@ -254,27 +295,63 @@ class EgressProxy:
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await _splice(reader, writer, upstream, data[head.length :])
             return
-        url = urlsplit(head.target)
-        target = sniff.split_host_port(url.netloc, netpolicy.HTTP_PORT) if url.netloc else None
-        if url.scheme != "http" or target is None:
+        try:
+            url = urlsplit(head.target)
+        except ValueError:  # e.g. "http://[::1" (an unclosed IPv6 literal)
+            url = None
+        target = (
+            sniff.split_host_port(url.netloc, netpolicy.HTTP_PORT)
+            if url is not None and url.netloc
+            else None
+        )
+        if url is None or url.scheme != "http" or target is None:
             await _refuse_http(writer, head.target, "only CONNECT and http:// URLs", 400)
             return
-        try:
-            upstream = await self._open(*target, "proxy")
-        except Denied as why:
-            await _refuse_http(writer, target[0], str(why))
+        host_header = head.header("host")
+        if host_header is not None and not _same_authority(host_header, *target):
+            why = "request URL and Host header differ"
+            self._record("deny", target[0], target[1], "proxy", why)
+            await _refuse_http(writer, target[0], "request URL and Host header differ", 400)
             return
-        # One request per connection: the next one may name another host.
-        headers = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
-        headers = [(k, v) for k, v in headers if k.lower() != "connection"]
-        if head.header("host") is None:  # HTTP/1.0 clients may leave it to the URL
-            headers.append(("Host", url.netloc))
-        headers.append(("Connection", "close"))
         path = url.path or "/"
         if url.query:
             path += "?" + url.query
-        first = sniff.render_head(head, path, headers) + data[head.length :]
-        await _splice(reader, writer, upstream, first)
+        headers = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
+        headers = [(k, v) for k, v in headers if k.lower() != "host"]
+        headers.insert(0, ("Host", url.netloc))
+        head = sniff.HttpHead(head.method, head.target, head.version, tuple(headers), head.length)
+        host, port = target
+        await self._forward_request(
+            reader, writer, head=head, data=data, host=host, port=port, via="proxy", target=path
+        )
+
+    async def _forward_request(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        head: sniff.HttpHead,
+        data: bytes,
+        host: str,
+        port: int,
+        via: str,
+        target: str,
+    ) -> None:
+        """One plain HTTP request to ``host``: decided, forwarded, and nothing after it."""
+        framing = sniff.body_framing(head)
+        if framing is None:
+            self._record("deny", host, port, via, "ambiguous request body length")
+            await _refuse_http(writer, host, "ambiguous request body length", 400)
+            return
+        try:
+            upstream = await self._open(host, port, via)
+        except Denied as why:
+            await _refuse_http(writer, host, str(why))
+            return
+        headers = [(k, v) for k, v in head.headers if k.lower() not in _HOP_HEADERS]
+        headers.append(("Connection", "close"))
+        first = sniff.render_head(head, target, headers)
+        await _exchange(reader, writer, upstream, first, data[head.length :], framing=framing)
 
     async def _key_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await _read_until(reader, sniff.http_head)
@@ -291,17 +368,27 @@ class EgressProxy:
         tls = upstream_url.scheme == "https"
         host = upstream_url.hostname or ""
         port = upstream_url.port or (443 if tls else 80)
+        via = f"key-proxy {route.var}"
+        target = upstream_url.path.rstrip("/") + "/" + rest
+        refusal = netpolicy.key_route_refusal(route, head.method, target)
+        framing = sniff.body_framing(head)
+        if refusal is None and framing is None:
+            refusal = "ambiguous request body length"
+        if refusal is not None:
+            self._record("deny", host, port, via, refusal)
+            await _refuse_http(writer, host, refusal, 405 if "method" in refusal else 403)
+            return
+        assert framing is not None
         headers = [(k, v) for k, v in head.headers if k.lower() not in _DROPPED_HEADERS]
         headers.append(("Host", upstream_url.netloc))
         headers.append(_key_header(route.header, key))
         # One request per upstream connection, so every request carries the
         # key this proxy added and nothing else.
         headers.append(("Connection", "close"))
-        target = upstream_url.path.rstrip("/") + "/" + rest
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    host, port, ssl=ssl.create_default_context() if tls else None
+                    host, port, ssl=ssl.create_default_context() if tls else None, limit=_CHUNK
                 ),
                 CONNECT_TIMEOUT_S,
             )
@@ -309,9 +396,19 @@ class EgressProxy:
             self._record("deny", host, port, "key-proxy", f"upstream unreachable: {err}")
             await _refuse_http(writer, host, f"upstream unreachable: {err}", 502)
             return
-        self._record("allow", host, port, f"key-proxy {route.var}")
-        first = sniff.render_head(head, target, headers) + data[head.length :]
-        await _splice(reader, writer, (up_reader, up_writer), first)
+        self._record("allow", host, port, via)
+        first = sniff.render_head(head, target, headers)
+        leaked = await _exchange(
+            reader,
+            writer,
+            (up_reader, up_writer),
+            first,
+            data[head.length :],
+            framing=framing,
+            secret=key,
+        )
+        if leaked:
+            self._record("deny", host, port, via, "the response contained the key: cut off")
 
     # -- policy --------------------------------------------------------------------------
 
@@ -322,11 +419,11 @@ class EgressProxy:
         if not netpolicy.valid_hostname(host):
             self._record("deny", host, port, via, "not a host name")
             raise Denied("not a host name")
-        if self.config.mode == "allowlist" and not netpolicy.permitted(
-            self.config.rules, host, port
-        ):
+        rules = self.config.rules
+        if self.config.mode == "allowlist" and not netpolicy.permitted(rules, host, port):
             self._record("deny", host, port, via, "not in the allowlist")
             raise Denied("not in the allowlist")
+        inward = netpolicy.private_permitted(rules, host, port)
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(
@@ -336,20 +433,27 @@ class EgressProxy:
             self._record("deny", host, port, via, f"does not resolve: {err}")
             raise Denied("does not resolve") from None
         addresses = [info[4][0] for info in infos]
-        if self.config.mode == "open":
+        if not inward:
+            # Every address, in every mode: a public name that resolves (or
+            # is rebound) to the host or the LAN is refused, not connected to.
             private = [a for a in addresses if not netpolicy.public_address(a)]
             if private:
                 why = f"resolves to non-public address {private[0]}"
                 self._record("deny", host, port, via, why)
+                raise Denied(f"{why} (--allow-private {host}:{port} admits it)")
+            own = [a for a in addresses if _local_address(a)]
+            if own:
+                why = f"resolves to this host's address {own[0]}"
+                self._record("deny", host, port, via, why)
                 raise Denied(why)
-        for info in infos:
+        for address in addresses:
             try:
                 connection = await asyncio.wait_for(
-                    asyncio.open_connection(info[4][0], port), CONNECT_TIMEOUT_S
+                    asyncio.open_connection(address, port, limit=_CHUNK), CONNECT_TIMEOUT_S
                 )
             except (OSError, TimeoutError):
                 continue
-            if self.config.mode == "open" and _to_self(connection[1]):
+            if not inward and _to_self(connection[1]):
                 connection[1].close()
                 self._record("deny", host, port, via, "resolves to this host")
                 raise Denied("resolves to this host")
@@ -359,19 +463,77 @@ class EgressProxy:
         raise Denied("connection failed")
 
 
+async def _receive_guest(conn: socket.socket) -> tuple[int, socket.socket | None]:
+    """relay.py's message: ``PORT\\n`` with the guest connection's socket attached."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, HEAD_TIMEOUT_S)
+    finally:
+        loop.remove_reader(conn.fileno())
+    message, fds, _flags, _addr = socket.recv_fds(conn, 16, 4, socket.MSG_CMSG_CLOEXEC)
+    sockets = [socket.socket(fileno=fd) for fd in fds]
+    guest, extra = (sockets[0], sockets[1:]) if sockets else (None, [])
+    for sock in extra:
+        sock.close()
+    text = message.decode("ascii", "replace").strip()
+    good = text.isascii() and text.isdigit()
+    if guest is None or not good or guest.type != socket.SOCK_STREAM:
+        if guest is not None:
+            guest.close()
+        return 0, None
+    guest.setblocking(False)
+    return int(text), guest
+
+
 def _key_header(kind: str, key: str) -> tuple[str, str]:
     if kind == "authorization":
         return ("Authorization", f"Bearer {key}")
     return (kind, key)
 
 
+def _local_address(address: str) -> bool:
+    """Is ``address`` one of this host's own?  Asked of the kernel, nothing sent.
+
+    Connecting a UDP socket only picks a route: to a local address the
+    kernel's source address is that address itself.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))
+            return bool(probe.getsockname()[0] == address)
+        except OSError:
+            return False  # no route: the TCP connect cannot reach it either
+
+
 def _to_self(writer: asyncio.StreamWriter) -> bool:
     """A connection to one of the host's own addresses has equal ends."""
     sock = writer.get_extra_info("socket")
     try:
-        return sock.getsockname()[0] == sock.getpeername()[0]
+        return bool(sock.getsockname()[0] == sock.getpeername()[0])
     except (OSError, AttributeError, IndexError):
         return True
+
+
+def _authority(target: str) -> str | None:
+    try:
+        return urlsplit(target).netloc or None
+    except ValueError:
+        return None
+
+
+def _same_authority(authority: str, host: str, port: int) -> bool:
+    """Does a Host header (or URL authority) name ``host``, on ``port`` or no port?"""
+    if "@" in authority:
+        return False
+    parsed = sniff.split_host_port(authority, 0)
+    if parsed is None:
+        return False
+    name, named_port = parsed
+    same_name = netpolicy.normalise_host(name) == netpolicy.normalise_host(host)
+    return same_name and named_port in (0, port)
 
 
 async def _read_until(reader: asyncio.StreamReader, parse: object) -> bytes:
@@ -410,7 +572,8 @@ async def _read_destination(reader: asyncio.StreamReader) -> tuple[bytes, str | 
 async def _refuse_http(
     writer: asyncio.StreamWriter, host: str, why: str, status: int = 403
 ) -> None:
-    body = f"microvm-run egress proxy: {host}: {why}\n".encode()
+    # The host name is the guest's: show it escaped, as in the log.
+    body = f"microvm-run egress proxy: {printable(host)}: {why}\n".encode("ascii", "replace")
     writer.write(
         f"HTTP/1.1 {status} Refused\r\nContent-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -418,6 +581,103 @@ async def _refuse_http(
     )
     with contextlib.suppress(OSError):
         await writer.drain()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    head: bytes,
+    buffered: bytes,
+    *,
+    framing: sniff.BodyFraming,
+    secret: str | None = None,
+) -> bool:
+    """One request upstream and its response back; True if the response held ``secret``.
+
+    The guest's bytes after the request's body are read and dropped, never
+    forwarded: a pipelined request would otherwise reach the upstream
+    unchecked.  (Reading them keeps the kernel from resetting the guest's
+    connection before it has read the response.)
+    """
+    up_reader, up_writer = upstream
+    up_writer.write(head)
+    sender = asyncio.ensure_future(_send_body_then_drop(reader, up_writer, buffered, framing))
+    try:
+        return await _copy_response(up_reader, writer, secret.encode() if secret else b"")
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+        up_writer.close()
+
+
+async def _send_body_then_drop(
+    reader: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    buffered: bytes,
+    framing: sniff.BodyFraming,
+) -> None:
+    try:
+        await _send_body(reader, sink, buffered, framing)
+    except (ValueError, asyncio.IncompleteReadError, OSError):
+        sink.transport.abort()  # a broken body: the response copy ends too
+        return
+    while await reader.read(_CHUNK):
+        pass
+
+
+async def _send_body(
+    reader: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    buffered: bytes,
+    framing: sniff.BodyFraming,
+) -> None:
+    if not framing.chunked:
+        left = framing.length
+        piece = buffered[:left]
+        while True:
+            sink.write(piece)
+            await sink.drain()
+            left -= len(piece)
+            if left <= 0:
+                return
+            piece = await reader.read(min(_CHUNK, left))
+            if not piece:
+                raise asyncio.IncompleteReadError(b"", left)
+    scanner = sniff.ChunkedScanner()
+    piece = buffered
+    while True:
+        end = scanner.feed(piece)
+        sink.write(piece if end is None else piece[:end])
+        await sink.drain()
+        if end is not None:
+            return
+        piece = await reader.read(_CHUNK)
+        if not piece:
+            raise asyncio.IncompleteReadError(b"", None)
+
+
+async def _copy_response(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes
+) -> bool:
+    """Copy to EOF; with a secret, hold back a possible prefix of it and stop if it shows."""
+    hold = max(len(secret) - 1, 0)
+    tail = b""
+    while chunk := await source.read(_CHUNK):
+        window = tail + chunk
+        if secret and secret in window:
+            sink.transport.abort()
+            return True
+        cut = max(len(window) - hold, 0)
+        tail = window[cut:]
+        sink.write(window[:cut])
+        await sink.drain()
+    sink.write(tail)
+    await sink.drain()
+    if sink.can_write_eof():
+        sink.write_eof()
+    return False
 
 
 async def _splice(

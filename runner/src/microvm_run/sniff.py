@@ -214,3 +214,103 @@ def dns_answer(query: DnsQuery, address: str | None) -> bytes:
 def dns_format_error(message: bytes) -> bytes:
     ident = struct.unpack_from("!H", message, 0)[0] if len(message) >= 2 else 0
     return struct.pack("!HHHHHH", ident, 0x8000 | _RCODE_FORMERR, 0, 0, 0, 0)
+
+
+# -- request bodies: where one request ends and the next would begin ------------
+
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_MAX_CHUNK_LINE = 4096
+
+
+@dataclass(frozen=True)
+class BodyFraming:
+    """How a request's body ends: ``length`` bytes, or chunked encoding."""
+
+    chunked: bool
+    length: int = 0
+
+
+def body_framing(head: HttpHead) -> BodyFraming | None:
+    """RFC 9112 section 6.3 for requests; None when two parsers could disagree.
+
+    A request with both Content-Length and Transfer-Encoding, with two
+    different lengths, or with any coding but a lone ``chunked`` is refused:
+    those are the request-smuggling shapes, where the proxy and the upstream
+    would see a different second request.
+    """
+    lengths = {value.strip() for key, value in head.headers if key.lower() == "content-length"}
+    codings = [value for key, value in head.headers if key.lower() == "transfer-encoding"]
+    if codings:
+        if lengths or len(codings) != 1 or codings[0].strip().lower() != "chunked":
+            return None
+        return BodyFraming(chunked=True)
+    if not lengths:
+        return BodyFraming(chunked=False, length=0)
+    if len(lengths) != 1:
+        return None
+    (text,) = lengths
+    if not _CONTENT_LENGTH.fullmatch(text):
+        return None
+    return BodyFraming(chunked=False, length=int(text))
+
+
+class ChunkedScanner:
+    """Finds the end of a chunked body in a byte stream fed piece by piece.
+
+    ``feed`` returns how many bytes of ``data`` still belong to the body, or
+    None if all of it does and the body goes on; it raises ValueError on
+    anything malformed (a size line without CRLF, a size that is not hex,
+    a chunk not followed by CRLF, an endless trailer).
+    """
+
+    def __init__(self) -> None:
+        self._state = "size"
+        self._line = b""
+        self._left = 0  # data bytes of the current chunk still to come
+        self._trailer = 0
+
+    def feed(self, data: bytes) -> int | None:
+        pos = 0
+        while pos < len(data):
+            if self._state == "data":
+                take = min(self._left, len(data) - pos)
+                pos += take
+                self._left -= take
+                if self._left == 0:
+                    self._state = "data-end"
+                continue
+            end = data.find(b"\n", pos)
+            piece = data[pos:] if end < 0 else data[pos : end + 1]
+            self._line += piece
+            pos += len(piece)
+            if len(self._line) > _MAX_CHUNK_LINE:
+                raise ValueError("chunk line too long")
+            if end >= 0 and self._end_of_line():
+                return pos
+        return None
+
+    def _end_of_line(self) -> bool:
+        """Take one complete line; True when it was the body's last."""
+        line, self._line = self._line, b""
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            raise ValueError("a chunk line must end in CRLF")
+        line = line[:-2]
+        if self._state == "size":
+            size = line.split(b";", 1)[0].strip(b" \t")
+            if not _CHUNK_SIZE.fullmatch(size):
+                raise ValueError("bad chunk size")
+            self._left = int(size, 16)
+            self._state = "data" if self._left else "trailer"
+        elif self._state == "data-end":
+            if line:
+                raise ValueError("chunk data not followed by CRLF")
+            self._state = "size"
+        elif not line:  # the empty line after the trailer fields
+            self._state = "done"
+            return True
+        else:
+            self._trailer += 1
+            if self._trailer > 64:
+                raise ValueError("too many trailer fields")
+        return False
