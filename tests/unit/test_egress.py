@@ -1124,7 +1124,7 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_counted(
     time.sleep(0.2)
     with connect(proxy, 443) as extra:
         assert read_all(extra) == b""  # closed by the proxy, not left waiting
-    assert "over 4 connections" in wait_for_log(proxy, "over 4")
+    assert "deny too-many-connections:0 via relay (over 4 at once)" in wait_for_log(proxy, "over 4")
     for sock in held:
         sock.close()
     time.sleep(0.2)

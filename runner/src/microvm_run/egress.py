@@ -177,7 +177,9 @@ class EgressProxy:
                 continue
             if len(self._connections) >= MAX_CONNECTIONS:
                 conn.close()  # the guest's connection goes with the relay's
-                self._log.record("deny", "*", 0, "relay", f"over {MAX_CONNECTIONS} connections")
+                self._log.record(
+                    "deny", "too-many-connections", 0, "relay", f"over {MAX_CONNECTIONS} at once"
+                )
                 continue
             task = loop.create_task(self._accept(conn))
             self._connections.add(task)
