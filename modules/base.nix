@@ -171,6 +171,22 @@ let
         example = "/v1";
         description = "Appended to the proxy URL in `baseUrlVar` (e.g. `/v1` for OpenAI clients).";
       };
+      # lib/spec.nix checks the rest (not empty; no TRACE, TRACK, CONNECT;
+      # no `.`/`..` segments), as spec.py does.
+      methods = lib.mkOption {
+        type = lib.types.listOf (lib.types.strMatching "[A-Z]{1,16}");
+        default = [
+          "GET"
+          "POST"
+        ];
+        description = "All the HTTP methods the key route forwards with the real key.";
+      };
+      paths = lib.mkOption {
+        type = lib.types.listOf (lib.types.strMatching "(/[A-Za-z0-9._~-]+)+/");
+        default = [ "/v1/" ];
+        example = [ "/v1beta/" ];
+        description = "Prefixes of the upstream path the key route forwards; anything else is refused.";
+      };
     };
   };
 

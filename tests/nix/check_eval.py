@@ -47,6 +47,11 @@ EXPECTED_KEY_PROXY = {
         "/v1",
     ),
 }
+EXPECTED_KEY_PATHS = {
+    "claude": ("/v1/",),
+    "gemini": ("/v1beta/", "/v1/"),
+    "codex": ("/v1/",),
+}
 # At least these: each flavor's API endpoint and its login.
 EXPECTED_ALLOW = {
     "claude": ["api.anthropic.com", "console.anthropic.com"],
@@ -222,6 +227,13 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
         f"key proxies {loaded.key_proxies}",
     )
     expect(set(EXPECTED_ALLOW[agent]) <= set(loaded.allow), f"allow {loaded.allow}")
+    # The key route's methods and path prefixes (lib/network.nix) survive the
+    # module's option type into the spec.
+    expect(
+        [(p.methods, p.paths) for p in loaded.key_proxies]
+        == [(("GET", "POST"), EXPECTED_KEY_PATHS[agent])],
+        f"key route methods/paths {[(p.methods, p.paths) for p in loaded.key_proxies]}",
+    )
 
     # The agent starts once its console and the status port exist (systemd's
     # device units, named as `systemd-escape --path` names them).
