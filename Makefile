@@ -43,8 +43,8 @@ venv:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
-	$(VENV)/bin/ruff format --check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
+	$(VENV)/bin/ruff check runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
+	$(VENV)/bin/ruff format --check runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -481,7 +481,11 @@ in
         address = [ "10.0.2.15/24" ];
         gateway = [ "10.0.2.2" ];
         networkConfig.DHCP = "no";
-        linkConfig.RequiredForOnline = "no";
+        # The launcher's systemd-networkd-wait-online --any waits for this
+        # link: wait-online ignores every link that is not required for
+        # online, so with "no" it would wait out its timeout (found by the
+        # systemd test guest). Nothing else waits: wait-online.service is off.
+        linkConfig.RequiredForOnline = "routable";
       };
       # /etc/resolv.conf is a plain file, not networking.nameservers: with
       # networkd and no resolved, nothing would hand those to resolvconf.

@@ -213,6 +213,12 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
     )
     expect(uplink.get("matchConfig", {}).get("Kind") == "!*", "uplink also matches virtual links")
     expect(uplink.get("networkConfig", {}).get("DHCP") == "no", "uplink runs DHCP")
+    # systemd-networkd-wait-online (the launcher's wait) ignores links that
+    # are not required for online: "no" here makes every launch time out.
+    expect(
+        uplink.get("linkConfig", {}).get("RequiredForOnline") == "routable",
+        "uplink is not required for online: the launcher's wait-online would time out",
+    )
     expect(not net["resolved"] and not net["resolvconf"], "resolved or resolvconf manages DNS")
     expect(
         net["resolvConf"] == "nameserver 10.0.2.100\noptions use-vc\n",

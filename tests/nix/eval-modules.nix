@@ -204,4 +204,56 @@ else
     scripts = config.agentVM.launch.scripts;
     microvmQemuCommand = qemuRunner.command;
     inherit (config) warnings;
+    # What NixOS would install for the agent, for the systemd test guest
+    # (tests/guest-systemd/render turns it into unit files and scripts).
+    systemdGuest =
+      let
+        svc = config.systemd.services.agent-microvm;
+        # The one normal user: the agent (lib/guest.nix names it).
+        agentName = nixpkgsLib.head (
+          builtins.attrNames (nixpkgsLib.filterAttrs (_: u: u.isNormalUser) config.users.users)
+        );
+        agentUser = config.users.users.${agentName};
+      in
+      {
+        agentService = {
+          inherit (svc)
+            description
+            wantedBy
+            requires
+            wants
+            after
+            before
+            bindsTo
+            partOf
+            conflicts
+            requisite
+            unitConfig
+            serviceConfig
+            environment
+            path
+            ;
+        };
+        # writeShellScript's text, as nixpkgs writes it: runtimeShell first.
+        scripts = nixpkgsLib.mapAttrs' (
+          name: text: nixpkgsLib.nameValuePair "agent-microvm-${name}" "#!${pkgs.runtimeShell}\n${text}"
+        ) config.agentVM.launch.scripts;
+        networkd = config.systemd.network.enable;
+        networks = config.systemd.network.networks;
+        etc = nixpkgsLib.mapAttrs (_: f: f.text) (
+          nixpkgsLib.filterAttrs (_: f: f.text or null != null) config.environment.etc
+        );
+        fileSystems = nixpkgsLib.mapAttrs (_: fs: {
+          inherit (fs) device fsType options neededForBoot;
+        }) config.fileSystems;
+        user = {
+          name = agentName;
+          inherit (agentUser) uid home group;
+          gid = config.users.groups.${agentUser.group}.gid;
+          shell = "${agentUser.shell}/bin/bash";
+        };
+        disabledServices = builtins.attrNames (
+          nixpkgsLib.filterAttrs (_: s: !s.enable) config.systemd.services
+        );
+      };
   }

@@ -1,0 +1,185 @@
+"""The NixOS guest's own unit and scripts under a real systemd (tests/guest-systemd).
+
+The NixOS guest cannot be built here, so its boot path is exercised in a
+Debian trixie root with systemd 257 as PID 1, running exactly what our
+modules generate: ``agent-microvm.service``, the launcher and session
+scripts, networkd's uplink, resolv.conf and the share mounts, rendered
+from the evaluated modules into tests/guest-systemd/rendered (kept fresh by
+`make eval-modules`). virtio_console and virtio_net are loaded late, by
+udev, as on NixOS, so the unit's ordering against its devices is what
+makes these pass. Each boot costs tens of seconds under TCG: few tests,
+each checking much.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pty
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.devshell_fixture import copy_fixture
+from tests.support.nixenv import NIX_TEST_ENV
+
+from .conftest import REPO, VM, VM_TIMEOUT_S, HostUser, _vm, wait_until_clean
+from .test_ops import _drain, _set_size, _wait_for
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-canary-systemd-" + "5d1f0e" * 4
+BOOT_TIMEOUT_S = 150
+
+
+@pytest.fixture(scope="session")
+def systemd_spec(host_env: dict[str, str], scratch: Path) -> Path:
+    out = scratch / "guest-systemd"
+    subprocess.run(
+        [str(REPO / "tests" / "guest-systemd" / "build"), str(out)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    for path in [out, *out.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return out / "spec.toml"
+
+
+@pytest.fixture
+def sd_vm(
+    test_user: HostUser,
+    venv_python: Path,
+    runner_copy: Path,
+    systemd_spec: Path,
+    scratch: Path,
+    user_manager: Path,
+) -> Iterator[VM]:
+    for vm in _vm(test_user, venv_python, runner_copy, systemd_spec, scratch, user_manager):
+        # systemd under TCG on a busy 2-core machine: allow the boot its time.
+        vm.extra_env = {"MICROVM_BOOT_TIMEOUT": str(BOOT_TIMEOUT_S)}
+        yield vm
+
+
+def _files_containing(root: Path, needle: bytes) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+            found.append(str(path))
+    return found
+
+
+def test_the_agent_unit_runs_on_its_console_with_network_key_and_terminal(sd_vm: VM) -> None:
+    """One boot: exit status, uid and home, the key by credential, the network at once,
+    the terminal size at start and after a resize, and Ctrl-C for the agent."""
+    work = sd_vm.project()
+    home = sd_vm.agent_home(work)
+    script = (
+        # The first network call, before anything else: the unit waited for the uplink.
+        "if bash -c 'exec 4<>/dev/tcp/10.0.2.100/80'; then echo ok > /work/net; "
+        "else echo failed > /work/net; fi; "
+        'id -u > /work/uid; printf %s "$HOME" > /work/home; cat /proc/1/comm > /work/pid1; '
+        'printf %s "$TESTAGENT_API_KEY" | sha256sum | cut -d" " -f1 > /work/keyhash; '
+        "stty size > /work/size-start; touch /work/started; "
+        "while [ ! -e /work/resized ]; do sleep 0.1; done; "
+        'for i in $(seq 100); do s=$(stty size); [ "$s" = "50 132" ] && break; sleep 0.1; done; '
+        "stty size > /work/size-after; "
+        "trap 'echo got-int > /work/int; exit 7' INT; touch /work/wait-int; "
+        "while :; do sleep 0.1; done"
+    )
+    master, slave = pty.openpty()
+    _set_size(slave, 33, 101)
+    running = subprocess.Popen(
+        sd_vm.as_user(sd_vm.argv(work, script, "--no-inject-keys")),
+        env=sd_vm.env(TERM="xterm-256color", TESTAGENT_API_KEY=KEY),
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    os.close(slave)
+    drained = threading.Thread(target=_drain, args=(master,), daemon=True)
+    drained.start()
+    try:
+        _wait_for(work / "started", running, "the agent never started")
+        _set_size(master, 50, 132)
+        os.kill(running.pid, signal.SIGWINCH)
+        (work / "resized").touch()
+        _wait_for(work / "wait-int", running, "the agent never waited for Ctrl-C")
+        os.write(master, b"\x03")
+        _, err = running.communicate(timeout=VM_TIMEOUT_S)
+    finally:
+        if running.poll() is None:
+            running.kill()
+        os.close(master)
+    assert running.returncode == 7, err
+    assert (work / "int").read_text() == "got-int\n"  # the agent's trap, not the launcher
+    assert (work / "net").read_text() == "ok\n"
+    assert (work / "uid").read_text() == "1000\n"
+    assert (work / "home").read_text() == "/home/agent"
+    assert (work / "pid1").read_text() == "systemd\n"
+    assert (work / "keyhash").read_text().strip() == hashlib.sha256(KEY.encode()).hexdigest()
+    assert (work / "size-start").read_text().strip() == "33 101"
+    assert (work / "size-after").read_text().strip() == "50 132"
+    # The key came by ImportCredential: in no file of either share.
+    assert _files_containing(work, KEY.encode()) == []
+    assert _files_containing(home, KEY.encode()) == []
+
+
+def test_stop_powers_the_guest_off_through_its_power_button(sd_vm: VM) -> None:
+    work = sd_vm.project()
+    running = sd_vm.start(work, "touch /work/up; sleep 600")
+    try:
+        _wait_for(work / "up", running, "the guest never came up")
+        (row,) = json.loads(sd_vm.ops("ps", "--json").stdout)
+        # No SIGTERM fallback: logind must take the ACPI button within this.
+        stopped = sd_vm.ops("stop", "--timeout", "120", row["id"])
+        running.communicate(timeout=VM_TIMEOUT_S)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert stopped.returncode == 0, stopped.stderr
+    assert "powered off" in stopped.stdout, stopped.stdout
+    assert "terminated" not in stopped.stdout
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_every_boot_reports_the_status(sd_vm: VM, status: int) -> None:
+    """Repeated boots with the console and status devices arriving late: no status lost."""
+    work = sd_vm.project()
+    result = sd_vm.run(work, f"exit {status}", "--net", "none")
+    assert result.returncode == status, result.stderr
+    assert "did not power off" not in result.stderr  # SuccessAction/FailureAction did
+
+
+def test_the_dev_shell_reaches_the_agent_and_home_stays_its_own(
+    venv_python: Path, runner_copy: Path, systemd_spec: Path, scratch: Path
+) -> None:
+    # As root: Debian's Nix evaluates only for root without a daemon.
+    home = scratch / "root-home-systemd"
+    home.mkdir(exist_ok=True)
+    runtime = scratch / "root-runtime-systemd"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    user = HostUser("root", 0, 0, home)
+    vm = VM(user, venv_python, runner_copy, systemd_spec, scratch, runtime)
+    vm.extra_env = {
+        **NIX_TEST_ENV,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MICROVM_BOOT_TIMEOUT": str(BOOT_TIMEOUT_S),
+    }
+    work = vm.project()
+    copy_fixture("simple", work)
+    result = vm.run(
+        work,
+        'printf "%s\\n" "$MY_PROJECT_VAR" "$HOME" > /work/seen',
+        "--net",
+        "none",
+        DIRENV_ALLOW="1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (work / "seen").read_text().splitlines() == ["hello-from-devshell", "/home/agent"]
+    assert wait_until_clean(user, [runtime]) == []
