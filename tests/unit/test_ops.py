@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run import ops, process, state
+from microvm_run import host, ops, process, state
 from microvm_run.state import Entry
 from tests.support.interrupt import wait_for
 
@@ -605,3 +605,21 @@ def test_stop_cannot_stop_an_instance_without_a_readable_state(
     assert result.outcome == ops.UNREADABLE
     assert result.detail == "unreadable state: no state.toml"
     assert (base / "ab12cd34").exists()
+
+
+def test_prune_takes_the_runners_own_files_of_that_project_along(
+    base: Path, env: dict[str, str], homes: dict[str, Path], tmp_path: Path
+) -> None:
+    owned = {}
+    for name in ("gone1", "alive"):
+        project = tmp_path / name
+        owned[name] = (
+            host.project_state_dir(project, env),
+            host.cri_storage_dir("claude", project, env),
+        )
+        for directory in owned[name]:
+            (directory / "sub").mkdir(parents=True)
+            (directory / "sub" / "file").write_text("x")
+    run_gc(base, env, prune=True, confirm=lambda q: str(homes["gone1"]) in q)
+    assert not any(directory.exists() for directory in owned["gone1"])
+    assert all(directory.exists() for directory in owned["alive"])

@@ -435,7 +435,7 @@ def gc(
         elif not confirm(f"delete {record.path} ({gone})?"):
             report.homes.append(HomeAction(record, f"kept ({gone})"))
         else:
-            report.homes.append(_delete_home(record))
+            report.homes.append(_delete_home(record, environ))
     return report
 
 
@@ -465,13 +465,18 @@ def home_verdicts(
     return said
 
 
-def _delete_home(record: HomeRecord) -> HomeAction:
+def _delete_home(record: HomeRecord, environ: Mapping[str, str]) -> HomeAction:
     error = remove_tree(record.path)
     if error:
         # The record stays, so the next gc still finds the rest.
         return HomeAction(record, f"could not delete: {error}", ok=False)
     with contextlib.suppress(FileNotFoundError):
         record.record_path.unlink()
+    if record.project is not None:
+        # The runner's own files for that project go with it (dev-shell
+        # cache and consent, container storage); failing here loses nothing.
+        remove_tree(host.cri_storage_dir(record.agent, record.project, environ))
+        remove_tree(host.project_state_dir(record.project, environ))
     return HomeAction(record, f"deleted (project {record.project} was gone)")
 
 
