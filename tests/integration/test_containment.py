@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,14 +130,15 @@ def test_a_cri_storage_symlink_in_the_home_shares_nothing_of_the_host(
     # The attack: the share root of container storage becomes the user's home.
     ok(vm.run(work, f"ln -sfn {vm.user.home} $HOME/cri-storage"))
     cri_vm = VM(vm.user, vm.python, vm.pythonpath, cri_spec, vm.scratch, vm.runtime_dir)
+    name = f"planted-{os.urandom(3).hex()}"
     result = cri_vm.run(
-        work, "ls -a /var/lib/containers > /work/seen; echo planted > /var/lib/containers/planted"
+        work, f"ls -a /var/lib/containers > /work/seen; echo planted > /var/lib/containers/{name}"
     )
     ok(result)
     assert canaries.file.name not in (work / "seen").read_text()
-    assert not (vm.user.home / "planted").exists()
+    assert not (vm.user.home / name).exists()
     storage = vm.user.home / ".cache" / "microvm-run" / "cri-storage" / "testagent"
-    (planted,) = storage.glob("*/planted")
+    (planted,) = storage.glob(f"*/{name}")
     assert planted.read_text() == "planted\n"
     assert stat.S_IMODE(planted.parent.stat().st_mode) == 0o700
     canaries.intact()
@@ -236,6 +239,25 @@ def test_what_the_agent_writes_into_the_dev_shell_is_not_evaluated_without_askin
     assert "--impure" in calls(fake_nix)[-1]  # devenv.nix, now allowed by the user
 
 
+def test_no_evaluation_while_another_vm_on_the_project_can_change_the_files(
+    vm: VM, fake_nix: dict[str, str]
+) -> None:
+    work = flake_project(vm)
+    running = vm.start(work, "echo up > /work/up; sleep 60")
+    try:
+        deadline = time.monotonic() + 60
+        while not (work / "up").exists():
+            assert running.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        second = vm.run(work, 'printf %s "$FAKE_VAR" > /work/var', DIRENV_ALLOW="1", **fake_nix)
+        ok(second)
+        assert "another VM runs on this project" in second.stderr
+        assert calls(fake_nix) == [] and (work / "var").read_text() == ""
+    finally:
+        running.send_signal(signal.SIGTERM)
+        running.communicate(timeout=60)
+
+
 # -- escapes 6 and 7: set-id bits and share root modes ---------------------------------
 
 
@@ -244,16 +266,19 @@ def test_set_id_bits_and_open_share_roots_do_not_outlive_the_guest(vm: VM) -> No
     attack = (
         "cp /bin/busybox /work/tool && chmod 4755 /work/tool && "
         "mkdir -p $HOME/bin && cp /bin/busybox $HOME/bin/t && chmod 6755 $HOME/bin/t && "
-        "stat -c %a /work/tool $HOME/bin/t > /work/in-guest && "
+        "mkdir /work/open && echo x > /work/open/run.sh && chmod -R 0777 /work/open && "
+        "stat -c %a /work/tool $HOME/bin/t /work/open/run.sh > /work/in-guest && "
         "chmod 0777 /work $HOME"
     )
     before = stat.S_IMODE(work.stat().st_mode)
     result = vm.run(work, attack)
     ok(result)
-    assert (work / "in-guest").read_text().split() == ["4755", "6755"]  # the guest did it
+    assert (work / "in-guest").read_text().split() == ["4755", "6755", "777"]  # the guest did it
     home = vm.agent_home(work)
     assert stat.S_IMODE((work / "tool").stat().st_mode) == 0o755
     assert stat.S_IMODE((home / "bin" / "t").stat().st_mode) == 0o755
+    assert stat.S_IMODE((work / "open").stat().st_mode) == 0o775
+    assert stat.S_IMODE((work / "open" / "run.sh").stat().st_mode) == 0o775
     assert "removed set-uid/set-gid bits" in result.stderr
     assert stat.S_IMODE(work.stat().st_mode) == before
     assert stat.S_IMODE(home.stat().st_mode) == 0o700

@@ -719,3 +719,12 @@ def test_a_damaged_cache_entry_is_evaluated_again_not_sourced(fake: Fake, damage
     assert "was damaged; evaluating again" in output
     assert fake.call_count() == 2
     assert second.env_file is not None and devshell._is_intact(second.env_file)
+
+
+def test_with_another_vm_on_the_project_only_a_hit_is_used(fake: Fake) -> None:
+    refused, output = fake.prepare(others_running=True)
+    assert refused.status == "refused" and fake.call_count() == 0
+    assert "another VM runs on this project" in output
+    fake.prepare()
+    hit, _ = fake.prepare(others_running=True)
+    assert hit.status == "hit" and fake.call_count() == 1

@@ -120,7 +120,7 @@ def test_a_share_root_gets_its_mode_back(root: Path) -> None:
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
 
 
-def test_strip_setid_clears_the_bits_and_follows_no_link(root: Path, tmp_path: Path) -> None:
+def test_strip_unsafe_modes_clears_the_bits_and_follows_no_link(root: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside-suid"
     outside.write_text("")
     outside.chmod(0o4755)
@@ -131,11 +131,24 @@ def test_strip_setid_clears_the_bits_and_follows_no_link(root: Path, tmp_path: P
     (root / "plain").chmod(0o644)
     (root / "link").symlink_to(outside)
     (root / "dirlink").symlink_to(tmp_path)
-    fixed = safefs.strip_setid(root, os.getuid())
+    fixed = safefs.strip_unsafe_modes(root, os.getuid())
     assert fixed == ["d/tool"]
     assert stat.S_IMODE((root / "d" / "tool").stat().st_mode) == 0o755
     assert stat.S_IMODE((root / "plain").stat().st_mode) == 0o644
     assert stat.S_IMODE(outside.stat().st_mode) == 0o4755  # not ours to touch
+
+
+def test_strip_unsafe_modes_also_closes_what_the_guest_opened_to_everyone(root: Path) -> None:
+    (root / "open").mkdir()
+    (root / "open").chmod(0o777)
+    (root / "open" / "script").write_text("")
+    (root / "open" / "script").chmod(0o777)
+    (root / "group").write_text("")
+    (root / "group").chmod(0o664)
+    assert safefs.strip_unsafe_modes(root, os.getuid()) == []
+    assert stat.S_IMODE((root / "open").stat().st_mode) == 0o775
+    assert stat.S_IMODE((root / "open" / "script").stat().st_mode) == 0o775
+    assert stat.S_IMODE((root / "group").stat().st_mode) == 0o664
 
 
 def test_a_directory_swapped_for_a_symlink_mid_walk_is_not_followed(
@@ -165,7 +178,7 @@ def test_a_directory_swapped_for_a_symlink_mid_walk_is_not_followed(
     worker.start()
     try:
         for _ in range(20):
-            safefs.strip_setid(root, os.getuid())
+            safefs.strip_unsafe_modes(root, os.getuid())
     finally:
         stop.set()
         worker.join()

@@ -146,6 +146,7 @@ def _prepare_devshell(
         plan.agent_home,
         state_dir=state_dir,
         allow=allow,
+        others_running=_others_running(plan),
         progress=sys.stderr,
         guest_home=home_share.mount_point,
         # The project's Nix code runs here: it gets no API key to copy.
@@ -187,6 +188,19 @@ def _check_not_root(env: Mapping[str, str]) -> None:
             "refusing to run as root: virtiofsd would write the shares as root (set-uid "
             "root files, any owner); run microvm-run as your own user"
         )
+
+
+def _others_running(plan: LaunchPlan) -> bool:
+    """Does another VM run on this project now?  Its agent could change the
+    files between the consent check and Nix reading them."""
+    from microvm_run import state  # noqa: PLC0415
+
+    return any(
+        entry.state is not None
+        and entry.state.project == plan.work_dir
+        and state.is_alive(entry.state.runner_pid, entry.state.runner_start)
+        for entry in state.scan(plan.runtime_dir.parent)
+    )
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:

@@ -290,13 +290,17 @@ def prepare(
     nix: str = "nix",
     devenv: str = "devenv",
     env: Mapping[str, str] | None = None,
+    others_running: bool = False,
 ) -> DevshellResult:
     """Make sure the dev shell's env file is cached; evaluate it on a miss.
 
     ``allow`` is DIRENV_ALLOW: True or "1" (the content allowed before, or
     the current content the first time), or a digest the runner printed.
     A hit costs a walk for ``*.nix`` files, a few reads and starts no
-    process.  Progress and the outcome line go to ``progress``; ``message``
+    process.  ``others_running``: another VM runs on this project, so its
+    agent could change the files after they were checked and before Nix
+    reads them; only a cache hit (which reads nothing of the project's) is
+    used then.  Progress and the outcome line go to ``progress``; ``message``
     repeats that outcome line (without the ``microvm-run:`` prefix) for the
     caller's records: do not print it again.  Ctrl-C during an evaluation
     stops it, leaves no cache entry and re-raises KeyboardInterrupt.
@@ -331,6 +335,12 @@ def prepare(
         _remove(paths.env_file)
         _say(progress, f"dev shell cache entry {paths.env_file} was damaged; evaluating again")
 
+    if others_running:
+        message = (
+            "dev shell not evaluated: another VM runs on this project, and its agent could "
+            "change the files while Nix reads them; starting without it"
+        )
+        return _refused(agent_home, message, progress)
     child_env = {**(env if env is not None else os.environ), "PWD": str(work_dir)}
     try:
         elapsed = _evaluate(

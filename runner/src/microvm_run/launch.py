@@ -166,7 +166,7 @@ def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
         # Container storage keeps its images' set-uid files (su, ping): its
         # root is 0700 again, so no other user can reach them.
         if root in (plan.work_dir, plan.agent_home):
-            fixed += [str(root / name) for name in safefs.strip_setid(root, uid)]
+            fixed += [str(root / name) for name in safefs.strip_unsafe_modes(root, uid)]
     if fixed:
         shown = ", ".join(fixed[:3]) + (f" and {len(fixed) - 3} more" if len(fixed) > 3 else "")
         process.log(f"removed set-uid/set-gid bits the guest set on {shown}")

@@ -181,14 +181,16 @@ def remove(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def strip_setid(root: Path, uid: int) -> list[str]:
-    """Clear set-uid/set-gid bits on every regular file below ``root``.
+def strip_unsafe_modes(root: Path, uid: int) -> list[str]:
+    """Clear set-uid/set-gid bits on regular files, and write-for-others
+    on files and directories, everywhere below ``root``.
 
-    virtiofsd stores what the guest's ``chmod 4755`` asks for, and the file
-    is the user's: any local user who can reach it would run its code as
-    the user.  Walks with directory fds (no symlink followed), changes modes
-    through an O_PATH fd of the file itself.  Returns the relative paths it
-    fixed (for one line of output).
+    virtiofsd stores what the guest's ``chmod 4755`` or ``chmod -R 0777``
+    asks for, and the files are the user's: any local user who can reach
+    them would run their code as the user, or change what the user runs
+    next.  Walks with directory fds (no symlink followed), changes modes
+    through the directory's fd or an O_PATH fd of the file itself.  Returns
+    the relative paths whose set-id bits it cleared (for one line of output).
     """
     fixed: list[str] = []
     try:
@@ -197,18 +199,24 @@ def strip_setid(root: Path, uid: int) -> list[str]:
         return fixed
     os.close(top)
     for dirpath, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+        with contextlib.suppress(OSError):
+            mode = stat.S_IMODE(os.fstat(dir_fd).st_mode)
+            if mode & stat.S_IWOTH:
+                os.fchmod(dir_fd, mode & ~stat.S_IWOTH)
         for name in files:
             try:
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except OSError:
                 continue
-            if not stat.S_ISREG(info.st_mode) or not info.st_mode & _SETID:
+            if not stat.S_ISREG(info.st_mode) or not info.st_mode & (_SETID | stat.S_IWOTH):
                 continue
             with contextlib.suppress(OSError):
                 fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
                 try:
-                    os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(info.st_mode) & ~_SETID)
+                    mode = stat.S_IMODE(info.st_mode) & ~(_SETID | stat.S_IWOTH)
+                    os.chmod(f"/proc/self/fd/{fd}", mode)
                 finally:
                     os.close(fd)
-                fixed.append(os.path.relpath(os.path.join(dirpath, name), root))
+                if info.st_mode & _SETID:
+                    fixed.append(os.path.relpath(os.path.join(dirpath, name), root))
     return fixed
