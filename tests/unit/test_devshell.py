@@ -725,6 +725,12 @@ def test_with_another_vm_on_the_project_only_a_hit_is_used(fake: Fake) -> None:
     refused, output = fake.prepare(others_running=True)
     assert refused.status == "refused" and fake.call_count() == 0
     assert "another VM runs on this project" in output
+    assert not (fake.state / consent.RECORD).exists()  # no consent taken meanwhile
     fake.prepare()
+    (fake.work / "flake.lock").write_text("{}")
+    digest = allowed_digest(fake.prepare()[1])
+    again, _ = fake.prepare(allow=digest, others_running=True)
+    assert again.status == "refused" and fake.call_count() == 1
+    (fake.work / "flake.lock").unlink()
     hit, _ = fake.prepare(others_running=True)
     assert hit.status == "hit" and fake.call_count() == 1

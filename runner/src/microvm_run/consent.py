@@ -50,11 +50,23 @@ class Decision:
     message: str | None  # one line for the user when not allowed
 
 
-def decide(state_dir: Path, files: Mapping[str, str], allow: str) -> Decision:
-    """May these files be evaluated?  Records a new consent when given."""
+def decide(
+    state_dir: Path, files: Mapping[str, str], allow: str, *, may_record: bool = True
+) -> Decision:
+    """May these files be evaluated?  Records a new consent when given.
+
+    ``may_record`` False (another VM on the project could be changing the
+    files right now): only a consent given before counts.
+    """
     current = digest(files)
     shown = current[:SHOWN]
     record = _read(state_dir)
+    if not may_record and (allow != "1" or record is None):
+        return Decision(
+            False,
+            "dev shell not evaluated: another VM runs on this project, and its agent "
+            "could be changing the files you would allow",
+        )
     if allow != "1":
         if current.startswith(allow):
             _write(state_dir, files, current)

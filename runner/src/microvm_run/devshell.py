@@ -319,7 +319,7 @@ def prepare(
     if kind is None:
         _home_remove(agent_home, ERROR_FILE)
         return DevshellResult("none", None, None, None)
-    decision = consent.decide(state_dir, files, allow_value)
+    decision = consent.decide(state_dir, files, allow_value, may_record=not others_running)
     if not decision.allowed:
         assert decision.message is not None
         return _refused(agent_home, f"{decision.message}; starting without it", progress)

@@ -143,11 +143,23 @@ def create_private_dirs(plan: LaunchPlan) -> None:
 
 
 def _work_mode(plan: LaunchPlan) -> int | None:
+    """The project dir's mode to restore after the guest, never writable by all.
+
+    A world-writable project root is what a guest's ``chmod 0777 /work``
+    leaves when its runner was killed before restoring it: closed here.
+    """
     try:
-        info = plan.work_dir.lstat()
+        fd = safefs.check_share_root(plan.work_dir, os.getuid())
     except OSError:
         return None
-    return stat.S_IMODE(info.st_mode) if stat.S_ISDIR(info.st_mode) else None
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & stat.S_IWOTH:
+            os.fchmod(fd, mode & ~stat.S_IWOTH)
+            process.log(f"{plan.work_dir} was writable by everyone; it is not any more")
+        return mode & ~stat.S_IWOTH
+    finally:
+        os.close(fd)
 
 
 def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
