@@ -43,8 +43,8 @@ venv:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
-	$(VENV)/bin/ruff format --check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
+	$(VENV)/bin/ruff check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory bench/share_restore
+	$(VENV)/bin/ruff format --check runner tests bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory bench/share_restore
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -67,6 +67,7 @@ bench: venv
 	@if [ -x bench/devshell_hit ]; then $(PY) bench/devshell_hit; fi
 	$(PY) bench/idle_memory
 	$(PY) bench/relay_memory
+	$(PY) bench/share_restore
 
 ci-fresh:
 	scripts/ci-fresh
