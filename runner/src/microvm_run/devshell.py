@@ -58,7 +58,7 @@ ERROR_FILE = ".microvm-devshell.err"
 GUEST_ENV_FILE = ".microvm-devshell.sh"
 # Bounds for reading the project's files (the guest wrote them).
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
-MAX_NIX_FILES = 20000
+MAX_NIX_FILES = 100_000
 # Not walked for *.nix files: Git's own data (Nix's fetcher ignores it).
 _SKIP_DIRS = frozenset({".git"})
 KEEP_ENTRIES = 5
