@@ -9,6 +9,9 @@ PREFIX ?= $(or $(AMVM_TEST_PREFIX),/opt/agent-microvm-test)
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Python that ruff checks: the packages, and the scripts without a .py name.
+LINT_PATHS := runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit \
+  bench/idle_memory bench/relay_memory bench/share_restore
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
@@ -43,8 +46,8 @@ venv:
 	fi
 
 lint: venv
-	$(VENV)/bin/ruff check runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
-	$(VENV)/bin/ruff format --check runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit bench/idle_memory bench/relay_memory
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -67,6 +70,7 @@ bench: venv
 	@if [ -x bench/devshell_hit ]; then $(PY) bench/devshell_hit; fi
 	$(PY) bench/idle_memory
 	$(PY) bench/relay_memory
+	$(PY) bench/share_restore
 
 ci-fresh:
 	scripts/ci-fresh

@@ -47,6 +47,7 @@ class Host:
     def __init__(self, tmp_path: Path, fixture: str) -> None:
         self.work = tmp_path / "project"
         self.home = tmp_path / "home"
+        self.state = tmp_path / "state"
         copy_fixture(fixture, self.work)
         self.home.mkdir()
         bin_dir = tmp_path / "bin"
@@ -61,7 +62,9 @@ class Host:
         }
 
     def prepare(self, **kwargs: Any) -> DevshellResult:
-        options: dict[str, Any] = {"allow": True, "progress": io.StringIO(), "env": self.env}
+        options: dict[str, Any] = {
+            "allow": True, "progress": io.StringIO(), "env": self.env, "state_dir": self.state,
+        }  # fmt: skip
         options.update(kwargs)
         return prepare(self.work, self.home, **options)
 
@@ -69,7 +72,7 @@ class Host:
         return len(self.calls.read_text().splitlines()) if self.calls.exists() else 0
 
     def cache_files(self) -> list[str]:
-        directory = self.home / ".cache/microvm-devshell"
+        directory = self.state / "devshell"
         return sorted(path.name for path in directory.iterdir()) if directory.exists() else []
 
 
@@ -101,11 +104,15 @@ def test_a_hit_needs_no_nix_at_all(tmp_path: Path) -> None:
     assert result.status == "hit"
 
 
-def test_changing_flake_lock_invalidates(tmp_path: Path) -> None:
+def test_changing_flake_lock_needs_consent_again_then_invalidates(tmp_path: Path) -> None:
     host = Host(tmp_path, "simple")
     first = host.prepare()
     (host.work / "flake.lock").write_text('{"nodes": {"root": {}}, "root": "root", "version": 7}\n')
-    second = host.prepare()
+    refused = host.prepare()
+    assert refused.status == "refused" and host.nix_calls() == 1
+    assert refused.message is not None
+    digest = refused.message.rsplit("DIRENV_ALLOW=", 1)[1].split(";", 1)[0]
+    second = host.prepare(allow=digest)
     assert second.status == "evaluated" and second.env_file != first.env_file
     assert host.nix_calls() == 2
     assert host.prepare().status == "hit"
@@ -143,14 +150,18 @@ def test_broken_flake_boots_without_the_shell_and_leaves_the_error(tmp_path: Pat
     result = host.prepare()
     error_file = host.home / ".microvm-devshell.err"
     assert (result.status, result.env_file, result.guest_env_file) == ("failed", None, None)
-    assert result.message == f"dev shell evaluation failed (see {error_file}); starting without it"
+    assert result.message is not None
+    assert result.message.startswith("dev shell evaluation failed (log: ")
     report = error_file.read_text()
     assert "this dev shell is broken on purpose" in report
     assert "print-dev-env" in report and str(host.work) in report
     assert not [name for name in host.cache_files() if name.endswith(".sh")]
-    # Fixing the flake clears the error on the next launch.
+    # Fixing the flake (and allowing the fix) clears the error on the next launch.
     copy_fixture("simple", host.work)
-    assert host.prepare().status == "evaluated"
+    refused = host.prepare()
+    assert refused.status == "refused" and refused.message is not None
+    digest = refused.message.rsplit("DIRENV_ALLOW=", 1)[1].split(";", 1)[0]
+    assert host.prepare(allow=digest).status == "evaluated"
     assert not error_file.exists()
 
 
@@ -178,12 +189,12 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     flake = host.work / "flake.nix"
     flake.write_text(flake.read_text().replace("@HOLD@", str(hold)))
     child = subprocess.Popen(
-        [sys.executable, "-c", PREPARE_CHILD, str(host.work), str(host.home)]
+        [sys.executable, "-c", PREPARE_CHILD, str(host.work), str(host.home), str(host.state)]
         + [f"{name}={value}" for name, value in host.env.items()],
         stderr=subprocess.PIPE,
     )
     try:
-        log = host.home / ".cache/microvm-devshell"
+        log = host.state / "devshell"
         # The builder announces itself in the log while it holds.
 
         def holding() -> bool:

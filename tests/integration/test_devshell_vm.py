@@ -31,7 +31,12 @@ def root_vm(venv_python: Path, runner_copy: Path, guest_spec: Path, scratch: Pat
     user = HostUser("root", 0, 0, home)
     vm = VM(user, venv_python, runner_copy, guest_spec, scratch, runtime)
     # The suite's Nix configuration (no substituters, sandbox on).
-    vm.extra_env = {**NIX_TEST_ENV, "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    # MICROVM_RUN_ALLOW_ROOT: root is refused otherwise (README, threat model).
+    vm.extra_env = {
+        **NIX_TEST_ENV,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MICROVM_RUN_ALLOW_ROOT": "1",
+    }
     return vm
 
 

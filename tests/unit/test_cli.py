@@ -391,6 +391,37 @@ def test_a_full_runtime_file_system_is_bad_input(
     monkeypatch.setattr(os, "statvfs", lambda _path: full)
     spec = _runnable_spec(tmp_path)
     argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
-    code, _, err = run(capsys, argv, env)
+    code, _, err = run(capsys, argv, {**env, "MICROVM_RUN_ALLOW_ROOT": "1"})
     assert code == 2 and err.count("\n") == 1
     assert "file system is full" in err and "microvm-run gc" in err
+
+
+def test_root_is_refused_with_one_line_and_creates_nothing(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    spec = _runnable_spec(tmp_path)
+    home = tmp_path / "agent-home"
+    argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
+    code, _, err = run(capsys, argv, {**env, "AGENT_HOME": str(home)})
+    assert code == 2 and err.count("\n") == 1
+    assert "refusing to run as root" in err
+    assert not home.exists()
+
+
+def test_an_agent_home_that_is_a_symlink_is_bad_input(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    spec = _runnable_spec(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    home = tmp_path / "agent-home"
+    home.symlink_to(target)
+    argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
+    code, _, err = run(
+        capsys, argv, {**env, "AGENT_HOME": str(home), "MICROVM_RUN_ALLOW_ROOT": "1"}
+    )
+    assert code == 2 and err.count("\n") == 1
+    assert "not a real directory" in err
+    assert list(target.iterdir()) == []

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run import devshell, process
+from microvm_run import consent, devshell, process, safefs
 from microvm_run.devshell import (
     KEY_FILES,
     Progress,
@@ -29,6 +29,7 @@ from microvm_run.devshell import (
     evaluation_command,
     prepare,
     render_env,
+    shell_files,
 )
 from tests.support.interrupt import PREPARE_CHILD, wait_for
 
@@ -81,6 +82,7 @@ class Fake:
     def __init__(self, tmp_path: Path) -> None:
         self.work = tmp_path / "project"
         self.home = tmp_path / "home"
+        self.state = tmp_path / "state" / "projects" / "project-0123"
         self.bin = tmp_path / "bin"
         self.calls = tmp_path / "calls"
         self.json = tmp_path / "dev-env.json"
@@ -102,7 +104,9 @@ class Fake:
 
     def prepare(self, **kwargs: Any) -> tuple[devshell.DevshellResult, str]:
         progress = io.StringIO()
-        options: dict[str, Any] = {"allow": True, "progress": progress, "env": self.env}
+        options: dict[str, Any] = {
+            "allow": True, "progress": progress, "env": self.env, "state_dir": self.state,
+        }  # fmt: skip
         options.update(kwargs)
         result = prepare(self.work, self.home, **options)
         return result, progress.getvalue()
@@ -122,7 +126,7 @@ class Fake:
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / ".cache/microvm-devshell"
+        return self.state / "devshell"
 
     def cache_files(self) -> list[str]:
         if not self.cache_dir.exists():
@@ -184,45 +188,61 @@ def test_devenv_command_asks_devenv_for_json() -> None:
     assert command == ("/opt/devenv", "print-dev-env", "--json")
 
 
+def key_of(work: Path, command: list[str]) -> str:
+    with safefs.opened_dir(work) as fd:
+        return cache_key(shell_files(fd), command)
+
+
 def test_cache_key_is_stable_and_short(tmp_path: Path) -> None:
     (tmp_path / "flake.nix").write_text("a")
-    key = cache_key(tmp_path, ["nix", "print-dev-env"])
-    assert key == cache_key(tmp_path, ["nix", "print-dev-env"])
+    key = key_of(tmp_path, ["nix", "print-dev-env"])
+    assert key == key_of(tmp_path, ["nix", "print-dev-env"])
     assert len(key) == 32 and int(key, 16) >= 0
 
 
-@pytest.mark.parametrize("name", KEY_FILES)
-def test_each_key_file_changes_the_key(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", [*KEY_FILES, "shell.nix", "nix/tools.nix"])
+def test_each_file_that_defines_the_shell_changes_the_key(tmp_path: Path, name: str) -> None:
     (tmp_path / "flake.nix").write_text("base")
-    before = cache_key(tmp_path, ["nix"])
+    (tmp_path / "nix").mkdir()
+    before = key_of(tmp_path, ["nix"])
     (tmp_path / name).write_text("changed")
-    assert cache_key(tmp_path, ["nix"]) != before
+    assert key_of(tmp_path, ["nix"]) != before
 
 
 def test_absent_and_empty_files_differ(tmp_path: Path) -> None:
-    before = cache_key(tmp_path, ["nix"])
+    before = key_of(tmp_path, ["nix"])
     (tmp_path / "flake.lock").write_text("")
-    assert cache_key(tmp_path, ["nix"]) != before
+    assert key_of(tmp_path, ["nix"]) != before
 
 
 def test_content_cannot_move_between_files_unnoticed(tmp_path: Path) -> None:
     # The reference setup concatenated contents without names: these collided.
     (tmp_path / "flake.nix").write_text("ab")
-    first = cache_key(tmp_path, ["nix"])
+    first = key_of(tmp_path, ["nix"])
     (tmp_path / "flake.nix").write_text("a")
     (tmp_path / "flake.lock").write_text("b")
-    assert cache_key(tmp_path, ["nix"]) != first
+    assert key_of(tmp_path, ["nix"]) != first
 
 
 def test_the_command_is_part_of_the_key(tmp_path: Path) -> None:
-    assert cache_key(tmp_path, ["nix", "--impure"]) != cache_key(tmp_path, ["nix"])
-    assert cache_key(tmp_path, ["a b"]) != cache_key(tmp_path, ["a", "b"])
+    assert key_of(tmp_path, ["nix", "--impure"]) != key_of(tmp_path, ["nix"])
+    assert key_of(tmp_path, ["a b"]) != key_of(tmp_path, ["a", "b"])
 
 
-def test_other_files_do_not_change_the_key(tmp_path: Path) -> None:
-    before = cache_key(tmp_path, ["nix"])
+def test_other_files_and_git_data_do_not_change_the_key(tmp_path: Path) -> None:
+    before = key_of(tmp_path, ["nix"])
     (tmp_path / "main.py").write_text("print()")
-    assert cache_key(tmp_path, ["nix"]) == before
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.nix").write_text("git's own")
+    assert key_of(tmp_path, ["nix"]) == before
+
+
+def test_a_symlinked_nix_file_is_bound_by_its_target_not_followed(tmp_path: Path) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.nix"
+    outside.write_text("secret")
+    (tmp_path / "shell.nix").symlink_to(outside)
+    with safefs.opened_dir(tmp_path) as fd:
+        assert shell_files(fd)["shell.nix"] == f"symlink:{outside}"
 
 
 # --- the env file -----------------------------------------------------------
@@ -308,9 +328,12 @@ def test_disabled_touches_nothing(tmp_path: Path) -> None:
     (tmp_path / "flake.nix").write_text("")
     home = tmp_path / "no-home-yet"
     progress = io.StringIO()
-    result = prepare(tmp_path, home, allow=False, progress=progress, nix="/nonexistent")
+    state = tmp_path / "state"
+    result = prepare(
+        tmp_path, home, state_dir=state, allow=False, progress=progress, nix="/nonexistent"
+    )
     assert result == devshell.DevshellResult("disabled", None, None, None)
-    assert not home.exists() and progress.getvalue() == ""
+    assert not home.exists() and not state.exists() and progress.getvalue() == ""
 
 
 def test_no_project_kind_is_none_and_quiet(fake: Fake) -> None:
@@ -320,13 +343,15 @@ def test_no_project_kind_is_none_and_quiet(fake: Fake) -> None:
     assert fake.call_count() == 0
 
 
-def test_miss_evaluates_and_caches_under_the_agent_home(fake: Fake) -> None:
+def test_miss_evaluates_caches_in_the_state_dir_and_gives_the_guest_a_copy(fake: Fake) -> None:
     result, output = fake.prepare()
     assert result.status == "evaluated"
-    key = cache_key(fake.work, evaluation_command(ProjectKind.FLAKE, fake.work))
+    key = key_of(fake.work, list(evaluation_command(ProjectKind.FLAKE, fake.work)))
     assert result.env_file == fake.cache_dir / f"{key}.sh"
-    assert result.guest_env_file == f"/home/agent/.cache/microvm-devshell/{key}.sh"
+    assert result.guest_env_file == "/home/agent/.microvm-devshell.sh"
     assert "MY_PROJECT_VAR=hello-from-devshell" in result.env_file.read_text()
+    assert (fake.home / ".microvm-devshell.sh").read_bytes() == result.env_file.read_bytes()
+    assert sorted(p.name for p in fake.home.iterdir()) == [".microvm-devshell.sh"]
     assert fake.call_count() == 1
     assert result.message is not None and result.message.startswith("dev shell ready (")
     first, last = output.splitlines()
@@ -371,18 +396,93 @@ def test_hit_key_uses_the_same_command(fake: Fake) -> None:
     assert result.status == "evaluated"
 
 
-def test_changed_flake_lock_invalidates(fake: Fake) -> None:
+def allowed_digest(output: str) -> str:
+    return output.rsplit("DIRENV_ALLOW=", 1)[1].split(";", maxsplit=1)[0].strip()
+
+
+def test_changed_content_is_not_evaluated_until_allowed_again(fake: Fake) -> None:
     first, _ = fake.prepare()
     (fake.work / "flake.lock").write_text('{"version": 7}')
-    second, _ = fake.prepare()
+    refused, output = fake.prepare()
+    assert (refused.status, refused.guest_env_file) == ("refused", None)
+    assert fake.call_count() == 1  # nothing of the changed project ran
+    assert output.count("\n") == 1
+    assert "flake.lock changed since you allowed it" in output
+    assert "review" in (fake.home / ".microvm-devshell.err").read_text()
+    digest = allowed_digest(output)
+    second, _ = fake.prepare(allow=digest)
     assert second.status == "evaluated" and second.env_file != first.env_file
     assert fake.call_count() == 2
+    third, _ = fake.prepare()  # the new content is now the allowed one
+    assert third.status == "hit"
+
+
+def test_a_nix_file_the_agent_adds_needs_consent_and_so_does_impure(fake: Fake) -> None:
+    fake.prepare()
+    (fake.work / "devenv.nix").write_text("{ }")  # would switch on --impure
+    (fake.work / "nix").mkdir()
+    (fake.work / "nix" / "evil.nix").write_text("builtins.readFile /etc/shadow")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 1
+    assert "devenv.nix" in output and "nix/evil.nix" in output
+    assert "--impure" not in fake.args()
+
+
+def test_a_stale_or_wrong_digest_allows_nothing(fake: Fake) -> None:
+    fake.prepare()
+    (fake.work / "flake.nix").write_text("{ outputs = _: { x = 1; }; }\n")
+    wrong, output = fake.prepare(allow="0123456789abcdef")
+    assert wrong.status == "refused" and fake.call_count() == 1
+    assert "does not match" in output
+    assert consent.is_allow_value("0123456789abcdef") and not consent.is_allow_value("yes")
+
+
+def test_the_consent_lives_outside_the_project_and_the_home(fake: Fake) -> None:
+    fake.prepare()
+    record = fake.state / consent.RECORD
+    assert record.is_file() and record.stat().st_mode & 0o077 == 0
+    assert not list(fake.work.glob("*allowed*")) and not list(fake.home.glob("*allowed*"))
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "dir-symlink"])
+def test_a_key_file_that_is_not_a_regular_file_is_refused_without_reading(
+    fake: Fake, plant: str
+) -> None:
+    lock = fake.work / "flake.lock"
+    if plant == "symlink":
+        lock.symlink_to("/dev/zero")
+    elif plant == "fifo":
+        os.mkfifo(lock)
+    else:
+        (fake.work / "flake.nix").unlink()
+        (fake.work / "flake.nix").symlink_to("/etc/passwd")
+    started = time.monotonic()
+    result, output = fake.prepare()
+    assert time.monotonic() - started < 5  # a FIFO never blocks, /dev/zero is never read
+    assert result.status == "refused" and fake.call_count() == 0
+    assert output.startswith("microvm-run: dev shell not evaluated: ")
+    assert output.count("\n") == 1
+
+
+def test_planted_symlinks_in_the_home_are_replaced_not_followed(fake: Fake, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("the user's file\n")
+    (fake.home / ".microvm-devshell.sh").symlink_to(victim)
+    (fake.home / ".microvm-devshell.err").symlink_to(victim)
+    fake.env["FAKE_STATUS"] = "1"
+    fake.prepare()
+    assert victim.read_text() == "the user's file\n"
+    assert not (fake.home / ".microvm-devshell.err").is_symlink()
+    del fake.env["FAKE_STATUS"]
+    fake.prepare()
+    assert victim.read_text() == "the user's file\n"
+    assert not (fake.home / ".microvm-devshell.sh").is_symlink()
 
 
 def test_guest_home_is_configurable(fake: Fake) -> None:
     result, _ = fake.prepare(guest_home="/home/dev/")
     assert result.guest_env_file is not None
-    assert result.guest_env_file.startswith("/home/dev/.cache/microvm-devshell/")
+    assert result.guest_env_file == "/home/dev/.microvm-devshell.sh"
 
 
 def test_flake_devenv_evaluates_impure(fake: Fake) -> None:
@@ -406,9 +506,8 @@ def test_failure_boots_without_the_shell_and_leaves_the_error(fake: Fake) -> Non
     result, output = fake.prepare()
     error_file = fake.home / ".microvm-devshell.err"
     assert (result.status, result.env_file, result.guest_env_file) == ("failed", None, None)
-    assert result.message == (
-        f"dev shell evaluation failed (see {error_file}); starting without it"
-    )
+    log = next(fake.cache_dir.glob("*.log"))
+    assert result.message == (f"dev shell evaluation failed (log: {log}); starting without it")
     assert output.splitlines()[-1] == f"microvm-run: {result.message}"
     report = error_file.read_text()
     assert "print-dev-env --json" in report and str(fake.work) in report
@@ -473,7 +572,8 @@ def test_nix_missing_is_a_clear_failure(fake: Fake) -> None:
 
 
 def test_an_unwritable_cache_boots_without_the_shell(fake: Fake) -> None:
-    (fake.home / ".cache").write_text("a file where the cache directory should be")
+    fake.state.mkdir(parents=True)
+    (fake.state / "devshell").write_text("a file where the cache directory should be")
     result, output = fake.prepare()
     assert result.status == "failed"
     assert result.message is not None and "cannot write the dev shell cache" in result.message
@@ -500,7 +600,7 @@ def test_ctrl_c_mid_evaluation_stops_nix_and_leaves_no_entry(fake: Fake) -> None
     env = {**fake.env, "FAKE_PARTIAL": "1"}
     pid_file = Path(f"{fake.calls}.pid")
     child = subprocess.Popen(
-        [sys.executable, "-c", PREPARE_CHILD, str(fake.work), str(fake.home)]
+        [sys.executable, "-c", PREPARE_CHILD, str(fake.work), str(fake.home), str(fake.state)]
         + [f"{name}={value}" for name, value in env.items()],
         stderr=subprocess.PIPE,
     )
@@ -619,3 +719,18 @@ def test_a_damaged_cache_entry_is_evaluated_again_not_sourced(fake: Fake, damage
     assert "was damaged; evaluating again" in output
     assert fake.call_count() == 2
     assert second.env_file is not None and devshell._is_intact(second.env_file)
+
+
+def test_with_another_vm_on_the_project_only_a_hit_is_used(fake: Fake) -> None:
+    refused, output = fake.prepare(others_running=True)
+    assert refused.status == "refused" and fake.call_count() == 0
+    assert "another VM runs on this project" in output
+    assert not (fake.state / consent.RECORD).exists()  # no consent taken meanwhile
+    fake.prepare()
+    (fake.work / "flake.lock").write_text("{}")
+    digest = allowed_digest(fake.prepare()[1])
+    again, _ = fake.prepare(allow=digest, others_running=True)
+    assert again.status == "refused" and fake.call_count() == 1
+    (fake.work / "flake.lock").unlink()
+    hit, _ = fake.prepare(others_running=True)
+    assert hit.status == "hit" and fake.call_count() == 1

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run import ops, process, state
+from microvm_run import host, ops, process, state
 from microvm_run.state import Entry
 from tests.support.interrupt import wait_for
 
@@ -401,6 +401,27 @@ def test_gc_removes_a_dead_instance_and_reports_it(base: Path, env: dict[str, st
     assert report.ok
 
 
+def test_gc_undoes_what_the_guest_of_a_killed_runner_left_in_the_shares(
+    base: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    project, home = tmp_path / "project", tmp_path / "agent-home"
+    for directory in (project, home):
+        directory.mkdir()
+        directory.chmod(0o777)
+        (directory / "tool").write_text("")
+        (directory / "tool").chmod(0o4755)
+    make_instance(
+        base, "dead0002", runner_pid=999_999_999, runner_start=5, units=(),
+        project=project, agent_home=home,
+    )  # fmt: skip
+    report = run_gc(base, env)
+    assert (project.stat().st_mode & 0o777, home.stat().st_mode & 0o777) == (0o775, 0o700)
+    assert all((d / "tool").stat().st_mode & 0o7777 == 0o755 for d in (project, home))
+    assert ("dead0002", "removed set-uid/set-gid bits the guest set on 2 file(s)") in [
+        (a.id, a.what) for a in report.actions
+    ]
+
+
 def test_gc_removes_an_old_unreadable_dir_but_not_one_whose_qemu_answers(
     base: Path, env: dict[str, str]
 ) -> None:
@@ -605,3 +626,21 @@ def test_stop_cannot_stop_an_instance_without_a_readable_state(
     assert result.outcome == ops.UNREADABLE
     assert result.detail == "unreadable state: no state.toml"
     assert (base / "ab12cd34").exists()
+
+
+def test_prune_takes_the_runners_own_files_of_that_project_along(
+    base: Path, env: dict[str, str], homes: dict[str, Path], tmp_path: Path
+) -> None:
+    owned = {}
+    for name in ("gone1", "alive"):
+        project = tmp_path / name
+        owned[name] = (
+            host.project_state_dir(project, env),
+            host.cri_storage_dir("claude", project, env),
+        )
+        for directory in owned[name]:
+            (directory / "sub").mkdir(parents=True)
+            (directory / "sub" / "file").write_text("x")
+    run_gc(base, env, prune=True, confirm=lambda q: str(homes["gone1"]) in q)
+    assert not any(directory.exists() for directory in owned["gone1"])
+    assert all(directory.exists() for directory in owned["alive"])

@@ -54,17 +54,22 @@ def test_root_gets_no_id_maps_which_virtiofsd_refuses_for_root(spec: Spec) -> No
         assert "--translate-uid=map:1000:0:1" in daemon.argv
 
 
-def test_cri_storage_lives_in_the_home_and_keeps_overlay_xattrs(sample: dict[str, Any]) -> None:
+def test_cri_storage_is_a_root_of_its_own_outside_the_home_and_keeps_overlay_xattrs(
+    sample: dict[str, Any],
+) -> None:
     sample["shares"].append(
         {"tag": "cri", "source": "cri-storage", "mount_point": "/var/lib/containers"}
     )
     spec = parse_spec(sample, Path("/s.toml"))
-    facts = make_facts()
+    storage = Path("/home/alice/.cache/microvm-run/cri-storage/claude/myproject-0123456789ab")
+    facts = make_facts(cri_storage=storage)
     plan = build_plan(spec, RunOptions(), facts)
     cri = next(d for d in plan.virtiofsd if d.tag == "cri")
-    assert cri.shared_dir == facts.agent_home / "cri-storage"
+    # Not under the guest-writable home: the guest cannot swap it for a symlink.
+    assert cri.shared_dir == storage
+    assert not cri.shared_dir.is_relative_to(facts.agent_home)
     assert any(arg.startswith("--xattrmap=") for arg in cri.argv)
-    assert plan.dirs_to_create == (facts.agent_home, facts.agent_home / "cri-storage")
+    assert plan.dirs_to_create == (facts.agent_home, storage)
 
 
 def test_resources_default_to_the_spec_and_options_override(spec: Spec) -> None:

@@ -194,6 +194,22 @@ def test_a_huge_file_or_a_directory_is_unreadable(tmp_path: Path) -> None:
     assert "cannot read state.toml" in (state.read_state(odd).problem or "")
 
 
+@pytest.mark.parametrize("nesting", [b"x = " + b"[" * 100_000, b"x = " + b"{a = " * 100_000])
+def test_deeply_nested_toml_is_a_problem_not_a_recursion_error(
+    tmp_path: Path, nesting: bytes
+) -> None:
+    runtime_dir = tmp_path / "ab12cd34"
+    runtime_dir.mkdir()
+    (runtime_dir / "state.toml").write_bytes(nesting[: state.MAX_STATE_BYTES])
+    read = state.read_state(runtime_dir)
+    assert read.state is None and read.problem is not None
+    data = tmp_path / "data"
+    path = make_home(data, tmp_path / "p", record=False)
+    state.home_record_path(path).write_bytes(nesting[: state.MAX_STATE_BYTES])
+    (record,) = state.scan_homes(data)
+    assert record.project is None and (record.problem or "").startswith("record: ")
+
+
 def test_unknown_keys_of_the_same_version_are_ignored(tmp_path: Path) -> None:
     runtime_dir = tmp_path / "ab12cd34"
     runtime_dir.mkdir()

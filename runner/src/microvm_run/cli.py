@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -75,9 +77,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         else:
             print(_describe(plan))
         return 0
+    # The key stays in this process's memory (the key proxy needs it) and in
+    # its initial environment: make both unreadable to the user's other
+    # processes, the dev-shell evaluation included.
+    keep_keys_private()
     try:
         _check_runnable(spec, options.accel)
         _check_dirs(plan)
+        _check_not_root(env)
     except PlanError as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_BAD_INPUT
@@ -85,7 +92,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     try:
         launch.create_private_dirs(plan)
-        devshell_file = _prepare_devshell(spec, plan, env)
+        devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
         if devshell_file is not None:
             plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
         return launch.launch(plan, env)
@@ -112,9 +119,21 @@ def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
         return launch.launch(plan, boot_env)
 
 
-def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> str | None:
-    """With DIRENV_ALLOW=1, the project's dev shell for the guest (cached on the host)."""
-    if env.get("DIRENV_ALLOW") != "1":
+def _prepare_devshell(
+    spec: Spec, plan: LaunchPlan, state_dir: Path, env: Mapping[str, str]
+) -> str | None:
+    """With DIRENV_ALLOW, the project's dev shell for the guest (cached on the host)."""
+    allow = env.get("DIRENV_ALLOW")
+    if not allow or allow == "0":
+        return None
+    from microvm_run import consent  # noqa: PLC0415 - only DIRENV_ALLOW needs it
+
+    if not consent.is_allow_value(allow):
+        print(
+            f"microvm-run: DIRENV_ALLOW={allow!r} ignored: use 1, or the digest "
+            "microvm-run printed",
+            file=sys.stderr,
+        )
         return None
     home_share = spec.share_by_source("home")
     if home_share is None:
@@ -125,13 +144,63 @@ def _prepare_devshell(spec: Spec, plan: LaunchPlan, env: Mapping[str, str]) -> s
     result = devshell.prepare(
         plan.work_dir,
         plan.agent_home,
-        allow=True,
+        state_dir=state_dir,
+        allow=allow,
+        others_running=_others_running(plan),
         progress=sys.stderr,
         guest_home=home_share.mount_point,
         # The project's Nix code runs here: it gets no API key to copy.
         env=process.without(env, spec.api_key_vars),
     )
     return result.guest_env_file
+
+
+_PR_SET_DUMPABLE = 4
+
+
+def keep_keys_private() -> None:
+    """Make this process non-dumpable: /proc/<pid>/environ and /proc/<pid>/mem
+    become unreadable to the user's other processes (only root may read them).
+
+    Chosen over re-exec'ing without the key (or passing it over a pipe):
+    the runner must keep the key in memory for the key proxy, and a re-exec
+    would hide only the environment, while a same-user process could still
+    read the memory where ptrace rules allow it.  Non-dumpable hides both and
+    costs nothing; children get their own dumpable flag back at exec, and
+    none of them gets the key (process.without).
+    """
+    import ctypes  # noqa: PLC0415
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _check_not_root(env: Mapping[str, str]) -> None:
+    """Running as root gives the guest root's hands on the shared files.
+
+    virtiofsd refuses ID maps when started by root, so guest files would be
+    root's, and anything the guest plants is trusted by root.
+    MICROVM_RUN_ALLOW_ROOT=1 is for hosts whose Nix works only as root (and
+    this project's own dev-shell tests); README says what it costs.
+    """
+    if os.geteuid() == 0 and env.get("MICROVM_RUN_ALLOW_ROOT") != "1":
+        raise PlanError(
+            "refusing to run as root: virtiofsd would write the shares as root (set-uid "
+            "root files, any owner); run microvm-run as your own user"
+        )
+
+
+def _others_running(plan: LaunchPlan) -> bool:
+    """Does another VM run on this project now?  Its agent could change the
+    files between the consent check and Nix reading them."""
+    from microvm_run import state  # noqa: PLC0415
+
+    return any(
+        entry.state is not None
+        and entry.state.project == plan.work_dir
+        and state.is_alive(entry.state.runner_pid, entry.state.runner_start)
+        for entry in state.scan(plan.runtime_dir.parent)
+    )
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -300,12 +369,18 @@ MIN_RUNTIME_FREE = 1024 * 1024
 def _check_dirs(plan: LaunchPlan) -> None:
     """The dirs the launch writes to: checked before anything is created."""
     for directory in plan.dirs_to_create:
+        _check_share_root(directory)
         existing = _nearest_existing(directory)
         if existing is None or not os.access(existing, os.W_OK | os.X_OK):
             raise PlanError(
                 f"AGENT_HOME {directory} is not writable ({existing} is not); "
                 "fix its permissions or set AGENT_HOME elsewhere"
             )
+    from microvm_run import state  # noqa: PLC0415
+
+    problem = state.base_problem(plan.runtime_dir.parent, os.getuid())
+    if problem:
+        raise PlanError(f"runtime dir: {problem}")
     base = _nearest_existing(plan.runtime_dir.parent)
     if base is not None:
         try:
@@ -317,6 +392,24 @@ def _check_dirs(plan: LaunchPlan) -> None:
                 f"the runtime dir's file system is full ({base}); "
                 "free space there, or run microvm-run gc"
             )
+
+
+def _check_share_root(directory: Path) -> None:
+    """A share root that exists must be a real directory of this user.
+
+    The guest may have replaced it by a symlink (its target would be shared
+    read-write) or another user may own it.
+    """
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise PlanError(f"cannot inspect {directory}: {err.strerror}") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise PlanError(f"{directory} is not a real directory (a symlink?); remove it")
+    if info.st_uid != os.getuid():
+        raise PlanError(f"{directory} is owned by uid {info.st_uid}, not by you")
 
 
 def _nearest_existing(path: Path) -> Path | None:

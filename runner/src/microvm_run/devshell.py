@@ -1,16 +1,21 @@
-"""The project's dev shell, evaluated on the host and cached in the agent home.
+"""The project's dev shell, evaluated on the host and cached in the runner's state.
 
 With DIRENV_ALLOW=1 the runner evaluates the dev shell of the project in
 WORK_DIR (a flake, a flake-based devenv or a plain devenv) with
 ``print-dev-env --json``, turns the exported variables into a plain POSIX sh
-file of ``export NAME='value'`` lines and caches it in the agent home.  The
-guest sources that file before the agent starts, so the guest never evaluates
-Nix, and a later launch with unchanged project files starts no process at all.
+file of ``export NAME='value'`` lines and caches it in the runner's own
+per-project state dir, which the guest never sees.  Each launch gives the
+guest a copy by value (``~/.microvm-devshell.sh``, written over whatever is
+there without following it), so the guest never evaluates Nix, and a later
+launch with unchanged project files starts no process at all.
 
 Evaluating a project's Nix code runs the project's code, so nothing here
-happens without ``allow`` (the user's explicit DIRENV_ALLOW=1).  Commands are
-argv lists started through :mod:`microvm_run.process`; nothing is ever built
-into a shell string or ``eval``-ed, on the host or in the guest.
+happens without ``allow`` (the user's explicit DIRENV_ALLOW), and only for
+the content the user allowed (consent.py): the agent writes the project.
+Project files are read with safefs (no symlink followed, no FIFO or device
+opened, bounded).  Commands are argv lists started through
+:mod:`microvm_run.process`; nothing is ever built into a shell string or
+``eval``-ed, on the host or in the guest.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from microvm_run import process
+from microvm_run import consent, process, safefs
 
 # The files whose contents decide the dev shell.  Order and names are part of
 # the cache key, so moving content from one file to another changes the key.
@@ -45,8 +51,16 @@ KEY_FILES = (
 # Bumped whenever the env file format or the filtering changes, so an old
 # runner's cache is never sourced by a new guest module (and vice versa).
 CACHE_FORMAT = "microvm-devshell/1"
-CACHE_SUBDIR = Path(".cache/microvm-devshell")
+# In the runner's per-project state dir, never in a guest-writable tree.
+CACHE_SUBDIR = Path("devshell")
+# In the agent home, written by value on each launch; never read back.
 ERROR_FILE = ".microvm-devshell.err"
+GUEST_ENV_FILE = ".microvm-devshell.sh"
+# Bounds for reading the project's files (the guest wrote them).
+MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
+MAX_NIX_FILES = 100_000
+# Not walked for *.nix files: Git's own data (Nix's fetcher ignores it).
+_SKIP_DIRS = frozenset({".git"})
 KEEP_ENTRIES = 5
 # Temp files left by a SIGKILLed runner; live ones are never this old.
 STALE_TEMP_SECONDS = 24 * 3600
@@ -88,15 +102,15 @@ class ProjectKind(enum.Enum):
 class DevshellResult:
     """What the launch flow needs: plain data, decided once per launch."""
 
-    status: Literal["disabled", "none", "hit", "evaluated", "failed"]
-    env_file: Path | None  # host path of the POSIX sh env file, under the agent home
+    status: Literal["disabled", "none", "hit", "evaluated", "failed", "refused"]
+    env_file: Path | None  # host path of the cached env file, in the runner's state
     guest_env_file: str | None  # the same file in the guest, for MICROVM_DEVSHELL
     message: str | None  # one line for the host user, already written to progress
 
 
 @dataclass(frozen=True)
 class CachePaths:
-    """Where one cache key's files live in the agent home."""
+    """Where one cache key's files live in the runner's state dir."""
 
     directory: Path
     key: str
@@ -126,9 +140,19 @@ class _EvaluationFailed(Exception):
 
 def detect(work_dir: Path) -> ProjectKind | None:
     """The kind of dev shell WORK_DIR declares, from its files alone."""
+    with safefs.opened_dir(work_dir) as fd:
+        return _detect(fd)
 
+
+def _detect(work_fd: int) -> ProjectKind | None:
     def has(name: str) -> bool:
-        return (work_dir / name).is_file()
+        # Present as anything but a directory: a symlink or FIFO counts, and
+        # shell_files() then refuses it instead of evaluating.
+        try:
+            info = os.stat(name, dir_fd=work_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return not stat.S_ISDIR(info.st_mode)
 
     if has("flake.nix"):
         return ProjectKind.FLAKE_DEVENV if has("devenv.nix") else ProjectKind.FLAKE
@@ -161,8 +185,47 @@ def evaluation_command(
     return (*command, str(work_dir))
 
 
-def cache_key(work_dir: Path, command: Sequence[str]) -> str:
-    """sha256 over the key files (name and content, or absence) and the command.
+def shell_files(work_fd: int) -> dict[str, str]:
+    """What defines the dev shell: name -> sha256 of the content (or a marker).
+
+    The six key files (absent ones too) and every ``*.nix`` file in the
+    project: a flake that imports ``./shell.nix`` is defined by it as much as
+    by flake.nix.  Read through safefs: a key file that is a symlink, FIFO
+    or device is refused (UnsafeFile), never read.
+    """
+    files: dict[str, str] = {}
+    for name in KEY_FILES:
+        data = safefs.read_regular(work_fd, name, MAX_KEY_FILE_BYTES)
+        files[name] = "absent" if data is None else hashlib.sha256(data).hexdigest()
+    count = 0
+    for dirpath, dirs, names, dir_fd in os.fwalk(".", dir_fd=work_fd, follow_symlinks=False):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
+        for name in sorted(names):
+            if not name.endswith(".nix"):
+                continue
+            relative = os.path.normpath(os.path.join(dirpath, name))
+            if relative in files:
+                continue
+            count += 1
+            if count > MAX_NIX_FILES:
+                raise safefs.UnsafeFile(0, f"more than {MAX_NIX_FILES} .nix files in the project")
+            files[relative] = _file_digest(dir_fd, name)
+    return files
+
+
+def _file_digest(dir_fd: int, name: str) -> str:
+    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_ISLNK(info.st_mode):
+        # Nix follows it: bind the consent to where it points.
+        return "symlink:" + os.readlink(name, dir_fd=dir_fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    data = safefs.read_regular(dir_fd, name, MAX_KEY_FILE_BYTES)
+    return "absent" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def cache_key(files: Mapping[str, str], command: Sequence[str]) -> str:
+    """sha256 over the shell's files (names and digests) and the command.
 
     Every field is length-prefixed, so no two different inputs can produce
     the same byte stream (contents cannot move between files unnoticed).
@@ -174,15 +237,9 @@ def cache_key(work_dir: Path, command: Sequence[str]) -> str:
         digest.update(data)
 
     field("format", CACHE_FORMAT.encode())
-    for name in KEY_FILES:
+    for name in sorted(files):
         field("name", name.encode())
-        try:
-            field("content", (work_dir / name).read_bytes())
-        except FileNotFoundError:
-            field("absent", b"")
-        except OSError as error:
-            # A directory or an unreadable file: the evaluation will say more.
-            field("unreadable", str(error.errno).encode())
+        field("content", files[name].encode())
     for arg in command:
         field("arg", os.fsencode(arg))
     return digest.hexdigest()[:32]
@@ -226,39 +283,64 @@ def prepare(
     work_dir: Path,
     agent_home: Path,
     *,
-    allow: bool,
+    state_dir: Path,
+    allow: bool | str,
     progress: TextIO,
     guest_home: str = "/home/agent",
     nix: str = "nix",
     devenv: str = "devenv",
     env: Mapping[str, str] | None = None,
+    others_running: bool = False,
 ) -> DevshellResult:
     """Make sure the dev shell's env file is cached; evaluate it on a miss.
 
-    A hit costs a few file reads and starts no process.  Progress and the
-    outcome line go to ``progress``; ``message`` repeats that outcome line
-    (without the ``microvm-run:`` prefix) for the caller's records: do not
-    print it again.  Ctrl-C during an evaluation stops it, leaves no cache
-    entry and re-raises KeyboardInterrupt.
+    ``allow`` is DIRENV_ALLOW: True or "1" (the content allowed before, or
+    the current content the first time), or a digest the runner printed.
+    A hit costs a walk for ``*.nix`` files, a few reads and starts no
+    process.  ``others_running``: another VM runs on this project, so its
+    agent could change the files after they were checked and before Nix
+    reads them; only a cache hit (which reads nothing of the project's) is
+    used then.  Progress and the outcome line go to ``progress``; ``message``
+    repeats that outcome line (without the ``microvm-run:`` prefix) for the
+    caller's records: do not print it again.  Ctrl-C during an evaluation
+    stops it, leaves no cache entry and re-raises KeyboardInterrupt.
     """
     if not allow:
         return DevshellResult("disabled", None, None, None)
-    error_file = agent_home / ERROR_FILE
-    kind = detect(work_dir)
+    allow_value = "1" if allow is True else str(allow)
+    guest_file = f"{guest_home.rstrip('/')}/{GUEST_ENV_FILE}"
+    try:
+        with safefs.opened_dir(work_dir) as work_fd:
+            kind = _detect(work_fd)
+            files = shell_files(work_fd) if kind is not None else {}
+    except OSError as error:
+        message = f"dev shell not evaluated: {error.strerror or error}; starting without it"
+        return _refused(agent_home, message, progress)
     if kind is None:
-        _remove(error_file)
+        _home_remove(agent_home, ERROR_FILE)
         return DevshellResult("none", None, None, None)
+    decision = consent.decide(state_dir, files, allow_value, may_record=not others_running)
+    if not decision.allowed:
+        assert decision.message is not None
+        return _refused(agent_home, f"{decision.message}; starting without it", progress)
     command = evaluation_command(kind, work_dir, nix=nix, devenv=devenv)
-    paths = CachePaths(agent_home / CACHE_SUBDIR, cache_key(work_dir, command))
-    guest_file = f"{guest_home.rstrip('/')}/{CACHE_SUBDIR}/{paths.key}.sh"
+    paths = CachePaths(state_dir / CACHE_SUBDIR, cache_key(files, command))
     if _is_hit(paths.env_file):
         if _is_intact(paths.env_file):
-            _remove(error_file)
-            return DevshellResult("hit", paths.env_file, guest_file, None)
+            return _give_guest(
+                agent_home, paths, status="hit", guest_file=guest_file, message=None,
+                progress=progress,
+            )  # fmt: skip
         # Never source a damaged entry in the guest: evaluate it again.
         _remove(paths.env_file)
         _say(progress, f"dev shell cache entry {paths.env_file} was damaged; evaluating again")
 
+    if others_running:
+        message = (
+            "dev shell not evaluated: another VM runs on this project, and its agent could "
+            "change the files while Nix reads them; starting without it"
+        )
+        return _refused(agent_home, message, progress)
     child_env = {**(env if env is not None else os.environ), "PWD": str(work_dir)}
     try:
         elapsed = _evaluate(
@@ -267,19 +349,71 @@ def prepare(
     except (_EvaluationFailed, OSError) as error:
         # Whatever went wrong, the VM boots without the dev shell.
         failure = _as_failure(error)
-        with contextlib.suppress(OSError):
-            _write_atomically(error_file, _error_report(command, work_dir, paths, failure))
-        message = f"dev shell evaluation failed (see {error_file}); starting without it"
+        _home_write(agent_home, ERROR_FILE, _error_report(command, work_dir, paths, failure))
+        message = f"dev shell evaluation failed (log: {paths.log_file}); starting without it"
         if failure.summary:
             message = f"{failure.summary}; {message}"
         _say(progress, message)
         return DevshellResult("failed", None, None, message)
     with contextlib.suppress(OSError):  # housekeeping must not fail a ready shell
-        _remove(error_file)
         _prune(paths)
-    message = f"dev shell ready ({elapsed:.1f} s)"
+    return _give_guest(
+        agent_home, paths, status="evaluated", guest_file=guest_file,
+        message=f"dev shell ready ({elapsed:.1f} s)", progress=progress,
+    )  # fmt: skip
+
+
+def _give_guest(
+    agent_home: Path,
+    paths: CachePaths,
+    *,
+    status: Literal["hit", "evaluated"],
+    guest_file: str,
+    message: str | None,
+    progress: TextIO,
+) -> DevshellResult:
+    """Copy the cached env file into the home by value; the host never reads it back."""
+    try:
+        data = paths.env_file.read_bytes()
+        with _home_fd(agent_home) as home_fd:
+            safefs.write_replacing(home_fd, GUEST_ENV_FILE, data, 0o644)
+            safefs.remove(home_fd, ERROR_FILE)
+    except OSError as error:
+        message = f"cannot give the guest its dev shell ({error}); starting without it"
+        _say(progress, message)
+        return DevshellResult("failed", None, None, message)
+    if message is not None:
+        _say(progress, message)
+    return DevshellResult(status, paths.env_file, guest_file, message)
+
+
+def _refused(agent_home: Path, message: str, progress: TextIO) -> DevshellResult:
+    report = (
+        "microvm-run did not evaluate this project's dev shell on the host,\n"
+        f"so this VM started without it.\n\nproblem:   {message}\n"
+    )
+    _home_write(agent_home, ERROR_FILE, report)
     _say(progress, message)
-    return DevshellResult("evaluated", paths.env_file, guest_file, message)
+    return DevshellResult("refused", None, None, message)
+
+
+@contextlib.contextmanager
+def _home_fd(agent_home: Path) -> Iterator[int]:
+    fd = safefs.check_share_root(agent_home, os.getuid())
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _home_write(agent_home: Path, name: str, text: str) -> None:
+    with contextlib.suppress(OSError), _home_fd(agent_home) as fd:
+        safefs.write_replacing(fd, name, text.encode(), 0o644)
+
+
+def _home_remove(agent_home: Path, name: str) -> None:
+    with contextlib.suppress(OSError), _home_fd(agent_home) as fd:
+        safefs.remove(fd, name)
 
 
 def _as_failure(error: Exception) -> _EvaluationFailed:
@@ -324,7 +458,7 @@ def _evaluate(
     argv = [program, *command[1:]]
     if kind is not ProjectKind.DEVENV:
         argv[-1:-1] = ["-L", "--profile", str(paths.profile)]
-    paths.directory.mkdir(parents=True, exist_ok=True)
+    paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     label = f"{Path(command[0]).name} print-dev-env"
     _say(progress, f"evaluating the dev shell ({label} in {work_dir}), log: {paths.log_file}")
     started = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,10 @@ def resolve_work_dir(raw: str, user_home: Path | None, allow_home: bool) -> Path
         raise PlanError(f"WORK_DIR {raw} cannot be resolved: {err}") from None
     if not resolved.is_dir():
         raise PlanError(f"WORK_DIR {raw} is not a directory")
+    owner = resolved.stat().st_uid
+    if owner != os.getuid():
+        # The guest writes it as you; someone else's directory is not yours to hand over.
+        raise PlanError(f"WORK_DIR {raw} is owned by uid {owner}, not by you")
     if not os.access(resolved, os.R_OK | os.X_OK):
         raise PlanError(f"WORK_DIR {raw} is not readable")
     if resolved == Path("/"):
@@ -55,8 +60,19 @@ def runtime_base(environ: Mapping[str, str], uid: int) -> Path:
     if value and Path(value).is_absolute():
         return Path(value) / "microvm-run"
     # No runtime dir (containers, some CI): a per-user dir under /tmp whose
-    # ownership and mode launch.py checks before use.
-    return Path("/tmp") / f"microvm-run-{uid}"
+    # ownership and mode launch.py checks before use.  Anyone can create
+    # that name first; then the runner's own state dir takes its place, so
+    # another local user cannot block launch, ps or gc (all decide the same).
+    shared = Path("/tmp") / f"microvm-run-{uid}"
+    try:
+        info = shared.lstat()
+    except FileNotFoundError:
+        return shared
+    except OSError:
+        return state_home(environ) / "microvm-run" / "runtime"
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == uid:
+        return shared
+    return state_home(environ) / "microvm-run" / "runtime"
 
 
 def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
@@ -97,6 +113,36 @@ def state_home(environ: Mapping[str, str]) -> Path:
     if value and Path(value).is_absolute():
         return Path(value)
     return Path(environ.get("HOME") or Path.home()) / ".local" / "state"
+
+
+def cache_home(environ: Mapping[str, str]) -> Path:
+    value = environ.get("XDG_CACHE_HOME")
+    if value and Path(value).is_absolute():
+        return Path(value)
+    return Path(environ.get("HOME") or Path.home()) / ".cache"
+
+
+def project_key(work_dir: Path) -> str:
+    """``<basename>-<hash>``: how the runner's own per-project files are named."""
+    return f"{home.project_basename(work_dir)}-{home.project_hash(work_dir)}"
+
+
+def project_state_dir(work_dir: Path, environ: Mapping[str, str]) -> Path:
+    """The runner's own state for a project: never shared with the guest.
+
+    The dev-shell cache, its logs and the user's consent live here, outside
+    anything the guest can write (the project, the agent home).
+    """
+    return state_home(environ) / "microvm-run" / "projects" / project_key(work_dir)
+
+
+def cri_storage_dir(agent: str, work_dir: Path, environ: Mapping[str, str]) -> Path:
+    """Container storage of one agent on one project: a share root of its own.
+
+    Not inside the agent home: the guest could replace a share root there
+    with a symlink, and the next launch would share the symlink's target.
+    """
+    return cache_home(environ) / "microvm-run" / "cri-storage" / agent / project_key(work_dir)
 
 
 def config_home(environ: Mapping[str, str]) -> Path:
@@ -167,6 +213,8 @@ def gather(
         gid=gid,
         work_dir=work_dir,
         agent_home=resolve_agent_home(spec, work_dir, environ),
+        state_dir=project_state_dir(work_dir, environ),
+        cri_storage=cri_storage_dir(spec.agent, work_dir, environ),
         runtime_base=runtime_base(environ, uid),
         instance_id=instance_id or new_instance_id(),
         environ=environ,

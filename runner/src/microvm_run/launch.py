@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import host, process, state
+from microvm_run import host, process, safefs, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -85,6 +85,7 @@ class Instance:
     started: str = ""  # ISO 8601 UTC, for ps
     signum: int | None = None
     cleaning: bool = False
+    work_mode: int | None = None  # the project dir's mode before the guest ran
 
 
 def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
@@ -93,6 +94,7 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
     # key proxy: no child (QEMU, virtiofsd, systemctl) gets them in its
     # environment.
     child_env = process.without(environ, plan.secret_vars)
+    instance.work_mode = _work_mode(plan)
     with _terminal_restored(), _signals_forwarded(instance):
         try:
             try:
@@ -124,14 +126,62 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
 
 
 def create_private_dirs(plan: LaunchPlan) -> None:
-    """The agent home (and what lives in it), 0700, before anything writes there."""
+    """The share roots the runner owns (agent home, container storage), 0700.
+
+    Each is checked to be a real directory of this user, not a symlink the
+    guest left, and its mode is re-applied on every launch: a guest's
+    ``chmod 0777 ~`` must not leave the home open to other local users.
+    """
     for directory in plan.dirs_to_create:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(safefs.check_share_root(directory, os.getuid(), 0o700))
         except OSError as err:
-            raise LaunchError(f"cannot create {directory}: {err.strerror}") from None
+            raise LaunchError(f"cannot use {directory}: {err.strerror or err}") from None
         if not os.access(directory, os.W_OK | os.X_OK):
             raise LaunchError(f"{directory} is not writable")
+
+
+def _work_mode(plan: LaunchPlan) -> int | None:
+    """The project dir's mode to restore after the guest, never writable by all.
+
+    A world-writable project root is what a guest's ``chmod 0777 /work``
+    leaves when its runner was killed before restoring it: closed here.
+    """
+    try:
+        fd = safefs.check_share_root(plan.work_dir, os.getuid())
+    except OSError:
+        return None
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & stat.S_IWOTH:
+            os.fchmod(fd, mode & ~stat.S_IWOTH)
+            process.log(f"{plan.work_dir} was writable by everyone; it is not any more")
+        return mode & ~stat.S_IWOTH
+    finally:
+        os.close(fd)
+
+
+def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
+    """After the guest: share roots get their modes back, set-id bits go.
+
+    The guest can chmod its share roots (``chmod 0777 /work``) and make
+    set-uid files (``chmod 4755``); virtiofsd stores both on the host.
+    """
+    uid = os.getuid()
+    roots: list[tuple[Path, int | None]] = [(plan.work_dir, work_mode)]
+    roots += [(directory, 0o700) for directory in plan.dirs_to_create]
+    fixed: list[str] = []
+    for root, mode in roots:
+        with contextlib.suppress(OSError):
+            os.close(safefs.check_share_root(root, uid, mode))
+        # Container storage keeps its images' set-uid files (su, ping): its
+        # root is 0700 again, so no other user can reach them.
+        if root in (plan.work_dir, plan.agent_home):
+            fixed += [str(root / name) for name in safefs.strip_unsafe_modes(root, uid)]
+    if fixed:
+        shown = ", ".join(fixed[:3]) + (f" and {len(fixed) - 3} more" if len(fixed) > 3 else "")
+        process.log(f"removed set-uid/set-gid bits the guest set on {shown}")
 
 
 def _prepare_runtime_dir(plan: LaunchPlan, instance: Instance) -> None:
@@ -525,6 +575,8 @@ def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
         for unit in instance.units
         if unit not in watched
     ]
+    # Once nothing of the guest runs any more: it cannot undo this.
+    steps.append(lambda: restore_shares(instance.plan, instance.work_mode))
     if instance.runtime_dir_created:
         steps.append(lambda: shutil.rmtree(instance.plan.runtime_dir, ignore_errors=True))
     for step in steps:

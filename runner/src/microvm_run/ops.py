@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from microvm_run import host, process, state
+from microvm_run import host, process, safefs, state
 from microvm_run.state import Entry, HomeRecord, InstanceState
 
 # A runtime dir without a readable state this young may be a launch that has
@@ -435,7 +435,7 @@ def gc(
         elif not confirm(f"delete {record.path} ({gone})?"):
             report.homes.append(HomeAction(record, f"kept ({gone})"))
         else:
-            report.homes.append(_delete_home(record))
+            report.homes.append(_delete_home(record, environ))
     return report
 
 
@@ -465,13 +465,18 @@ def home_verdicts(
     return said
 
 
-def _delete_home(record: HomeRecord) -> HomeAction:
+def _delete_home(record: HomeRecord, environ: Mapping[str, str]) -> HomeAction:
     error = remove_tree(record.path)
     if error:
         # The record stays, so the next gc still finds the rest.
         return HomeAction(record, f"could not delete: {error}", ok=False)
     with contextlib.suppress(FileNotFoundError):
         record.record_path.unlink()
+    if record.project is not None:
+        # The runner's own files for that project go with it (dev-shell
+        # cache and consent, container storage); failing here loses nothing.
+        remove_tree(host.cri_storage_dir(record.agent, record.project, environ))
+        remove_tree(host.project_state_dir(record.project, environ))
     return HomeAction(record, f"deleted (project {record.project} was gone)")
 
 
@@ -490,12 +495,37 @@ def collect(entry: Entry, environ: Mapping[str, str], manager: tuple[bool, str])
         # No state to name its units: find them by the instance id they end in.
         pattern = f"*-vm-virtiofsd-*-{entry.id}.service"
         actions += _stop_units(entry.id, _list_units(pattern, environ), environ, manager)
+    if st is not None:
+        actions += _close_shares(entry.id, st)
     error = remove_tree(entry.path)
     if error:
         actions.append(Action(entry.id, f"could not remove {entry.path}: {error}", ok=False))
     else:
         actions.append(Action(entry.id, f"removed {entry.path}"))
     return actions
+
+
+def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
+    """What a killed runner could not undo after its guest: share root modes,
+    set-uid/set-gid bits and write-for-others in the project and the home."""
+    uid = os.getuid()
+    fixed: list[str] = []
+    for root, is_home in ((st.project, False), (st.agent_home, True)):
+        with contextlib.suppress(OSError):
+            fd = safefs.check_share_root(root, uid)
+            try:
+                mode = os.fstat(fd).st_mode & 0o7777
+                wanted = 0o700 if is_home else mode & ~0o002
+                if mode != wanted:
+                    os.fchmod(fd, wanted)
+            finally:
+                os.close(fd)
+        fixed += safefs.strip_unsafe_modes(root, uid)
+    if not fixed:
+        return []
+    return [
+        Action(instance_id, f"removed set-uid/set-gid bits the guest set on {len(fixed)} file(s)")
+    ]
 
 
 def _kill_verified(pid: int, start: int) -> bool:

@@ -67,6 +67,10 @@ class HostFacts:
     user_manager: bool  # a systemd user manager answers
     user_manager_reason: str  # why (not), for --dry-run
     devshell_guest_file: str | None = None
+    # The runner's own per-project state and the container storage root:
+    # host-only places, never inside the guest-writable agent home.
+    state_dir: Path = Path("/nonexistent/microvm-run-state")
+    cri_storage: Path = Path("/nonexistent/microvm-run-cri-storage")
     # The per-project allowlist file (outside the project: the agent can
     # write there) and its entries, if it exists.
     project_allow_file: Path | None = None
@@ -139,7 +143,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         "work": facts.work_dir,
         "home": facts.agent_home,
         "nix-store": Path("/nix/store"),
-        "cri-storage": facts.agent_home / "cri-storage",
+        "cri-storage": facts.cri_storage,
     }
     daemons = tuple(
         _daemon(

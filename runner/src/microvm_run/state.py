@@ -504,6 +504,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise StateError(f"{path.name} is not UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise StateError(f"{path.name} is not valid TOML ({err})") from None
+    except RecursionError:
+        # tomllib recurses per nesting level: a file of "[[[[..." deep enough
+        # exhausts the stack.  Nothing this runner writes nests at all.
+        raise StateError(f"{path.name} is nested too deeply to be ours") from None
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -1,0 +1,124 @@
+"""DIRENV_ALLOW bound to content, as ``direnv allow`` is.
+
+The agent writes the project, and the host evaluates the project's dev
+shell: consent given once must not cover whatever the agent writes later.
+So the runner remembers, outside the project (in its own per-project state
+dir), a digest of every file that defines the shell at the moment the user
+allowed it.  Later launches evaluate only that content; changed files are
+not evaluated until the user allows the new digest by value
+(``DIRENV_ALLOW=<digest>``), after reviewing the change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from microvm_run import safefs
+
+RECORD = "devshell-allowed.json"
+RECORD_VERSION = 1
+# Enough of the digest to name it in a message and type it back.
+SHOWN = 16
+MAX_RECORD_BYTES = 1 << 20
+_HEX = re.compile(r"[0-9a-f]{12,64}")
+
+
+def digest(files: Mapping[str, str]) -> str:
+    """One digest over every (name, content digest) pair, length-prefixed."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        for part in (name, files[name]):
+            raw = part.encode()
+            h.update(f"{len(raw)}:".encode() + raw)
+    return h.hexdigest()
+
+
+def is_allow_value(value: str | None) -> bool:
+    """DIRENV_ALLOW=1, or a digest (prefix) the runner printed."""
+    return value == "1" or (value is not None and _HEX.fullmatch(value) is not None)
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    message: str | None  # one line for the user when not allowed
+
+
+def decide(
+    state_dir: Path, files: Mapping[str, str], allow: str, *, may_record: bool = True
+) -> Decision:
+    """May these files be evaluated?  Records a new consent when given.
+
+    ``may_record`` False (another VM on the project could be changing the
+    files right now): only a consent given before counts.
+    """
+    current = digest(files)
+    shown = current[:SHOWN]
+    record = _read(state_dir)
+    if not may_record and (allow != "1" or record is None):
+        return Decision(
+            False,
+            "dev shell not evaluated: another VM runs on this project, and its agent "
+            "could be changing the files you would allow",
+        )
+    if allow != "1":
+        if current.startswith(allow):
+            _write(state_dir, files, current)
+            return Decision(True, None)
+        return Decision(
+            False,
+            f"DIRENV_ALLOW={allow} does not match the dev shell's files now "
+            f"(digest {shown}); review them, then allow with DIRENV_ALLOW={shown}",
+        )
+    if record is None:
+        # The first DIRENV_ALLOW=1 for this project is the user's consent to
+        # what is there now, as `direnv allow` is.
+        _write(state_dir, files, current)
+        return Decision(True, None)
+    allowed_digest, allowed_files = record
+    if allowed_digest == current:
+        return Decision(True, None)
+    changed = sorted(
+        name
+        for name in set(files) | set(allowed_files)
+        if files.get(name) != allowed_files.get(name)
+    )
+    named = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return Decision(
+        False,
+        f"dev shell not evaluated: {named} changed since you allowed it; review the "
+        f"change, then allow it with DIRENV_ALLOW={shown}",
+    )
+
+
+def _read(state_dir: Path) -> tuple[str, dict[str, str]] | None:
+    try:
+        with safefs.opened_dir(state_dir) as fd:
+            raw = safefs.read_regular(fd, RECORD, MAX_RECORD_BYTES)
+    except (OSError, ValueError):
+        return None
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        files = data["files"]
+        if data.get("version") != RECORD_VERSION or not isinstance(files, dict):
+            return None
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+            return None
+        return str(data["digest"]), files
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None  # damaged (only the user can write here): as if never allowed
+
+
+def _write(state_dir: Path, files: Mapping[str, str], current: str) -> None:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = {"version": RECORD_VERSION, "digest": current, "files": dict(files)}
+    with safefs.opened_dir(state_dir) as fd, contextlib.suppress(FileNotFoundError):
+        safefs.write_replacing(fd, RECORD, json.dumps(data, indent=1).encode(), 0o600)
