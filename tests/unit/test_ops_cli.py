@@ -137,12 +137,15 @@ def test_ps_json_and_the_stale_note(
     assert err == "microvm-run: 1 stale instance: run microvm-run gc\n"
 
 
-def test_ps_with_nothing_running_prints_the_header(
+def test_ps_with_nothing_running_says_so_in_one_line(
     capsys: pytest.CaptureFixture[str], env: dict[str, str]
 ) -> None:
-    code, out, _ = run(capsys, ["ps"], env)
+    code, out, err = run(capsys, ["ps"], env)
     assert code == 0
-    assert out.split() == ["ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS"]
+    assert (out, err) == ("no running instances\n", "")
+    # The JSON form stays a list, empty.
+    code, out, _ = run(capsys, ["ps", "--json"], env)
+    assert json.loads(out) == []
 
 
 def test_human_sizes_and_times() -> None:
