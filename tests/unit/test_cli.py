@@ -506,3 +506,33 @@ def test_help_of_an_unknown_subcommand_is_refused(
     code, out, err = run(capsys, ["help", "sotp"], env)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "did you mean stop?" in err
+
+
+def test_a_relative_spec_is_resolved_once_for_the_whole_launch(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    sample = json.loads(json.dumps(SAMPLE))
+    # Relative paths in the spec are relative to its directory (a test guest).
+    sample["guest"] |= {"kernel": "bzImage", "initrd": "initrd"}
+    sample["host"] = {"qemu": "bin/qemu", "virtiofsd": "bin/virtiofsd"}
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    (guest / "spec.toml").write_bytes(tomli_w.dumps(sample).encode())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.toml").symlink_to(guest / "spec.toml")
+    for relative in ("guest/spec.toml", "elsewhere/link.toml"):
+        monkeypatch.chdir(tmp_path)
+        plan = dry_run(capsys, env, Path(relative), work)
+        assert plan["spec"] == str(guest / "spec.toml")
+        assert plan["qemu_argv"][0] == str(guest / "bin" / "qemu")
+        assert plan["qemu_argv"][plan["qemu_argv"].index("-kernel") + 1] == str(guest / "bzImage")
+        assert {d["argv"][0] for d in plan["virtiofsd"]} == {str(guest / "bin" / "virtiofsd")}
+        # The plan holds in any other directory (where the units start).
+        monkeypatch.chdir(work)
+        assert _same_but_id(plan, dry_run(capsys, env, guest / "spec.toml", work))
+
+
+def _same_but_id(one: dict[str, Any], two: dict[str, Any]) -> bool:
+    text = json.dumps(two).replace(two["instance_id"], one["instance_id"])
+    return json.loads(text) == one
