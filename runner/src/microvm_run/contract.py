@@ -6,7 +6,9 @@ busybox test guest (``tests/guest/init``).  Version 1:
 Boot
     Direct kernel boot of the spec's kernel and initrd.  The runner appends
     ``console=hvc0 panic=-1`` to the spec's kernel parameters (plus
-    ``tsc_early_khz=2000000`` on the microvm machine under TCG): the console
+    ``tsc_early_khz=<the host's TSC kHz>`` on the microvm machine under TCG,
+    where the guest's TSC is the host's and nothing else can calibrate it,
+    so the guest clock keeps the host's pace): the console
     is a virtio console, and a kernel panic reboots, which ``-no-reboot``
     turns into a QEMU exit, so a panic can never hang or look like success.
 
@@ -66,8 +68,13 @@ LAUNCH_FW_CFG = "opt/org.agent-microvm/launch"
 CREDENTIAL_FW_CFG_PREFIX = "opt/io.systemd.credentials/"
 GUEST_UID = 1000
 RUNNER_KERNEL_PARAMS = ("console=hvc0", "panic=-1")
-# Without it the guest hangs at "Marking TSC unstable" on microvm under TCG.
-TCG_MICROVM_KERNEL_PARAMS = ("tsc_early_khz=2000000",)
+# Without tsc_early_khz the guest hangs at "Marking TSC unstable" on microvm
+# under TCG (no HPET or PIT to calibrate against).  Under TCG the guest reads
+# the host's TSC (QEMU's cpu_get_host_ticks), so the host's TSC frequency is
+# the right value; a wrong one makes the guest clock run fast or slow by the
+# ratio.  This is the value when the host's cannot be read.
+TCG_MICROVM_TSC_PARAM = "tsc_early_khz"
+FALLBACK_TSC_KHZ = 2_000_000
 
 # Runner exit statuses that are not the agent's own (README documents them).
 EXIT_BAD_INPUT = 2
