@@ -55,3 +55,56 @@ def test_the_guest_clock_runs_at_the_hosts_rate(vm: VM) -> None:
     # shorter, so the lower bound is tight (a TSC off by 2% fails it).
     # A loaded host can make a sleep overshoot, so the upper bound is loose.
     assert GUEST_SLEEP_S * 0.98 <= elapsed <= GUEST_SLEEP_S * 1.25 + 1, elapsed
+
+
+def _big_tree(root: Path, dirs: int, files_per_dir: int, owner: VM) -> int:
+    for d in range(dirs):
+        sub = root / f"d{d:03}"
+        sub.mkdir()
+        for f in range(files_per_dir):
+            (sub / f"f{f:03}").write_bytes(b"")
+    subprocess.run(["chown", "-R", f"{owner.user.uid}:{owner.user.gid}", str(root)], check=True)
+    return sum(1 for _ in root.rglob("*"))
+
+
+# The guest walks the whole project, as `find`, a build or an indexer does,
+# which makes virtiofsd hold one descriptor per file and directory.
+COUNT_IN_GUEST = "n=$(find /work -mindepth 1 | wc -l); echo $n > /work/guest-count"
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "warned"),
+    [
+        # The soft limit is far below the tree, the hard one above it:
+        # virtiofsd raises its soft limit to the hard one, so nothing is lost.
+        (256, 4096, False),
+        # The hard limit is below the tree: the launch says so, with the fix.
+        (256, 1024, True),
+    ],
+)
+def test_a_tree_larger_than_the_open_file_limit(
+    vm_no_manager: VM, soft: int, hard: int, warned: bool
+) -> None:
+    vm = vm_no_manager  # virtiofsd is the runner's child and inherits its limits
+    work = vm.project()
+    on_host = _big_tree(work, 30, 40, vm)  # 1230 entries
+    argv = ["prlimit", f"--nofile={soft}:{hard}", *vm.argv(work, COUNT_IN_GUEST)]
+    result = subprocess.run(
+        vm.as_user(argv), env=vm.env(), stdin=subprocess.DEVNULL, capture_output=True,
+        text=True, timeout=VM_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    warning = [line for line in result.stderr.splitlines() if "warning:" in line]
+    count_file = work / "guest-count"
+    text = count_file.read_text().strip() if count_file.exists() else ""
+    in_guest = int(text) if text.isdigit() else None
+    print(f"nofile {soft}:{hard}: {on_host} entries on the host, {in_guest} seen in the guest")
+    if warned:
+        # Past the limit the guest cannot even create the count file
+        # (EMFILE): that is the failure the warning announces.
+        (line,) = warning
+        assert f"more than {hard - 610} files and directories" in line
+        assert "ulimit -Hn" in line
+    else:
+        assert result.returncode == 0, result.stderr
+        assert warning == []
+        assert in_guest == on_host

@@ -158,8 +158,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _check_dirs(plan)
     except PlanError as err:
         return _bad_input(str(err))
-    from microvm_run import launch  # noqa: PLC0415 - keeps --dry-run imports small
+    from microvm_run import launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
 
+    too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
+    if too_many is not None:
+        print(f"microvm-run: warning: {too_many}", file=sys.stderr)
     try:
         launch.create_private_dirs(plan)
         devshell_file = _prepare_devshell(spec, plan, env)
