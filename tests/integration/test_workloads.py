@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,36 @@ def test_a_tree_larger_than_the_open_file_limit(
         assert result.returncode == 0, result.stderr
         assert warning == []
         assert in_guest == on_host
+
+
+# The guest reads a file, the host rewrites it in place (same size), and the
+# guest reads it again once the documented bound (1 s) has passed.
+COHERENCE_GUEST = (
+    "cat /work/f > /work/before; : > /work/go; i=0; "
+    "while [ ! -e /work/edited ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+    "sleep 1.2; cat /work/f > /work/after"
+)
+
+
+def test_a_host_edit_is_seen_in_work_within_the_bound(vm: VM) -> None:
+    work = vm.project()
+    (work / "f").write_text("old content\n")
+    subprocess.run(["chown", f"{vm.user.uid}:{vm.user.gid}", str(work / "f")], check=True)
+    proc = vm.start(work, COHERENCE_GUEST)
+    try:
+        deadline = time.monotonic() + VM_TIMEOUT_S
+        while not (work / "go").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with (work / "f").open("r+") as file:  # in place: same inode, same size
+            file.write("new content\n")
+        (work / "edited").write_text("")
+        _, err = proc.communicate(timeout=VM_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert (work / "before").read_text() == "old content\n"
+    assert (work / "after").read_text() == "new content\n"
