@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run import ops, ops_cli
+from microvm_run import cli, ops, ops_cli
 from microvm_run.ops_cli import main
 
 from .conftest import SAMPLE
@@ -52,6 +52,17 @@ def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]
 
 def test_the_subcommands_cli_main_dispatches() -> None:
     assert ops_cli.SUBCOMMANDS == ("ps", "stop", "gc", "doctor")
+    assert set(ops_cli.SUBCOMMANDS) <= set(cli.SUBCOMMANDS)
+
+
+def test_a_subcommand_module_registers_with_one_line(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a subcommand in its own module adds to cli.SUBCOMMANDS.
+    entry = cli.Subcommand("list running instances", cli._module("microvm_run.ops_cli"))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "ps", entry)
+    assert cli.main(["ps"], env) == 0
+    assert capsys.readouterr().out == "no running instances\n"
 
 
 @pytest.mark.parametrize(
