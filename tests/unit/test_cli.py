@@ -413,6 +413,7 @@ def test_a_full_runtime_file_system_is_bad_input(
         # Also after options, and before a `--`.
         (["--dry-run", "resume"], "'resume' is not a subcommand"),
         (["--dry-run", "fix", "--", "x"], "'fix' is not a subcommand"),
+        (["--dry-run", "ps"], "the subcommand ps comes first (microvm-run ps ...)"),
         # An option that is not ours is the agent's: it belongs after `--`.
         (["--dry-run", "--resume"], "unknown option --resume: agent arguments go after --"),
         (["--model", "o4-mini"], "(`-- --model o4-mini`;"),
