@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import sys
@@ -204,6 +203,8 @@ def _unknown_word(word: str) -> str:
     """One line for a bare word that is not a subcommand, with the closest one if any."""
     if word in SUBCOMMANDS:  # after an option: `microvm-run --json ps`
         return f"the subcommand {word} comes first (microvm-run {word} ...); {AGENT_ARGS_RULE}"
+    import difflib  # noqa: PLC0415 - only a mistyped word needs it
+
     close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     return f"{word!r} is not a subcommand ({hint}microvm-run help lists them; {AGENT_ARGS_RULE})"
