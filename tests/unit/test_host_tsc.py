@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from microvm_run import doctor
 from microvm_run.host import tsc_khz, tsc_khz_from_cpuinfo
 
 CPUINFO = """\
@@ -47,3 +48,11 @@ def test_sysfs_wins_and_a_bad_sysfs_falls_back_to_cpuinfo(tmp_path: Path) -> Non
     sysfs.write_text("garbage\n")
     assert tsc_khz(sysfs, cpuinfo) == 2_595_995
     assert tsc_khz(tmp_path / "absent", tmp_path / "absent-too") is None
+
+
+def test_doctor_reports_the_tsc_a_tcg_guest_is_told() -> None:
+    assert doctor.check_tsc(2_100_000).line() == (
+        "ok    guest clock: host TSC 2100.000 MHz, passed to TCG guests"
+    )
+    unknown = doctor.check_tsc(None)
+    assert unknown.status == doctor.WARN and "fast or slow" in unknown.detail

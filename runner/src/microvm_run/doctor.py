@@ -76,6 +76,8 @@ def iter_checks(
     where = paths or DoctorPaths()
     user = os.getuid() if uid is None else uid
     yield check_kvm(where.kvm, accel)
+    if accel == "tcg":
+        yield check_tsc(host.tsc_khz())
     yield from check_userns(where.proc_sys, environ, user)
     spec_checks, spec = check_spec(spec_path)
     yield from spec_checks
@@ -294,6 +296,19 @@ def check_free_space(name: str, path: Path) -> Check:
     if free < MIN_FREE_BYTES:
         return Check(WARN, name, detail, "free some space: agents and their caches need room")
     return Check(OK, name, detail)
+
+
+def check_tsc(khz: int | None) -> Check:
+    """Under TCG the guest's TSC is the host's; the runner tells the guest its rate."""
+    name = "guest clock"
+    if khz is None:
+        return Check(
+            WARN,
+            name,
+            "cannot read the host's TSC frequency; a TCG guest's clock may run fast or slow",
+            "use KVM, where the guest calibrates its own clock",
+        )
+    return Check(OK, name, f"host TSC {khz / 1000:.3f} MHz, passed to TCG guests")
 
 
 def check_open_files(work_dir: Path, limit: int | None) -> Check:
