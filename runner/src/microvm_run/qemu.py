@@ -12,6 +12,7 @@ from microvm_run.contract import (
     LAUNCH_FW_CFG,
     RUNNER_KERNEL_PARAMS,
     STATUS_PORT,
+    TCG_MICROVM_EXTRA_PARAMS,
     TCG_MICROVM_TSC_PARAM,
 )
 from microvm_run.spec import Spec
@@ -41,6 +42,7 @@ def kernel_params(spec: Spec, accel: str, tsc_khz: int | None = None) -> list[st
     params = [*spec.kernel_params, *RUNNER_KERNEL_PARAMS]
     if accel == "tcg" and spec.machine == "microvm":
         params.append(f"{TCG_MICROVM_TSC_PARAM}={tsc_khz or FALLBACK_TSC_KHZ}")
+        params += TCG_MICROVM_EXTRA_PARAMS
     return params
 
 
