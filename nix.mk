@@ -10,7 +10,8 @@
 #                          every flavor (scripts/setup-nix-eval prepares DIRs)
 #
 # Passed through to the run when set: WORK_DIR, AGENT_HOME, DIRENV_ALLOW,
-# ENABLE_CRI; ARGS= goes to the agent (after --).
+# ENABLE_CRI; ARGS= goes to the agent (after --: `nix run` takes the first
+# -- itself, so the runner gets `-- ARGS`).
 
 NIX ?= nix
 NIX_FLAGS ?= --extra-experimental-features 'nix-command flakes'
@@ -36,7 +37,7 @@ $(AGENTS): %:
 	$(NIX) $(NIX_FLAGS) build .#$(call nix_flavor,$*) --out-link result-$*
 
 $(AGENTS:%=%.run): %.run:
-	$(run_env) $(NIX) $(NIX_FLAGS) run .#$(call nix_flavor,$*) -- $(ARGS)
+	$(run_env) $(NIX) $(NIX_FLAGS) run .#$(call nix_flavor,$*) -- $(if $(ARGS),-- $(ARGS))
 
 nix-test:
 	@command -v $(NIX_INSTANTIATE) >/dev/null || { \

@@ -2,6 +2,9 @@
 # flavor's evaluated NixOS configuration (`nixos`, from lib.nixosSystem).
 # `<agent>-microvm` (or `<agent>-cri-microvm`) runs the agent on the current
 # directory; building it builds the guest (kernel, initrd, system).
+# Its arguments reach microvm-run unchanged, so it follows microvm-run's rule:
+# a first bare word is a subcommand, then options, then `--` and the agent's
+# arguments (`claude-microvm -- --resume`); tests/unit/test_cli.py covers both.
 {
   lib,
   runCommand,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run.cli import main
+from microvm_run.cli import SUBCOMMANDS, main, subcommand_list
 
 from .conftest import SAMPLE
 
@@ -224,13 +224,15 @@ def test_net_defaults_to_open(
     assert plan["egress"]["mode"] == "open"
 
 
-def test_unknown_net_mode_is_a_usage_error(
+def test_unknown_net_mode_is_a_one_line_usage_error(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
 ) -> None:
-    with pytest.raises(SystemExit) as caught:
-        main(["--spec", str(spec_file), "--work-dir", str(work), "--net", "bridge"], env)
-    assert caught.value.code == 2
-    assert "--net" in capsys.readouterr().err
+    code, out, err = run(
+        capsys, ["--spec", str(spec_file), "--work-dir", str(work), "--net", "bridge"], env
+    )
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and "--net" in err and "'bridge'" in err
 
 
 def test_allow_adds_to_microvm_allow(
@@ -425,3 +427,144 @@ def test_an_agent_home_that_is_a_symlink_is_bad_input(
     assert code == 2 and err.count("\n") == 1
     assert "not a real directory" in err
     assert list(target.iterdir()) == []
+
+
+# -- words on the command line: subcommands, agent arguments after -- ----------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # A typo of a subcommand names the closest one.
+        (["sotp", "--all"], "'sotp' is not a subcommand (did you mean stop?"),
+        (["doctr"], "'doctr' is not a subcommand (did you mean doctor?"),
+        # A word near nothing names none, but says where agent arguments go.
+        (["stauts", "--dry-run"], "'stauts' is not a subcommand (microvm-run help lists them"),
+        (["nosuch", "--help"], "'nosuch' is not a subcommand"),
+        # Also after options, and before a `--`.
+        (["--dry-run", "resume"], "'resume' is not a subcommand"),
+        (["--dry-run", "fix", "--", "x"], "'fix' is not a subcommand"),
+        (["--dry-run", "ps"], "the subcommand ps comes first (microvm-run ps ...)"),
+        # An option that is not ours is the agent's: it belongs after `--`.
+        (["--dry-run", "--resume"], "unknown option --resume: agent arguments go after --"),
+        (["--model", "o4-mini"], "(`-- --model o4-mini`;"),
+    ],
+)
+@pytest.mark.parametrize("caller", ["wrapper", "microvm-run"])
+def test_a_word_before_dashdash_that_is_no_subcommand_is_refused(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    tmp_path: Path, argv: list[str], message: str, caller: str,
+) -> None:  # fmt: skip
+    env |= {"WORK_DIR": str(work)}
+    if caller == "wrapper":
+        # As the flavor wrappers call it: the spec preset in the environment.
+        env |= {"MICROVM_RUN_SPEC": str(spec_file)}
+    else:
+        argv = [*argv[: argv.index("--")], "--spec", str(spec_file), *argv[argv.index("--") :]] \
+            if "--" in argv else [*argv, "--spec", str(spec_file)]  # fmt: skip
+    code, out, err = run(capsys, argv, env)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("microvm-run: "), err
+    assert message in err, err
+    assert "agent arguments go after --" in err
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("caller", ["wrapper", "microvm-run"])
+def test_everything_after_dashdash_goes_to_the_agent_untouched(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    caller: str,
+) -> None:  # fmt: skip
+    # The flavor wrappers are microvm-run with MICROVM_RUN_SPEC preset
+    # (pkgs/flavor.nix, makeWrapper --set-default): `claude-microvm -- ...`.
+    env |= {"WORK_DIR": str(work)}
+    argv = ["--dry-run", "--json", "--", "--resume", "ps", "--", "--help", "stauts"]
+    if caller == "wrapper":
+        env |= {"MICROVM_RUN_SPEC": str(spec_file)}
+    else:
+        argv = ["--spec", str(spec_file), *argv]
+    code, out, err = run(capsys, argv, env)
+    assert code == 0, err
+    launch_data = json.loads(out)["launch_data"]
+    assert launch_data.splitlines()[-1] == (
+        "set -- claude --dangerously-skip-permissions --resume ps -- --help stauts"
+    )
+
+
+def test_microvm_run_options_still_work_with_the_wrappers_spec(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    other = tmp_path / "other"
+    other.mkdir()
+    env |= {"MICROVM_RUN_SPEC": str(spec_file), "WORK_DIR": str(work)}
+    code, out, _ = run(capsys, ["--work-dir", str(other), "--dry-run", "--json"], env)
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["work_dir"] == str(other)
+    assert plan["launch_data"].splitlines()[-1] == "set -- claude --dangerously-skip-permissions"
+
+
+def test_help_lists_every_subcommand(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    code, out, err = run(capsys, ["help"], env)
+    assert code == 0 and err == ""
+    table = out.split("subcommands (microvm-run SUBCOMMAND --help for each):\n")[1]
+    listed = [line.split()[0] for line in table.splitlines()]
+    assert listed == list(SUBCOMMANDS)
+    code, long_help, _ = run(capsys, ["--help"], env)
+    assert code == 0
+    assert subcommand_list() in long_help
+    assert "--work-dir" in long_help
+
+
+@pytest.mark.parametrize("name", [name for name in SUBCOMMANDS if name != "help"])
+def test_each_subcommand_prints_its_own_usage(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], name: str
+) -> None:
+    code, out, err = run(capsys, [name, "--help"], env)
+    assert code == 0, err
+    assert out.startswith(f"usage: microvm-run {name}")
+    # `help NAME` is the same text.
+    assert run(capsys, ["help", name], env)[1] == out
+
+
+def test_help_of_an_unknown_subcommand_is_refused(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    code, out, err = run(capsys, ["help", "sotp"], env)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "did you mean stop?" in err
+
+
+def test_a_relative_spec_is_resolved_once_for_the_whole_launch(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    sample = json.loads(json.dumps(SAMPLE))
+    # Relative paths in the spec are relative to its directory (a test guest).
+    sample["guest"] |= {"kernel": "bzImage", "initrd": "initrd"}
+    sample["host"] = {"qemu": "bin/qemu", "virtiofsd": "bin/virtiofsd"}
+    guest = tmp_path / "guest"
+    guest.mkdir()
+    (guest / "spec.toml").write_bytes(tomli_w.dumps(sample).encode())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.toml").symlink_to(guest / "spec.toml")
+    for relative in ("guest/spec.toml", "elsewhere/link.toml"):
+        monkeypatch.chdir(tmp_path)
+        plan = dry_run(capsys, env, Path(relative), work)
+        assert plan["spec"] == str(guest / "spec.toml")
+        assert plan["qemu_argv"][0] == str(guest / "bin" / "qemu")
+        assert plan["qemu_argv"][plan["qemu_argv"].index("-kernel") + 1] == str(guest / "bzImage")
+        assert {d["argv"][0] for d in plan["virtiofsd"]} == {str(guest / "bin" / "virtiofsd")}
+        # The plan holds in any other directory (where the units start).
+        monkeypatch.chdir(work)
+        assert _same_but_id(plan, dry_run(capsys, env, guest / "spec.toml", work))
+
+
+def _same_but_id(one: dict[str, Any], two: dict[str, Any]) -> bool:
+    text = json.dumps(two).replace(two["instance_id"], one["instance_id"])
+    return json.loads(text) == one

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run import ops, ops_cli
+from microvm_run import cli, ops, ops_cli
 from microvm_run.ops_cli import main
 
 from .conftest import SAMPLE
@@ -52,6 +52,17 @@ def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]
 
 def test_the_subcommands_cli_main_dispatches() -> None:
     assert ops_cli.SUBCOMMANDS == ("ps", "stop", "gc", "doctor")
+    assert set(ops_cli.SUBCOMMANDS) <= set(cli.SUBCOMMANDS)
+
+
+def test_a_subcommand_module_registers_with_one_line(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a subcommand in its own module adds to cli.SUBCOMMANDS.
+    entry = cli.Subcommand("list running instances", cli._module("microvm_run.ops_cli"))
+    monkeypatch.setitem(cli.SUBCOMMANDS, "ps", entry)
+    assert cli.main(["ps"], env) == 0
+    assert capsys.readouterr().out == "no running instances\n"
 
 
 @pytest.mark.parametrize(
@@ -137,12 +148,15 @@ def test_ps_json_and_the_stale_note(
     assert err == "microvm-run: 1 stale instance: run microvm-run gc\n"
 
 
-def test_ps_with_nothing_running_prints_the_header(
+def test_ps_with_nothing_running_says_so_in_one_line(
     capsys: pytest.CaptureFixture[str], env: dict[str, str]
 ) -> None:
-    code, out, _ = run(capsys, ["ps"], env)
+    code, out, err = run(capsys, ["ps"], env)
     assert code == 0
-    assert out.split() == ["ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS"]
+    assert (out, err) == ("no running instances\n", "")
+    # The JSON form stays a list, empty.
+    code, out, _ = run(capsys, ["ps", "--json"], env)
+    assert json.loads(out) == []
 
 
 def test_human_sizes_and_times() -> None:

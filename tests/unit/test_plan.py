@@ -47,6 +47,21 @@ def test_one_virtiofsd_per_share_with_user_mapping(spec: Spec) -> None:
     assert not any(arg.startswith("--tag") for arg in work.argv)
 
 
+def test_only_the_read_only_store_is_cached_for_good(sample: dict[str, Any]) -> None:
+    sample["shares"].append(
+        {"tag": "cri", "source": "cri-storage", "mount_point": "/var/lib/containers"}
+    )
+    plan = build_plan(parse_spec(sample, Path("/s.toml")), RunOptions(), make_facts())
+    cache = {d.tag: [arg for arg in d.argv if arg.startswith("--cache=")] for d in plan.virtiofsd}
+    # The store never changes under a name; the rest may change on the host.
+    assert cache == {
+        "ro-store": ["--cache=always"],
+        "work": ["--cache=auto"],
+        "home": ["--cache=auto"],
+        "cri": ["--cache=auto"],
+    }
+
+
 def test_root_gets_no_id_maps_which_virtiofsd_refuses_for_root(spec: Spec) -> None:
     plan = build_plan(spec, RunOptions(), make_facts(uid=0, gid=0))
     for daemon in plan.virtiofsd:

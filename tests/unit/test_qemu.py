@@ -52,7 +52,16 @@ def test_kernel_params_add_the_contract_and_tcg_workaround(spec: Spec) -> None:
     kvm = _pairs(build_plan(spec, RunOptions(), make_facts()).qemu_argv, "-append")[0]
     assert kvm == "init=/nix/store/t-toplevel/init console=hvc0 panic=-1"
     tcg = _pairs(build_plan(spec, RunOptions(accel="tcg"), make_facts()).qemu_argv, "-append")[0]
-    assert tcg.endswith("tsc_early_khz=2000000")
+    assert tcg.endswith("tsc_early_khz=2000000 tsc=reliable")  # the host's TSC is unknown
+
+
+def test_under_tcg_the_guest_is_told_the_hosts_tsc_frequency(spec: Spec) -> None:
+    facts = make_facts(tsc_khz=2_595_996)
+    tcg = _pairs(build_plan(spec, RunOptions(accel="tcg"), facts).qemu_argv, "-append")[0]
+    assert tcg.split()[-2:] == ["tsc_early_khz=2595996", "tsc=reliable"]
+    # KVM gives the guest a calibrated TSC of its own: no parameter.
+    kvm = _pairs(build_plan(spec, RunOptions(), facts).qemu_argv, "-append")[0]
+    assert "tsc" not in kvm
 
 
 def test_cpu_model_follows_the_accelerator(spec: Spec) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import stat
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NoReturn
 
 from microvm_run import contract, host
 from microvm_run.netpolicy import NET_ALIASES
@@ -24,13 +26,7 @@ from microvm_run.plan import (
 )
 from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_spec
 
-EPILOG = """\
-subcommands (see `microvm-run ps --help` etc.):
-  ps [--json]            running instances
-  stop ID... | --all     clean power-off, then force after a deadline
-  gc [--prune]           remove what dead instances left; list homes of vanished projects
-  doctor [--boot]        check this host (KVM, virtiofsd, qemu, user manager, dirs, disk)
-
+EPILOG_TAIL = """\
 environment:
   WORK_DIR               project directory shared at /work (default: the current directory)
   AGENT_HOME             the agent's persistent home (default: per project, see README)
@@ -47,28 +43,109 @@ exit status: the agent's own; 2 bad input; 124 the guest did not come up in time
 125 the guest or the runner failed without an agent exit status.
 """
 
+# The one rule for words on the command line: a first bare word is a
+# subcommand; anything for the agent goes after `--`.  The flavor wrappers
+# (`claude-microvm`, ...) are this program with MICROVM_RUN_SPEC preset and
+# follow the same rule.
+AGENT_ARGS_RULE = "agent arguments go after --"
 
-# Subcommands that manage instances (ops_cli.py); anything else launches.
-SUBCOMMANDS = ("ps", "stop", "gc", "doctor")
+SubcommandFn = Callable[[list[str], dict[str, str]], int]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One subcommand: ``run`` gets argv from the subcommand's name on, and the environment."""
+
+    summary: str  # one line for `microvm-run help`
+    run: SubcommandFn
+
+
+def _module(name: str) -> SubcommandFn:
+    """A subcommand whose module has ``main(argv, environ) -> int``; imported only when used."""
+
+    def run(argv: list[str], environ: dict[str, str]) -> int:
+        main_fn: SubcommandFn = importlib.import_module(name).main
+        return main_fn(argv, environ)
+
+    return run
+
+
+def _ops(argv: list[str], environ: dict[str, str]) -> int:
+    from microvm_run import ops_cli  # noqa: PLC0415 - the launch path never needs it
+
+    return ops_cli.main(argv, environ, boot=lambda spec, accel: _boot_check(environ, spec, accel))
+
+
+def _help(argv: list[str], environ: dict[str, str]) -> int:
+    """`microvm-run help [SUBCOMMAND]`: the list, or one subcommand's usage."""
+    if argv[1:] in (["-h"], ["--help"]):
+        argv = argv[:1]
+    if len(argv) > 2:
+        return _bad_input(f"help takes at most one subcommand, not {' '.join(argv[1:])!r}")
+    if len(argv) == 2:
+        word = argv[1]
+        if word not in SUBCOMMANDS:
+            return _bad_input(_unknown_word(word))
+        if word == "help":
+            print(subcommand_list(), end="")
+            return 0
+        return SUBCOMMANDS[word].run([word, "--help"], environ)
+    print("usage: microvm-run [OPTIONS] [-- AGENT ARGS...]   (microvm-run --help: the options)")
+    print("       microvm-run SUBCOMMAND [ARGS...]          (microvm-run SUBCOMMAND --help)")
+    print()
+    print(subcommand_list(), end="")
+    return 0
+
+
+# Every subcommand, one line each; anything else before `--` is an error.
+# A new subcommand in its own module registers here with one line:
+#   "name": Subcommand("what it does", _module("microvm_run.name_cli")),
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "ps": Subcommand("list running instances", _ops),
+    "stop": Subcommand("power off instances (ID... or --all), then force", _ops),
+    "gc": Subcommand("remove what dead instances left; --prune homes of vanished projects", _ops),
+    "doctor": Subcommand("check this host (KVM, virtiofsd, qemu, user manager, dirs)", _ops),
+    "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
+}
+
+
+def subcommand_list() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["subcommands (microvm-run SUBCOMMAND --help for each):"]
+    lines += [f"  {name.ljust(width)}  {sub.summary}" for name, sub in SUBCOMMANDS.items()]
+    return "\n".join(lines) + "\n"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    # One line, not argparse's usage block: bad input is reported that way.
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     env = dict(os.environ if environ is None else environ)
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in SUBCOMMANDS:
-        from microvm_run import ops_cli  # noqa: PLC0415 - the launch path never needs it
-
-        return ops_cli.main(words, env, boot=lambda spec, accel: _boot_check(env, spec, accel))
+        return SUBCOMMANDS[words[0]].run(words, env)
     parser = _parser(env)
-    args = parser.parse_args(words)
+    try:
+        args, agent_args = _split_words(parser, words)
+    except _UsageError as err:
+        return _bad_input(str(err))
+    if args.help:
+        parser.print_help()
+        return 0
     try:
         spec = _load_spec(args.spec)
-        options = _options(args)
+        options = _options(args, agent_args)
         facts = host.gather(spec, env, work_dir_arg=args.work_dir, allow_home=args.allow_home)
         plan = build_plan(spec, options, facts)
     except (SpecError, PlanError) as err:
-        print(f"microvm-run: {err}", file=sys.stderr)
-        return contract.EXIT_BAD_INPUT
+        return _bad_input(str(err))
     if args.dry_run:
         if args.json:
             import json  # noqa: PLC0415 - only --json needs it
@@ -86,10 +163,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _check_dirs(plan)
         _check_not_root(env)
     except PlanError as err:
-        print(f"microvm-run: {err}", file=sys.stderr)
-        return contract.EXIT_BAD_INPUT
-    from microvm_run import launch  # noqa: PLC0415 - keeps --dry-run imports small
+        return _bad_input(str(err))
+    from microvm_run import launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
 
+    too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
+    if too_many is not None:
+        print(f"microvm-run: warning: {too_many}", file=sys.stderr)
     try:
         launch.create_private_dirs(plan)
         devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
@@ -99,6 +178,43 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except launch.LaunchError as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
+
+
+def _split_words(parser: argparse.ArgumentParser, words: list[str]) -> tuple[Any, list[str]]:
+    """Our options, and the agent's arguments: everything after the first `--`, untouched."""
+    if "--" in words:
+        cut = words.index("--")
+        ours, agent_args = words[:cut], words[cut + 1 :]
+    else:
+        ours, agent_args = words, []
+    if ours and not ours[0].startswith("-"):
+        # Before parsing, so `nosuch --help` is an error too, not the launch help.
+        raise _UsageError(_unknown_word(ours[0]))
+    args, extra = parser.parse_known_args(ours)
+    if extra and extra[0].startswith("-"):
+        raise _UsageError(
+            f"unknown option {extra[0]}: {AGENT_ARGS_RULE} (`-- {' '.join(extra)}`; "
+            "`nix run` takes the first -- itself: `nix run FLAKE -- -- ARGS`)"
+        )
+    if extra:
+        raise _UsageError(_unknown_word(extra[0]))
+    return args, agent_args
+
+
+def _bad_input(message: str) -> int:
+    print(f"microvm-run: {message}", file=sys.stderr)
+    return contract.EXIT_BAD_INPUT
+
+
+def _unknown_word(word: str) -> str:
+    """One line for a bare word that is not a subcommand, with the closest one if any."""
+    if word in SUBCOMMANDS:  # after an option: `microvm-run --json ps`
+        return f"the subcommand {word} comes first (microvm-run {word} ...); {AGENT_ARGS_RULE}"
+    import difflib  # noqa: PLC0415 - only a mistyped word needs it
+
+    close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{word!r} is not a subcommand ({hint}microvm-run help lists them; {AGENT_ARGS_RULE})"
 
 
 def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
@@ -204,13 +320,17 @@ def _others_running(plan: LaunchPlan) -> bool:
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="microvm-run",
+        usage="microvm-run [OPTIONS] [-- AGENT ARGS...]\n       microvm-run SUBCOMMAND [ARGS...]",
         description="Start the agent in a throw-away microVM with WORK_DIR shared at /work.",
-        epilog=EPILOG,
+        epilog=subcommand_list() + "\n" + EPILOG_TAIL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # Our own --help: a stray word before it must be an error, not the help.
+        add_help=False,
     )
     add = parser.add_argument
+    add("-h", "--help", action="store_true", help="show this help and exit")
     add("--spec", default=env.get("MICROVM_RUN_SPEC"), help="the flavor's guest spec (TOML)")
     add("--work-dir", help="project directory (default: $WORK_DIR or the current directory)")
     add(
@@ -283,7 +403,6 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--allow-home", action="store_true", help="allow WORK_DIR to be your home directory")
     add("--dry-run", action="store_true", help="print the launch plan and start nothing")
     add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
-    add("agent_args", nargs="*", metavar="-- ARGS", help="extra arguments for the agent")
     return parser  # fmt: skip
 
 
@@ -305,7 +424,7 @@ def _load_spec(path: str | None) -> Spec:
     return load_spec(Path(path))
 
 
-def _options(args: argparse.Namespace) -> RunOptions:
+def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
     try:
         boot_timeout = float(args.boot_timeout)
     except ValueError:
@@ -325,7 +444,7 @@ def _options(args: argparse.Namespace) -> RunOptions:
         boot_timeout_s=boot_timeout,
         memory_mib=_bounded("--mem", args.mem, 64, MAX_MEMORY_MIB),
         vcpus=_bounded("--vcpus", args.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1)),
-        agent_args=tuple(args.agent_args),
+        agent_args=tuple(agent_args),
     )
 
 

@@ -6,7 +6,10 @@ busybox test guest (``tests/guest/init``).  Version 1:
 Boot
     Direct kernel boot of the spec's kernel and initrd.  The runner appends
     ``console=hvc0 panic=-1`` to the spec's kernel parameters (plus
-    ``tsc_early_khz=2000000`` on the microvm machine under TCG): the console
+    ``tsc_early_khz=<the host's TSC kHz> tsc=reliable`` on the microvm
+    machine under TCG, where the guest's TSC is the host's and nothing else
+    can calibrate or check it, so the guest clock keeps the host's pace):
+    the console
     is a virtio console, and a kernel panic reboots, which ``-no-reboot``
     turns into a QEMU exit, so a panic can never hang or look like success.
 
@@ -66,8 +69,18 @@ LAUNCH_FW_CFG = "opt/org.agent-microvm/launch"
 CREDENTIAL_FW_CFG_PREFIX = "opt/io.systemd.credentials/"
 GUEST_UID = 1000
 RUNNER_KERNEL_PARAMS = ("console=hvc0", "panic=-1")
-# Without it the guest hangs at "Marking TSC unstable" on microvm under TCG.
-TCG_MICROVM_KERNEL_PARAMS = ("tsc_early_khz=2000000",)
+# Without tsc_early_khz the guest hangs at "Marking TSC unstable" on microvm
+# under TCG (no HPET or PIT to calibrate against).  Under TCG the guest reads
+# the host's TSC (QEMU's cpu_get_host_ticks), so the host's TSC frequency is
+# the right value; a wrong one makes the guest clock run fast or slow by the
+# ratio.  This is the value when the host's cannot be read.
+TCG_MICROVM_TSC_PARAM = "tsc_early_khz"
+FALLBACK_TSC_KHZ = 2_000_000
+# The guest's only other clocksource there is jiffies, which lags behind the
+# TSC when the host is busy; the watchdog then marks the TSC unstable and the
+# guest falls back to jiffies (seen under load: a drifting clock, and hangs).
+# The TSC is the host's own constant one, so it is reliable by construction.
+TCG_MICROVM_EXTRA_PARAMS = ("tsc=reliable",)
 
 # Runner exit statuses that are not the agent's own (README documents them).
 EXIT_BAD_INPUT = 2

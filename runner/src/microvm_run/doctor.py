@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from microvm_run import host, process, state
+from microvm_run import host, openfiles, process, state
 from microvm_run.spec import Spec, SpecError, load_spec
 
 OK = "ok"
@@ -76,6 +76,8 @@ def iter_checks(
     where = paths or DoctorPaths()
     user = os.getuid() if uid is None else uid
     yield check_kvm(where.kvm, accel)
+    if accel == "tcg":
+        yield check_tsc(host.tsc_khz())
     yield from check_userns(where.proc_sys, environ, user)
     spec_checks, spec = check_spec(spec_path)
     yield from spec_checks
@@ -87,6 +89,7 @@ def iter_checks(
     yield check_writable("agent homes", data_home, "set XDG_DATA_HOME or AGENT_HOME")
     yield check_free_space("free space for agent homes", data_home)
     yield check_free_space("free space for runtime files", host.runtime_base(environ, user))
+    yield check_open_files(Path(environ.get("WORK_DIR") or os.getcwd()), openfiles.hard_limit())
     if boot is not None:
         yield check_boot(boot, spec, accel)
 
@@ -293,6 +296,37 @@ def check_free_space(name: str, path: Path) -> Check:
     if free < MIN_FREE_BYTES:
         return Check(WARN, name, detail, "free some space: agents and their caches need room")
     return Check(OK, name, detail)
+
+
+def check_tsc(khz: int | None) -> Check:
+    """Under TCG the guest's TSC is the host's; the runner tells the guest its rate."""
+    name = "guest clock"
+    if khz is None:
+        return Check(
+            WARN,
+            name,
+            "cannot read the host's TSC frequency; a TCG guest's clock may run fast or slow",
+            "use KVM, where the guest calibrates its own clock",
+        )
+    return Check(OK, name, f"host TSC {khz / 1000:.3f} MHz, passed to TCG guests")
+
+
+def check_open_files(work_dir: Path, limit: int | None) -> Check:
+    """virtiofsd keeps a descriptor per file the guest has seen: enough for this project?"""
+    name = "open files"
+    if limit is None:
+        return Check(OK, name, "no hard limit")
+    room = openfiles.budget(limit)
+    seen = openfiles.count_entries(work_dir, room + 1)
+    if seen > room:
+        return Check(
+            WARN,
+            name,
+            f"{work_dir} has more than {room} files and directories, more than virtiofsd "
+            f"can keep open (hard limit {limit}); the guest would see files vanish",
+            openfiles.FIX,
+        )
+    return Check(OK, name, f"hard limit {limit}; {work_dir} has {seen} files and directories")
 
 
 def check_boot(

@@ -189,6 +189,63 @@ def terminal_size() -> tuple[int, int] | None:
     return None
 
 
+# A TSC frequency outside this range is a misread, not a CPU.
+_TSC_KHZ_RANGE = (100_000, 10_000_000)
+
+
+def tsc_khz(
+    sysfs: Path = Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz"),
+    cpuinfo: Path = Path("/proc/cpuinfo"),
+) -> int | None:
+    """The host's TSC frequency in kHz, or None if it cannot be read.
+
+    Some kernels export it in sysfs; otherwise /proc/cpuinfo has it.
+    """
+    try:
+        with sysfs.open("rb") as file:
+            value = int(file.read(64).decode().strip())
+        if _TSC_KHZ_RANGE[0] <= value <= _TSC_KHZ_RANGE[1]:
+            return value
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    try:
+        with cpuinfo.open("rb") as file:
+            # The first CPU's block is enough; many-core hosts have long files.
+            text = file.read(16384).decode(errors="replace")
+    except OSError:
+        return None
+    return tsc_khz_from_cpuinfo(text)
+
+
+def tsc_khz_from_cpuinfo(text: str) -> int | None:
+    """The TSC kHz from the first CPU of /proc/cpuinfo (x86).
+
+    ``bogomips`` is twice the TSC frequency in MHz on x86: the kernel sets
+    loops_per_jiffy from tsc_khz (tsc.c get_loops_per_jiffy) and prints it
+    as bogomips (lpj / (500000 / HZ)).  ``cpu MHz`` is the current clock
+    under frequency scaling, not the TSC's, so it is only the last resort.
+    """
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the end of the first CPU's block
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(name.strip(), value.strip())
+    if "tsc" not in fields.get("flags", "").split():
+        return None
+    for name, khz_per_unit in (("bogomips", 500), ("cpu MHz", 1000)):
+        try:
+            value = round(float(fields[name]) * khz_per_unit)
+        except (KeyError, ValueError):
+            continue
+        if _TSC_KHZ_RANGE[0] <= value <= _TSC_KHZ_RANGE[1]:
+            return value
+    return None
+
+
 def new_instance_id() -> str:
     # 32 random bits: collisions are also caught by the exclusive mkdir.
     return os.urandom(4).hex()
@@ -224,6 +281,7 @@ def gather(
         project_allow=read_project_allow(allow_file),
         egress_log=state_home(environ) / "microvm-run" / "egress.log",
         terminal_size=terminal_size(),
+        tsc_khz=tsc_khz() if spec.machine == "microvm" else None,
         python=Path(sys.executable),
         relay=Path(__file__).with_name("relay.py"),
     )

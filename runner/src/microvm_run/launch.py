@@ -22,7 +22,7 @@ import stat
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -302,38 +302,86 @@ def _stop_egress(instance: Instance) -> None:
 
 
 def _start_daemons(plan: LaunchPlan, instance: Instance, environ: Mapping[str, str]) -> None:
+    if plan.supervisor == "systemd":
+        instance.daemons.extend(_start_units(plan.virtiofsd, environ, instance))
+        return
     for daemon in plan.virtiofsd:
-        if plan.supervisor == "systemd":
-            instance.daemons.append(_start_unit(daemon, environ, instance))
-        else:
-            instance.daemons.append(_start_child(daemon, environ))
+        instance.daemons.append(_start_child(daemon, environ))
 
 
-def _start_unit(daemon: VirtiofsdPlan, environ: Mapping[str, str], instance: Instance) -> Daemon:
-    instance.units.append(daemon.unit)
-    result = process.run(
-        [
-            "systemd-run", "--user", "--quiet", "--collect",
-            f"--unit={daemon.unit}",
-            f"--property=StandardOutput=append:{daemon.log}",
-            f"--property=StandardError=append:{daemon.log}",
-            "--", *daemon.argv,
-        ],
-        env=environ,
-        timeout=30,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise LaunchError(f"systemd-run could not start {daemon.unit}: {_last_line(result.stderr)}")
+UNIT_START_TIMEOUT_S = 30.0
+
+
+def _start_units(
+    daemons: Sequence[VirtiofsdPlan], environ: Mapping[str, str], instance: Instance
+) -> list[Daemon]:
+    """One transient unit per share, all started at once.
+
+    Each systemd-run waits for the user manager to start its unit; run side
+    by side they cost about one round trip instead of one per share.
+    """
+    starting = []
+    for daemon in daemons:
+        instance.units.append(daemon.unit)
+        starting.append(
+            process.spawn(
+                [
+                    "systemd-run", "--user", "--quiet", "--collect",
+                    f"--unit={daemon.unit}",
+                    f"--property=StandardOutput=append:{daemon.log}",
+                    f"--property=StandardError=append:{daemon.log}",
+                    "--", *daemon.argv,
+                ],
+                env=environ,
+                stdin=process.DEVNULL,
+                stdout=process.DEVNULL,
+                stderr=process.PIPE,
+            )
+        )  # fmt: skip
+    failures = []
+    deadline = time.monotonic() + UNIT_START_TIMEOUT_S
+    for daemon, start in zip(daemons, starting, strict=True):
+        try:
+            _, err = start.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except process.TimeoutExpired:
+            start.kill()
+            start.wait()
+            failures.append(f"systemd-run for {daemon.unit} did not finish in time")
+            continue
+        if start.returncode != 0:
+            text = err.decode(errors="replace") if isinstance(err, bytes) else err or ""
+            failures.append(f"systemd-run could not start {daemon.unit}: {_last_line(text)}")
+    if failures:
+        raise LaunchError(failures[0])
+    pids = _main_pids([daemon.unit for daemon in daemons], environ)
+    started = []
+    for daemon in daemons:
+        pid, reason = pids.get(daemon.unit, (0, "the user manager does not know it"))
+        if pid <= 0:
+            raise LaunchError(f"virtiofsd for share {daemon.tag}: no main process ({reason})")
+        started.append(Daemon(plan=daemon, pid=pid, pidfd=_pidfd(pid, daemon)))
+    return started
+
+
+def _main_pids(units: Sequence[str], environ: Mapping[str, str]) -> dict[str, tuple[int, str]]:
+    """Each unit's main pid (0 and why, if none), from one systemctl call."""
     shown = process.run(
-        ["systemctl", "--user", "show", "--property=MainPID", "--value", daemon.unit],
+        ["systemctl", "--user", "show", "--property=Id", "--property=MainPID", *units],
         env=environ,
-        timeout=30,
+        timeout=UNIT_START_TIMEOUT_S,
     )
-    pid = int(shown.stdout.strip() or 0) if shown.returncode == 0 else 0
-    if pid <= 0:
-        reason = _last_line(shown.stderr) if shown.returncode else "it exited at once"
-        raise LaunchError(f"virtiofsd for share {daemon.tag}: no main process ({reason})")
-    return Daemon(plan=daemon, pid=pid, pidfd=_pidfd(pid, daemon))
+    if shown.returncode != 0:
+        reason = _last_line(shown.stderr)
+        return dict.fromkeys(units, (0, reason))
+    pids = {}
+    # One block of KEY=VALUE lines per unit, blocks separated by empty lines.
+    for block in shown.stdout.split("\n\n"):
+        fields = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+        pid = fields.get("MainPID", "0")
+        # Id is the full name; the units were named without ".service".
+        unit = fields.get("Id", "").removesuffix(".service")
+        pids[unit] = (int(pid) if pid.isdigit() else 0, "it exited at once")
+    return pids
 
 
 def _start_child(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:

@@ -106,6 +106,8 @@ def _ps(base: Path, environ: Mapping[str, str], *, as_json: bool) -> int:
         import json  # noqa: PLC0415 - only --json needs it
 
         print(json.dumps([row.to_dict() for row in result.rows], indent=2))
+    elif not result.rows:
+        print("no running instances")
     else:
         print(format_table(result.rows, environ.get("HOME")))
     if result.stale:

@@ -77,6 +77,7 @@ class HostFacts:
     project_allow: tuple[str, ...] = ()
     egress_log: Path = Path("/dev/null")
     terminal_size: tuple[int, int] | None = None  # (rows, columns) of the runner's tty
+    tsc_khz: int | None = None  # the host's TSC frequency (a TCG guest's TSC ticks at it)
     python: Path = Path("/usr/bin/python3")  # runs relay.py for guestfwd
     relay: Path = Path("relay.py")
 
@@ -198,6 +199,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
             qmp_socket=qmp_socket,
             launch_file=launch_file,
             credential_files=credentials,
+            tsc_khz=facts.tsc_khz,
         ),
     )
     return LaunchPlan(

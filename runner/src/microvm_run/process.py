@@ -21,6 +21,7 @@ from typing import IO, Any
 
 _PR_SET_PDEATHSIG = 1
 DEVNULL = subprocess.DEVNULL
+PIPE = subprocess.PIPE
 TimeoutExpired = subprocess.TimeoutExpired
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from microvm_run.contract import (
     CREDENTIAL_FW_CFG_PREFIX,
+    FALLBACK_TSC_KHZ,
     LAUNCH_FW_CFG,
     RUNNER_KERNEL_PARAMS,
     STATUS_PORT,
-    TCG_MICROVM_KERNEL_PARAMS,
+    TCG_MICROVM_EXTRA_PARAMS,
+    TCG_MICROVM_TSC_PARAM,
 )
 from microvm_run.spec import Spec
 
@@ -33,12 +35,14 @@ class QemuInputs:
     qmp_socket: Path
     launch_file: Path
     credential_files: Sequence[tuple[str, Path]]  # (VAR, file)
+    tsc_khz: int | None = None  # the host's TSC frequency, if known
 
 
-def kernel_params(spec: Spec, accel: str) -> list[str]:
+def kernel_params(spec: Spec, accel: str, tsc_khz: int | None = None) -> list[str]:
     params = [*spec.kernel_params, *RUNNER_KERNEL_PARAMS]
     if accel == "tcg" and spec.machine == "microvm":
-        params += TCG_MICROVM_KERNEL_PARAMS
+        params.append(f"{TCG_MICROVM_TSC_PARAM}={tsc_khz or FALLBACK_TSC_KHZ}")
+        params += TCG_MICROVM_EXTRA_PARAMS
     return params
 
 
@@ -59,7 +63,7 @@ def qemu_argv(spec: Spec, inputs: QemuInputs) -> list[str]:
         "-no-reboot",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
-        "-append", " ".join(kernel_params(spec, inputs.accel)),
+        "-append", " ".join(kernel_params(spec, inputs.accel, inputs.tsc_khz)),
         # The agent's terminal: a virtio console, not an emulated UART, so
         # TUIs do not flicker; signal=off hands Ctrl-C to the agent.
         "-device", f"virtio-serial-{dev}",

@@ -53,6 +53,7 @@ file's directory, so a test guest can ship a spec beside its kernel.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -136,7 +137,14 @@ class Spec:
 
 
 def load_spec(path: Path) -> Spec:
-    """Read and validate a spec file; raise SpecError with one clear line."""
+    """Read and validate a spec file; raise SpecError with one clear line.
+
+    The path is made absolute here, once: the kernel, QEMU and virtiofsd
+    paths derived from it must hold in every process that later uses them
+    (virtiofsd units start in the user manager's directory, not ours), and
+    a symlinked spec keeps pointing beside its real file.
+    """
+    path = Path(os.path.realpath(path))
     try:
         raw = path.read_bytes()
     except OSError as err:

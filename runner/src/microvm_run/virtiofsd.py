@@ -11,6 +11,15 @@ from microvm_run.contract import GUEST_UID
 # under user.* on the host instead.
 _CRI_XATTRMAP = ":map:trusted.:user.virtiofs.trusted.:"
 
+# The store never changes under a path the guest has seen (paths are
+# immutable; new ones appear as new names, and virtiofsd caches no negative
+# lookups), so the guest may keep everything: `always` makes an exec from the
+# store about 12x cheaper (6 ms vs 72 ms measured).  Every other share can
+# change on the host while the guest runs: `auto` re-validates within 1 s
+# (virtiofsd's attribute and entry timeout) and on every open.
+_CACHE = {"nix-store": "always"}
+_DEFAULT_CACHE = "auto"
+
 
 def virtiofsd_argv(
     virtiofsd: Path,
@@ -41,7 +50,7 @@ def virtiofsd_argv(
         f"--translate-uid=map:{GUEST_UID}:0:1",
         f"--translate-gid=map:{GUEST_UID}:0:1",
         "--xattr",
-        "--cache=auto",
+        f"--cache={_CACHE.get(source, _DEFAULT_CACHE)}",
     ]
     if read_only:
         argv.append("--readonly")
