@@ -130,9 +130,33 @@ def test_the_agent_unit_runs_on_its_console_with_network_key_and_terminal(sd_vm:
     assert _files_containing(home, KEY.encode()) == []
 
 
+def _with_key_route(spec: Path) -> Path:
+    """The systemd guest's spec with a key proxy route (nothing is asked of it here)."""
+    text = spec.read_text().replace("spec_version = 1", "spec_version = 2")
+    text += """
+[[key_proxy]]
+var = "TESTAGENT_API_KEY"
+upstream = "http://allowed.amvm.test:9/api"
+header = "authorization"
+base_url_var = "TESTAGENT_BASE_URL"
+base_url_path = "/v1"
+paths = ["/api/v1/"]
+"""
+    path = spec.with_name(f"spec-key-route-{os.urandom(3).hex()}.toml")
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
 def test_stop_powers_the_guest_off_through_its_power_button(sd_vm: VM) -> None:
+    """Also: with --inject-keys the agent gets the placeholder and the proxy's base URL."""
+    sd_vm.spec = _with_key_route(sd_vm.spec)
     work = sd_vm.project()
-    running = sd_vm.start(work, "touch /work/up; sleep 600")
+    script = (
+        'printf "%s\\n" "$TESTAGENT_API_KEY" "$TESTAGENT_BASE_URL" > /work/key; '
+        "touch /work/up; sleep 600"
+    )
+    running = sd_vm.start(work, script, TESTAGENT_API_KEY=KEY)
     try:
         _wait_for(work / "up", running, "the guest never came up")
         (row,) = json.loads(sd_vm.ops("ps", "--json").stdout)
@@ -145,6 +169,10 @@ def test_stop_powers_the_guest_off_through_its_power_button(sd_vm: VM) -> None:
     assert stopped.returncode == 0, stopped.stderr
     assert "powered off" in stopped.stdout, stopped.stdout
     assert "terminated" not in stopped.stdout
+    key, base_url = (work / "key").read_text().splitlines()
+    assert key == "microvm-run-placeholder"
+    assert base_url.startswith("http://10.0.2.100:") and base_url.endswith("/v1"), base_url
+    assert _files_containing(work, KEY.encode()) == []
 
 
 @pytest.mark.parametrize("status", [0, 3])
