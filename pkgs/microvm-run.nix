@@ -3,6 +3,7 @@
 {
   lib,
   python3Packages,
+  git,
 }:
 let
   fs = lib.fileset;
@@ -31,7 +32,19 @@ python3Packages.buildPythonApplication {
     python3Packages.tomli-w
   ];
 
-  nativeCheckInputs = [ python3Packages.pytestCheckHook ];
+  # Host git prepares the agent's git directory and imports its commits
+  # (docs/git.md); the user's own git comes first on PATH.
+  makeWrapperArgs = [
+    "--suffix"
+    "PATH"
+    ":"
+    (lib.makeBinPath [ git ])
+  ];
+
+  nativeCheckInputs = [
+    python3Packages.pytestCheckHook
+    git
+  ];
   # pytest.ini and the tests live beside runner/, at the repository root.
   preCheck = ''
     cd ..

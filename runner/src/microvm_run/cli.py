@@ -13,12 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
-from microvm_run import contract, host
+from microvm_run import agentgit, contract, host
+from microvm_run.agentgit import GitPlan
 from microvm_run.netpolicy import NET_ALIASES
 from microvm_run.plan import (
     ACCELS,
     NETS,
     SUPERVISORS,
+    HostFacts,
     LaunchPlan,
     PlanError,
     RunOptions,
@@ -29,6 +31,7 @@ from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_sp
 EPILOG_TAIL = """\
 environment:
   WORK_DIR               project directory shared at /work (default: the current directory)
+  WORK_WORKTREE          default for --worktree
   AGENT_HOME             the agent's persistent home (default: per project, see README)
   MICROVM_RUN_SPEC       the flavor's spec (set by the flavor packages; --spec overrides)
   MICROVM_ACCEL, MICROVM_NET, MICROVM_BOOT_TIMEOUT, MICROVM_SUPERVISOR,
@@ -105,6 +108,13 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "stop": Subcommand("power off instances (ID... or --all), then force", _ops),
     "gc": Subcommand("remove what dead instances left; --prune homes of vanished projects", _ops),
     "doctor": Subcommand("check this host (KVM, virtiofsd, qemu, user manager, dirs)", _ops),
+    "review": Subcommand(
+        "the agent's commits: list runs, or one's log, stat and diff",
+        _module("microvm_run.git_cli"),
+    ),
+    "land": Subcommand(
+        "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
@@ -143,6 +153,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         spec = _load_spec(args.spec)
         options = _options(args, agent_args)
         facts = host.gather(spec, env, work_dir_arg=args.work_dir, allow_home=args.allow_home)
+        facts = replace(facts, git=_plan_git(facts, args.worktree, env))
         plan = build_plan(spec, options, facts)
     except (SpecError, PlanError) as err:
         return _bad_input(str(err))
@@ -164,7 +175,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _check_not_root(env)
     except PlanError as err:
         return _bad_input(str(err))
-    from microvm_run import launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
+    from microvm_run import git_cli, launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
 
     too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
     if too_many is not None:
@@ -174,8 +185,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
         if devshell_file is not None:
             plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
-        return launch.launch(plan, env)
-    except launch.LaunchError as err:
+        meta = git_cli.before_run(plan.git, env)
+        try:
+            return launch.launch(plan, env)
+        finally:
+            git_cli.after_run(plan.git, meta, env)
+    except (launch.LaunchError, git_cli.GitError) as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
 
@@ -215,6 +230,18 @@ def _unknown_word(word: str) -> str:
     close = difflib.get_close_matches(word, SUBCOMMANDS, n=1)
     hint = f"did you mean {close[0]}? " if close else ""
     return f"{word!r} is not a subcommand ({hint}microvm-run help lists them; {AGENT_ARGS_RULE})"
+
+
+def _plan_git(facts: HostFacts, worktree: str | None, env: Mapping[str, str]) -> GitPlan | None:
+    try:
+        return agentgit.plan_git(
+            facts.work_dir,
+            host.state_home(env),
+            worktree=worktree or None,
+            instance_id=facts.instance_id,
+        )
+    except ValueError as err:
+        raise PlanError(str(err)) from None
 
 
 def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
@@ -400,6 +427,13 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env.get("MICROVM_VCPUS"),
         help="guest vCPUs (default: the flavor's)",
     )
+    add(
+        "--worktree",
+        metavar="NAME",
+        default=env.get("WORK_WORKTREE") or None,
+        help="work in the runner's own working tree NAME on branch agent/NAME "
+        "(created from HEAD, kept until landed; see microvm-run review/land)",
+    )
     add("--allow-home", action="store_true", help="allow WORK_DIR to be your home directory")
     add("--dry-run", action="store_true", help="print the launch plan and start nothing")
     add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -567,6 +601,11 @@ def _describe(plan: LaunchPlan) -> str:
                 lines.append(f"  allow-private: {', '.join(inward)}")
         for route in plan.egress.key_routes:
             lines.append(f"  key proxy: {route.var} -> {route.upstream} ({route.header})")
+    if plan.git is not None:
+        git = plan.git
+        lines.append(f"git          {git.mode}: agent branch {git.branch}, state {git.run_dir}")
+        for flag, source, target in git.binds:
+            lines.append(f"  {flag} {source} -> {target} (in virtiofsd's namespace)")
     for forward in plan.port_forwards:
         lines.append(f"forward      {forward} (host address:port:guest port)")
     for var, _ in plan.credentials:

@@ -284,4 +284,5 @@ def gather(
         tsc_khz=tsc_khz() if spec.machine == "microvm" else None,
         python=Path(sys.executable),
         relay=Path(__file__).with_name("relay.py"),
+        gitmask=Path(__file__).with_name("gitmask.py"),
     )

@@ -15,7 +15,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import NoReturn
 
-from microvm_run import doctor, host, ops
+from microvm_run import doctor, git_cli, host, ops
 from microvm_run.contract import EXIT_BAD_INPUT
 from microvm_run.plan import ACCELS
 
@@ -85,6 +85,13 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--prune", action="store_true", help="also delete agent homes whose project is gone"
     )
     gc.add_argument("--yes", action="store_true", help="with --prune: do not ask")
+    gc.add_argument(
+        "--worktree",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="with --prune: also remove this agent run (worktree) though it is not landed",
+    )
     check = commands.add_parser("doctor", help="check this host's prerequisites")
     check.add_argument("--spec", default=environ.get("MICROVM_RUN_SPEC"), help="the guest spec")
     check.add_argument("--boot", action="store_true", help="also boot the flavor and run `true`")
@@ -236,7 +243,11 @@ def _gc(
         print(f"{len(running)} running instance{plural} left alone")
     for outcome in report.homes:
         print(f"home {outcome.record.path}: {outcome.what}")
-    if not report.actions and not report.homes and not report.live:
+    # Agent runs (git_cli.py): landed worktrees go; unlanded ones only by name.
+    pruned = git_cli.prune(environ, explicit=args.worktree) if args.prune else []
+    for line in pruned:
+        print(line)
+    if not report.actions and not report.homes and not report.live and not pruned:
         print("nothing to clean up")
     return 0 if report.ok else 1
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from microvm_run import contract, home, netpolicy, qemu, virtiofsd
+from microvm_run.agentgit import GitPlan
 from microvm_run.netpolicy import NET_ALIASES, NET_MODES, EgressConfig, KeyRoute, PolicyError
 from microvm_run.spec import Share, Spec
 
@@ -80,6 +81,9 @@ class HostFacts:
     tsc_khz: int | None = None  # the host's TSC frequency (a TCG guest's TSC ticks at it)
     python: Path = Path("/usr/bin/python3")  # runs relay.py for guestfwd
     relay: Path = Path("relay.py")
+    # The project's git as the guest sees it (agentgit.plan_git); None: no git.
+    git: GitPlan | None = None
+    gitmask: Path = Path("gitmask.py")  # hides the user's .git from the work share
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,7 @@ class LaunchPlan:
     # Every API key variable of the flavor: no child process gets any of
     # them, whether the key goes to the guest or stays with the key proxy.
     secret_vars: tuple[str, ...] = ()
+    git: GitPlan | None = None
     qemu_argv: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +146,8 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     basename = home.project_basename(facts.work_dir)
 
     sources = {
-        "work": facts.work_dir,
+        # --worktree: the runner's working tree for NAME, not the project.
+        "work": facts.git.share_root if facts.git is not None else facts.work_dir,
         "home": facts.agent_home,
         "nix-store": Path("/nix/store"),
         "cri-storage": facts.cri_storage,
@@ -227,6 +233,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         launch_data=launch_data,
         credentials=credentials,
         secret_vars=spec.api_key_vars,
+        git=facts.git,
         qemu_argv=tuple(argv),
     )
 
@@ -241,15 +248,25 @@ def _daemon(
     facts: HostFacts,
 ) -> VirtiofsdPlan:
     socket = _socket(runtime_dir / f"fs-{share.tag}.sock")
+    masked = share.source == "work" and facts.git is not None
     argv = virtiofsd.virtiofsd_argv(
         spec.virtiofsd,
         shared_dir=shared_dir,
         socket=socket,
-        uid=facts.uid,
-        gid=facts.gid,
+        # Behind gitmask.py virtiofsd runs as 0 of a namespace that maps
+        # only the user: the mapping its --uid-map would make.
+        uid=0 if masked else facts.uid,
+        gid=0 if masked else facts.gid,
         read_only=share.read_only,
         source=share.source,
     )
+    if masked:
+        assert facts.git is not None
+        binds = [str(part) for bind in facts.git.binds for part in bind]
+        argv = [
+            str(facts.python), "-I", "-S", str(facts.gitmask), str(facts.uid), str(facts.gid),
+            *binds, "--", *argv,
+        ]  # fmt: skip
     return VirtiofsdPlan(
         tag=share.tag,
         source=share.source,

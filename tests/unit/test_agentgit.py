@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from microvm_run import agentgit, git_cli, gitmask
+from microvm_run.agentgit import GitPlan, Meta
+from microvm_run.plan import RunOptions, build_plan
+from microvm_run.spec import Spec
+
+from .conftest import make_facts
+
+STATE = Path("/home/alice/.local/state")
+HAVE_GIT = shutil.which("git") is not None
+needs_git = pytest.mark.skipif(not HAVE_GIT, reason="git is not installed")
+
+
+# -- planning ---------------------------------------------------------------------------
+
+
+def test_a_project_without_git_gets_no_git_plan(tmp_path: Path) -> None:
+    assert agentgit.plan_git(tmp_path, STATE, worktree=None, instance_id="abcd1234") is None
+
+
+def test_a_repository_gets_the_agents_git_dir_over_its_own(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    plan = agentgit.plan_git(tmp_path, STATE, worktree=None, instance_id="abcd1234")
+    assert plan is not None and plan.mode == "shared"
+    assert plan.share_root == tmp_path
+    assert plan.run_dir.parent.parent == STATE / "microvm-run" / "git"
+    assert plan.binds == (
+        ("--bind", plan.agent_git, tmp_path / ".git"),
+        ("--ro-bind", tmp_path / ".git" / "objects", tmp_path / ".git" / "user-objects"),
+    )
+    assert plan.branch == "agent/abcd1234"
+
+
+def test_a_worktree_shares_the_runners_tree_not_the_project(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    plan = agentgit.plan_git(tmp_path, STATE, worktree="fix-login", instance_id="abcd1234")
+    assert plan is not None and plan.mode == "worktree"
+    assert plan.share_root == plan.run_dir / "tree"
+    assert plan.run_dir.name == "fix-login"
+    assert plan.binds[0] == ("--bind", plan.agent_git, plan.share_root / ".git")
+
+
+def test_a_git_file_is_masked_read_only_with_itself(tmp_path: Path) -> None:
+    (tmp_path / ".git").write_text("gitdir: /elsewhere/.git/worktrees/x\n")
+    plan = agentgit.plan_git(tmp_path, STATE, worktree=None, instance_id="abcd1234")
+    assert plan is not None and plan.mode == "gitfile"
+    assert plan.binds == (("--ro-bind", tmp_path / ".git", tmp_path / ".git"),)
+    with pytest.raises(ValueError, match="linked worktree or submodule"):
+        agentgit.plan_git(tmp_path, STATE, worktree="x", instance_id="abcd1234")
+
+
+def test_a_symlinked_git_is_refused(tmp_path: Path) -> None:
+    (tmp_path / ".git").symlink_to("/etc")
+    with pytest.raises(ValueError, match="neither a directory nor a file"):
+        agentgit.plan_git(tmp_path, STATE, worktree=None, instance_id="abcd1234")
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "a..b", "x.lock", "x.", "a b", "é", "x" * 64])
+def test_bad_worktree_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="worktree name"):
+        agentgit.check_name(name)
+
+
+def test_worktree_without_git_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a git repository"):
+        agentgit.plan_git(tmp_path, STATE, worktree="x", instance_id="abcd1234")
+
+
+def test_the_work_share_starts_behind_gitmask_without_id_maps(spec: Spec, tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    git = agentgit.plan_git(tmp_path, STATE, worktree="w1", instance_id="deadbeef")
+    facts = make_facts(work_dir=tmp_path, git=git, gitmask=Path("/r/gitmask.py"))
+    plan = build_plan(spec, RunOptions(), facts)
+    work = next(d for d in plan.virtiofsd if d.tag == "work")
+    assert git is not None and work.shared_dir == git.share_root
+    split = work.argv.index("--")
+    assert work.argv[1:6] == ("-I", "-S", "/r/gitmask.py", "1000", "100")
+    assert work.argv[split + 1] == str(spec.virtiofsd)
+    # The namespace maps the user to 0 already; virtiofsd must not map again.
+    assert not any(arg.startswith("--uid-map") for arg in work.argv)
+    assert f"--shared-dir={git.share_root}" in work.argv
+    home = next(d for d in plan.virtiofsd if d.tag == "home")
+    assert "--uid-map=:0:1000:1:" in home.argv
+
+
+# -- reading what the guest wrote --------------------------------------------------------
+
+SHA = "a" * 40
+
+
+def _agent_dir(tmp_path: Path) -> Path:
+    agent = tmp_path / "git"
+    (agent / "refs" / "heads").mkdir(parents=True)
+    return agent
+
+
+def test_head_through_a_loose_ref_and_packed_refs(tmp_path: Path) -> None:
+    agent = _agent_dir(tmp_path)
+    (agent / "HEAD").write_text("ref: refs/heads/main\n")
+    (agent / "packed-refs").write_text(f"# pack-refs\n{SHA} refs/heads/main\n")
+    assert agentgit.agent_head(agent) == SHA
+    (agent / "refs" / "heads" / "main").write_text("b" * 40 + "\n")
+    assert agentgit.agent_head(agent) == "b" * 40
+    (agent / "HEAD").write_text("c" * 40 + "\n")
+    assert agentgit.agent_head(agent) == "c" * 40
+
+
+@pytest.mark.parametrize(
+    "head", ["ref: refs/heads/../../../etc/passwd", "ref: /etc/passwd", "ref: refs/x", "zz"]
+)
+def test_head_that_leaves_refs_heads_is_ignored(tmp_path: Path, head: str) -> None:
+    agent = _agent_dir(tmp_path)
+    (agent / "HEAD").write_text(head + "\n")
+    assert agentgit.agent_head(agent) is None
+
+
+def test_symlinks_and_fifos_are_never_followed(tmp_path: Path) -> None:
+    agent = _agent_dir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.write_text(SHA + "\n")
+    (agent / "HEAD").write_text("ref: refs/heads/main\n")
+    (agent / "refs" / "heads" / "main").symlink_to(outside)
+    assert agentgit.agent_head(agent) is None
+    (agent / "refs" / "heads" / "main").unlink()
+    os.mkfifo(agent / "refs" / "heads" / "main")
+    assert agentgit.agent_head(agent) is None  # and did not block
+    (agent / "HEAD").unlink()
+    (agent / "HEAD").symlink_to(outside)
+    assert agentgit.agent_head(agent) is None
+
+
+def test_the_summary_line() -> None:
+    assert agentgit.summary(agentgit.Imported("agent/fix-login", 3)) == (
+        "3 commits on agent/fix-login; microvm-run review fix-login"
+    )
+    assert agentgit.summary(agentgit.Imported("agent/x", 1)).startswith("1 commit on")
+    assert agentgit.summary(agentgit.Imported("agent/x", 0)) == "the agent made no commits"
+
+
+def test_gitmask_refuses_bad_arguments() -> None:
+    assert gitmask.main(["1", "1", "--bind", "a"]) == 2
+    assert gitmask.main(["1", "1", "--mount", "a", "b", "--", "true"]) == 2
+
+
+# -- the host side with real git, no VM ---------------------------------------------------
+
+
+def _git(cwd: Path, *args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def git_env(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "home"
+    home.mkdir()
+    return {
+        "HOME": str(home),
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+    }
+
+
+@pytest.fixture
+def repo(tmp_path: Path, git_env: dict[str, str]) -> Path:
+    project = tmp_path / "proj"
+    project.mkdir()
+    _git(project, "init", "-q", "-b", "main", env=git_env)
+    _git(project, "config", "user.name", "Host User", env=git_env)
+    _git(project, "config", "user.email", "host@example.org", env=git_env)
+    (project / "a").write_text("a\n")
+    _git(project, "add", "a", env=git_env)
+    _git(project, "commit", "-q", "-m", "a", env=git_env)
+    return project
+
+
+def _prepared(repo: Path, env: dict[str, str], worktree: str | None = None) -> tuple[GitPlan, Meta]:
+    plan = agentgit.plan_git(
+        repo, Path(env["XDG_STATE_HOME"]), worktree=worktree, instance_id="cafe0001"
+    )
+    assert plan is not None
+    meta = agentgit.prepare(plan, env, "2026-11-29T00:00:00Z")
+    assert meta is not None
+    return plan, meta
+
+
+@needs_git
+def test_prepare_borrows_objects_and_passes_the_identity_by_value(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    plan, meta = _prepared(repo, git_env)
+    agent = plan.agent_git
+    assert (agent / "objects" / "info" / "alternates").read_text() == "../user-objects\n"
+    config = (agent / "config").read_text()
+    assert "Host User" in config and "host@example.org" in config
+    assert "checkStat = minimal" in config
+    assert (agent / "index").read_bytes() == (repo / ".git" / "index").read_bytes()
+    assert meta.branch == "main" and meta.start == _git(repo, "rev-parse", "HEAD", env=git_env)
+
+
+@needs_git
+def test_import_reads_no_guest_config_and_lands_under_agent(
+    repo: Path, git_env: dict[str, str], tmp_path: Path
+) -> None:
+    plan, meta = _prepared(repo, git_env)
+    agent = plan.agent_git
+    # Stand in for the guest: the user's objects at user-objects, a commit.
+    (agent / "user-objects").rmdir()
+    (agent / "user-objects").symlink_to(repo / ".git" / "objects")
+    work_env = {**git_env, "GIT_DIR": str(agent), "GIT_WORK_TREE": str(repo)}
+    (repo / "b").write_text("b\n")
+    _git(repo, "add", "b", env=work_env)
+    _git(repo, "commit", "-q", "-m", "agent b", env=work_env)
+    # Then the guest turns hostile: config, hooks, alternates to elsewhere.
+    marker = tmp_path / "PWNED"
+    with (agent / "config").open("a") as config:
+        config.write(f"[core]\n\tfsmonitor = touch {marker}\n\thooksPath = {tmp_path}\n")
+        config.write(f"[uploadpack]\n\tpackObjectsHook = touch {marker}\n")
+    hook = tmp_path / "reference-transaction"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o755)
+    (agent / "user-objects").unlink()
+    (agent / "user-objects").mkdir()
+    imported = agentgit.import_commits(plan, meta, git_env)
+    assert imported == agentgit.Imported("agent/cafe0001", 1)
+    assert _git(repo, "log", "-1", "--format=%s|%an", "agent/cafe0001", env=git_env) == (
+        "agent b|Host User"
+    )
+    assert not marker.exists()
+    agentgit.finish_shared(plan, imported)
+    assert not agent.exists() and (plan.run_dir / "meta.json").exists()
+
+
+@needs_git
+def test_an_agent_head_naming_a_missing_object_is_refused(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    plan, meta = _prepared(repo, git_env)
+    (plan.agent_git / "refs" / "heads" / "main").write_text("d" * 40 + "\n")
+    with pytest.raises(agentgit.GitError, match="not a commit the host can read"):
+        agentgit.import_commits(plan, meta, git_env)
+    assert agentgit.rev(repo, "refs/heads/agent/cafe0001", git_env) is None
+
+
+@needs_git
+def test_review_and_land_refuse_outside_a_repository(
+    tmp_path: Path, git_env: dict[str, str]
+) -> None:
+    assert git_cli.main(["review", "--work-dir", str(tmp_path)], git_env) == 2
+    assert git_cli.main(["land"], git_env) == 2
+
+
+@needs_git
+def test_land_of_an_unknown_run_is_bad_input(repo: Path, git_env: dict[str, str]) -> None:
+    assert git_cli.main(["land", "nope", "--work-dir", str(repo)], git_env) == 2
