@@ -288,6 +288,18 @@ def test_a_project_whose_git_is_a_file_is_shown_read_only(vm: VM) -> None:
     assert (linked / ".git").read_text() == pointer
 
 
+def test_a_submodules_git_file_is_read_only_in_the_guest(vm: VM) -> None:
+    lib = _repo(vm, "lib")
+    project = _repo(vm)
+    _git(vm, project, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "sub")
+    _git(vm, project, "commit", "-q", "-m", "sub")
+    pointer = (project / "sub" / ".git").read_text()
+    result = vm.run(project, "echo 'gitdir: /work/evil' >/work/sub/.git && echo wrote")
+    assert result.returncode != 0, result.stderr
+    assert "wrote" not in result.stdout
+    assert (project / "sub" / ".git").read_text() == pointer
+
+
 def test_a_project_without_git_works_as_before(vm: VM) -> None:
     project = vm.project()
     result = vm.run(project, "echo hi >/work/f; test ! -e /work/.git")

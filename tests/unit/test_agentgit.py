@@ -264,3 +264,21 @@ def test_review_and_land_refuse_outside_a_repository(
 @needs_git
 def test_land_of_an_unknown_run_is_bad_input(repo: Path, git_env: dict[str, str]) -> None:
     assert git_cli.main(["land", "nope", "--work-dir", str(repo)], git_env) == 2
+
+
+@needs_git
+def test_checked_out_submodules_get_their_git_file_masked(
+    repo: Path, git_env: dict[str, str], tmp_path: Path
+) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    _git(lib, "init", "-q", "-b", "main", env=git_env)
+    _git(lib, "-c", "user.name=x", "-c", "user.email=x@y", "commit", "-q", "--allow-empty",
+         "-m", "lib", env=git_env)  # fmt: skip
+    _git(repo, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "sub",
+         env=git_env)  # fmt: skip
+    plan = agentgit.plan_git(repo, tmp_path / "state", worktree=None, instance_id="cafe0002")
+    assert plan is not None
+    masked = agentgit.with_submodules(plan, git_env)
+    assert masked.binds[-1] == ("--ro-bind", repo / "sub" / ".git", repo / "sub" / ".git")
+    assert masked.binds[:2] == plan.binds

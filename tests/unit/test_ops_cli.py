@@ -122,12 +122,14 @@ def test_ps_table(capsys: pytest.CaptureFixture[str], env: dict[str, str], base:
     assert code == 0
     assert err == ""
     header, row = out.splitlines()
-    assert header.split() == ["ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS"]
+    assert header.split() == [
+        "ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS", "BRANCH"
+    ]  # fmt: skip
     cells = row.split()
     assert cells[:3] == ["ab12cd34", "claude", "~/src/webapp"]
     assert cells[5] == str(os.getpid())
     assert cells[6][-1] in "MG"
-    assert cells[7:] == ["open", "127.0.0.1:8080:80,127.0.0.1:2222:22"]
+    assert cells[7:] == ["open", "127.0.0.1:8080:80,127.0.0.1:2222:22", "-"]
     # Columns line up: each header word starts where its cell does.
     assert row.index("ab12cd34") == header.index("ID")
     assert row.index("open") == header.index("NET")
@@ -173,7 +175,7 @@ def test_the_table_shortens_only_paths_under_home() -> None:
                     1, 0, None, "none", ())  # fmt: skip
     table = ops_cli.format_table([row], "/home/alice", UTC)
     assert "/home/alicex/p" in table
-    assert table.splitlines()[1].split()[-3:] == ["-", "none", "-"]
+    assert table.splitlines()[1].split()[-4:] == ["-", "none", "-", "-"]
 
 
 # -- stop -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -426,3 +427,16 @@ def test_scan_homes_uses_the_given_existence_check(tmp_path: Path) -> None:
     make_home(data, tmp_path / "p")
     (record,) = state.scan_homes(data, exists=lambda _: None)
     assert record.project_exists is None
+
+
+def test_the_agents_branch_round_trips_and_old_states_have_none(tmp_path: Path) -> None:
+    runtime_dir = tmp_path / "ab12cd34"
+    runtime_dir.mkdir()
+    written = make_state(runtime_dir, branch="agent/fix-login")
+    state.write_state(runtime_dir, written)
+    assert state.read_state(runtime_dir).state == written
+    path = runtime_dir / "state.toml"
+    path.write_text(path.read_text().replace('branch = "agent/fix-login"\n', ""))
+    assert state.read_state(runtime_dir).state == replace(written, branch="")
+    path.write_text(path.read_text() + 'branch = "main; rm -rf"\n')
+    assert state.read_state(runtime_dir).problem is not None

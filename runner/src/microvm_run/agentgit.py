@@ -29,7 +29,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from microvm_run import home, process
@@ -162,6 +162,33 @@ def plan_git(
             ("--ro-bind", user_git / "objects", share_root / ".git" / USER_OBJECTS),
         ),
     )
+
+
+def with_submodules(plan: GitPlan, environ: Mapping[str, str]) -> GitPlan:
+    """Each checked-out submodule's ``.git`` read-only as well.
+
+    The user's ``git status`` runs git inside every submodule, which follows
+    that submodule's ``.git`` file: written by the guest, it could name a git
+    directory with the guest's configuration.  Only the shared mode shows the
+    user's submodules (a --worktree checkout has none).
+    """
+    if plan.mode != "shared" or not (plan.project / ".gitmodules").is_file():
+        return plan
+    listed = user_git(plan.project, ["ls-files", "--stage", "-z"], environ)
+    extra: list[tuple[str, Path, Path]] = []
+    for entry in listed.stdout.split("\0"):
+        meta, _, path = entry.partition("\t")
+        if not meta.startswith("160000 ") or not path:
+            continue
+        dot_git = plan.project / path / ".git"
+        try:
+            info = dot_git.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not checked out
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+            raise GitError(f"{dot_git} is neither a file nor a directory; refusing to share it")
+        extra.append(("--ro-bind", dot_git, dot_git))
+    return replace(plan, binds=plan.binds + tuple(extra))
 
 
 # -- host git, hardened ---------------------------------------------------------------

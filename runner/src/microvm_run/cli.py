@@ -234,13 +234,19 @@ def _unknown_word(word: str) -> str:
 
 def _plan_git(facts: HostFacts, worktree: str | None, env: Mapping[str, str]) -> GitPlan | None:
     try:
-        return agentgit.plan_git(
+        plan = agentgit.plan_git(
             facts.work_dir,
             host.state_home(env),
             worktree=worktree or None,
             instance_id=facts.instance_id,
         )
-    except ValueError as err:
+        if plan is None:
+            return None
+        if plan.project.is_relative_to(facts.agent_home):
+            # The home share would show the project's .git unmasked.
+            raise PlanError(f"AGENT_HOME {facts.agent_home} contains the project; set it elsewhere")
+        return agentgit.with_submodules(plan, env)
+    except (ValueError, agentgit.GitError) as err:
         raise PlanError(str(err)) from None
 
 

@@ -263,6 +263,7 @@ def _record(instance: Instance) -> None:
         vcpus=plan.vcpus,
         net=plan.net,
         ports=plan.port_forwards,
+        branch=plan.git.branch if plan.git is not None and plan.git.mode != "gitfile" else "",
     )
     try:
         state.write_state(plan.runtime_dir, record)

@@ -168,6 +168,7 @@ class PsRow:
     memory_kib: int | None  # QEMU + virtiofsd RSS; None: nothing measurable
     net: str
     ports: tuple[str, ...]
+    branch: str = ""  # the agent's git branch, "" without git
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -180,6 +181,7 @@ class PsRow:
             "memory_kib": self.memory_kib,
             "net": self.net,
             "ports": list(self.ports),
+            "branch": self.branch,
         }
 
 
@@ -226,6 +228,7 @@ def _row(st: InstanceState, alive: Alive, rss: Callable[[int], int | None]) -> P
         memory_kib=sum(measured) if measured else None,
         net=st.net,
         ports=st.ports,
+        branch=st.branch,
     )
 
 

@@ -127,7 +127,7 @@ def _ps(base: Path, environ: Mapping[str, str], *, as_json: bool) -> int:
 
 
 def format_table(rows: Sequence[ops.PsRow], user_home: str | None, tz: tzinfo | None = None) -> str:
-    header = ("ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS")
+    header = ("ID", "AGENT", "PROJECT", "STARTED", "PID", "MEM", "NET", "PORTS", "BRANCH")
     table = [header] + [
         (
             row.id,
@@ -138,6 +138,7 @@ def format_table(rows: Sequence[ops.PsRow], user_home: str | None, tz: tzinfo | 
             human_kib(row.memory_kib),
             row.net,
             ",".join(row.ports) or "-",
+            row.branch or "-",
         )
         for row in rows
     ]

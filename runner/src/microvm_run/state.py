@@ -67,6 +67,7 @@ MAX_STATE_BYTES = 64 * 1024
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # systemd unit names; never starting with "-", so one is never an option.
+_BRANCH = re.compile(r"(agent/[A-Za-z0-9._-]{1,63})?")
 _UNIT = re.compile(r"[A-Za-z0-9:_.\\@][A-Za-z0-9:_.\\@-]{0,255}")
 # /proc/<pid>/stat after the ")" that ends comm: field 3 (state) is index 0.
 _STAT_STATE = 0
@@ -94,6 +95,7 @@ class InstanceState:
     vcpus: int = 0
     net: str = "open"
     ports: tuple[str, ...] = ()
+    branch: str = ""  # the agent's branch (agentgit.py); "" when no git
 
     def virtiofsd(self) -> list[tuple[int, int]]:
         """(pid, start time) of each virtiofsd; start 0 when not recorded."""
@@ -121,6 +123,7 @@ class InstanceState:
             "vcpus": self.vcpus,
             "net": self.net,
             "ports": list(self.ports),
+            "branch": self.branch,
             "qmp_socket": str(self.qmp_socket),
         }
 
@@ -263,6 +266,8 @@ def _validate(data: dict[str, Any], *, expected_id: str) -> InstanceState:
         vcpus=fields.integer("vcpus"),
         net=fields.choice("net", NETS),
         ports=fields.texts("ports"),
+        # Absent in states written before git support: no branch.
+        branch=fields.text("branch", _BRANCH) if "branch" in data else "",
         qmp_socket=fields.path("qmp_socket"),
     )
     if state.id != expected_id:
