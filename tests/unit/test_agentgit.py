@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -233,7 +234,7 @@ def test_import_reads_no_guest_config_and_lands_under_agent(
     (agent / "user-objects").unlink()
     (agent / "user-objects").mkdir()
     imported = agentgit.import_commits(plan, meta, git_env)
-    assert imported == agentgit.Imported("agent/cafe0001", 1)
+    assert (imported.branch, imported.commits) == ("agent/cafe0001", 1)
     assert _git(repo, "log", "-1", "--format=%s|%an", "agent/cafe0001", env=git_env) == (
         "agent b|Host User"
     )
@@ -282,3 +283,43 @@ def test_checked_out_submodules_get_their_git_file_masked(
     masked = agentgit.with_submodules(plan, git_env)
     assert masked.binds[-1] == ("--ro-bind", repo / "sub" / ".git", repo / "sub" / ".git")
     assert masked.binds[:2] == plan.binds
+
+
+@needs_git
+def test_one_worktree_serves_one_run_at_a_time(repo: Path, git_env: dict[str, str]) -> None:
+    plan = agentgit.plan_git(
+        repo, Path(git_env["XDG_STATE_HOME"]), worktree="solo", instance_id="cafe0003"
+    )
+    first = git_cli.before_run(plan, git_env)
+    assert first is not None
+    with pytest.raises(agentgit.GitError, match="in use by another run"):
+        git_cli.before_run(plan, git_env)
+    assert git_cli.prune(git_env, explicit=["solo"]) == [
+        "kept worktree run solo: in use by a running instance"
+    ]
+    git_cli.after_run(first, git_env)
+    again = git_cli.before_run(plan, git_env)
+    assert again is not None and again.meta == first.meta
+    git_cli.after_run(again, git_env)
+    assert git_cli.prune(git_env, explicit=["solo"])[0].startswith("removed worktree run solo")
+
+
+@needs_git
+def test_a_rebased_agent_branch_survives_a_run_without_new_commits(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    plan, meta = _prepared(repo, git_env, worktree="keep")
+    work_env = {**git_env, "GIT_DIR": str(plan.agent_git), "GIT_WORK_TREE": str(plan.share_root)}
+    (plan.agent_git / "user-objects").rmdir()
+    (plan.agent_git / "user-objects").symlink_to(repo / ".git" / "objects")
+    (plan.share_root / "k").write_text("k\n")
+    _git(plan.share_root, "add", "k", env=work_env)
+    _git(plan.share_root, "commit", "-q", "-m", "k", env=work_env)
+    imported = agentgit.import_commits(plan, meta, git_env)
+    assert imported.commits == 1
+    meta = replace(meta, imported=imported.head)
+    # The user amends the agent's commit on the host; the agent does nothing.
+    _git(repo, "update-ref", "refs/heads/agent/keep", _git(repo, "rev-parse", "main", env=git_env),
+         env=git_env)  # fmt: skip
+    assert agentgit.import_commits(plan, meta, git_env) == agentgit.Imported("agent/keep", 0)
+    assert agentgit.rev(repo, "refs/heads/agent/keep", git_env) == meta.start

@@ -94,6 +94,7 @@ class Meta:
     start: str | None  # its commit (None: unborn)
     created: str
     landed: str | None = None  # the commit last landed
+    imported: str | None = None  # the agent's HEAD at the last import
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -290,7 +291,7 @@ def _create(plan: GitPlan, environ: Mapping[str, str], created: str) -> Meta:
     )
     start = rev(project, "HEAD", environ)
     object_format = user_git(project, ["rev-parse", "--show-object-format"], environ, check=False)
-    plan.run_dir.mkdir(mode=0o700, exist_ok=plan.mode == "worktree")
+    plan.run_dir.mkdir(mode=0o700, exist_ok=True)
     agent = plan.agent_git
     for sub in ("objects/info", "objects/pack", "refs/heads", "refs/tags", USER_OBJECTS):
         (agent / sub).mkdir(parents=True, exist_ok=True)
@@ -548,13 +549,18 @@ def _copy_objects(agent_git: Path, target_objects: Path) -> None:
 @dataclass(frozen=True)
 class Imported:
     branch: str
-    commits: int
+    commits: int  # not yet landed, on the branch after this import
+    head: str | None = None  # what was imported (None: nothing)
 
 
 def import_commits(plan: GitPlan, meta: Meta, environ: Mapping[str, str]) -> Imported:
-    """Bring the agent's HEAD into the user's repository as refs/heads/agent/NAME."""
+    """Bring the agent's HEAD into the user's repository as refs/heads/agent/NAME.
+
+    Nothing happens when the HEAD is where it started or where the last
+    import left it: a branch the user rebased in between stays as it is.
+    """
     head = agent_head(plan.agent_git)
-    if head is None or head == meta.start:
+    if head is None or head in (meta.start, meta.imported):
         return Imported(plan.branch, 0)
     with tempfile.TemporaryDirectory(prefix="import-", dir=plan.run_dir) as scratch:
         staging = Path(scratch) / "staging.git"
@@ -585,8 +591,9 @@ def import_commits(plan: GitPlan, meta: Meta, environ: Mapping[str, str]) -> Imp
             ],
             environ,
         )  # fmt: skip
-    count = count_commits(plan.project, meta.start, f"refs/heads/{plan.branch}", environ)
-    return Imported(plan.branch, count)
+    base = meta.landed or meta.start
+    count = count_commits(plan.project, base, f"refs/heads/{plan.branch}", environ)
+    return Imported(plan.branch, count, head)
 
 
 def count_commits(project: Path, start: str | None, ref: str, environ: Mapping[str, str]) -> int:

@@ -185,11 +185,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
         if devshell_file is not None:
             plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
-        meta = git_cli.before_run(plan.git, env)
+        session = git_cli.before_run(plan.git, env)
         try:
             return launch.launch(plan, env)
         finally:
-            git_cli.after_run(plan.git, meta, env)
+            git_cli.after_run(session, env)
     except (launch.LaunchError, git_cli.GitError) as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS

@@ -12,11 +12,12 @@ Exit statuses of review and land: 0 done (or nothing to do), 1 refused
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,7 +33,16 @@ EXIT_REFUSED = 1
 # -- around a run -------------------------------------------------------------------------
 
 
-def before_run(plan: GitPlan | None, environ: Mapping[str, str]) -> Meta | None:
+@dataclass
+class Session:
+    """A run's git: what it started from, and the lock that keeps it to one run."""
+
+    plan: GitPlan
+    meta: Meta
+    lock_fd: int
+
+
+def before_run(plan: GitPlan | None, environ: Mapping[str, str]) -> Session | None:
     if plan is None:
         return None
     if plan.mode == "gitfile":
@@ -41,18 +51,41 @@ def before_run(plan: GitPlan | None, environ: Mapping[str, str]) -> Meta | None:
             "read-only and gets no git; run from the main checkout, or use --worktree NAME there"
         )
         return None
-    return agentgit.prepare(plan, environ, state.now_utc())
-
-
-def after_run(plan: GitPlan | None, meta: Meta | None, environ: Mapping[str, str]) -> None:
-    """Import the agent's commits and say so in one line; never raises."""
-    if plan is None or meta is None:
-        return
     try:
-        imported = agentgit.import_commits(plan, meta, environ)
+        plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
+    except OSError as err:
+        raise GitError(f"cannot create {plan.run_dir}: {err.strerror}") from None
+    lock_fd = os.open(plan.run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise GitError(f"worktree {plan.name} is in use by another run") from None
+    try:
+        meta = agentgit.prepare(plan, environ, state.now_utc())
+    except (GitError, OSError) as err:
+        os.close(lock_fd)
+        if plan.mode == "shared":
+            shutil.rmtree(plan.run_dir, ignore_errors=True)
+        raise GitError(f"preparing the agent's git: {err}") from None
+    assert meta is not None
+    return Session(plan, meta, lock_fd)
+
+
+def after_run(session: Session | None, environ: Mapping[str, str]) -> None:
+    """Import the agent's commits and say so in one line; never raises."""
+    if session is None:
+        return
+    plan = session.plan
+    try:
+        imported = agentgit.import_commits(plan, session.meta, environ)
+        if imported.head is not None:
+            agentgit.write_meta(plan.run_dir, replace(session.meta, imported=imported.head))
     except (GitError, OSError) as err:
         process.log(f"importing the agent's commits failed: {err} (kept in {plan.agent_git})")
         return
+    finally:
+        os.close(session.lock_fd)
     process.log(agentgit.summary(imported))
     agentgit.finish_shared(plan, imported)
 
@@ -332,12 +365,29 @@ def prune(environ: Mapping[str, str], *, explicit: Sequence[str] = ()) -> list[s
             except GitError:
                 continue
             why = _prune_reason(meta, environ, explicit)
+            if why and _in_use(run_dir):
+                removed.append(f"kept {meta.mode} run {meta.name}: in use by a running instance")
+                continue
             if why:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 removed.append(f"removed {meta.mode} run {meta.name} of {meta.project} ({why})")
         if project_dir.is_dir() and not any(project_dir.iterdir()):
             project_dir.rmdir()
     return removed
+
+
+def _in_use(run_dir: Path) -> bool:
+    try:
+        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _prune_reason(meta: Meta, environ: Mapping[str, str], explicit: Sequence[str]) -> str | None:
