@@ -9,7 +9,7 @@
 #                          evalModules over microvm.nix's real options for
 #                          every flavor (scripts/setup-nix-eval prepares DIRs)
 #
-# Passed through to the run when set: WORK_DIR, AGENT_HOME, DIRENV_ALLOW,
+# Passed through to the run when set: WORK_DIR, WORK_WORKTREE, AGENT_HOME, DIRENV_ALLOW,
 # ENABLE_CRI; ARGS= goes to the agent (after --: `nix run` takes the first
 # -- itself, so the runner gets `-- ARGS`).
 
@@ -29,7 +29,7 @@ NIX_TEST_ENV = NIX_CONF_DIR=$(CURDIR)/tests/support/nix-conf NIX_USER_CONF_FILES
 # The -cri flavor carries the container runtimes ENABLE_CRI starts.
 nix_flavor = $(1)$(if $(ENABLE_CRI),-cri)
 quote = '$(subst ','\'',$(1))'
-run_env = $(foreach v,WORK_DIR AGENT_HOME DIRENV_ALLOW ENABLE_CRI,$(if $($(v)),$(v)=$(call quote,$($(v)))))
+run_env = $(foreach v,WORK_DIR WORK_WORKTREE AGENT_HOME DIRENV_ALLOW ENABLE_CRI,$(if $($(v)),$(v)=$(call quote,$($(v)))))
 
 .PHONY: $(AGENTS) $(AGENTS:%=%.run) nix-test eval-modules
 
