@@ -323,3 +323,15 @@ def test_a_rebased_agent_branch_survives_a_run_without_new_commits(
          env=git_env)  # fmt: skip
     assert agentgit.import_commits(plan, meta, git_env) == agentgit.Imported("agent/keep", 0)
     assert agentgit.rev(repo, "refs/heads/agent/keep", git_env) == meta.start
+
+
+@needs_git
+def test_the_identity_is_written_so_git_reads_it_back_exactly(
+    tmp_path: Path, git_env: dict[str, str]
+) -> None:
+    name = 'Zoë "Z" \\ O\'Brien\tx'
+    config = tmp_path / "config"
+    config.write_text(agentgit.config_text("sha1", {"name": name, "email": "z@example.org"}))
+    env = {**git_env, "GIT_CONFIG_GLOBAL": "/dev/null"}
+    assert _git(tmp_path, "config", "--file", str(config), "user.name", env=env) == name
+    assert _git(tmp_path, "config", "--file", str(config), "core.checkstat", env=env) == "minimal"

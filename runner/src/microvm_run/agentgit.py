@@ -324,29 +324,57 @@ def _create(plan: GitPlan, environ: Mapping[str, str], created: str) -> Meta:
 
 
 def _write_config(plan: GitPlan, environ: Mapping[str, str], object_format: str) -> None:
-    config = plan.agent_git / "config"
-    config.write_text("")
-    values = [
-        ("core.repositoryformatversion", "1" if object_format != "sha1" else "0"),
-        ("core.bare", "false"),
-        ("core.logallrefupdates", "true"),
-        # The guest sees other inode numbers, owners and ctimes than the host
-        # wrote into the index: compare size and whole-second mtime only, or
-        # the first `git status` re-hashes every file (#22).
-        ("core.checkStat", "minimal"),
-        ("core.trustCtime", "false"),
-    ]
+    (plan.agent_git / "config").write_text(
+        config_text(object_format, _identity(plan.project, environ))
+    )
+
+
+def _identity(project: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """The host user's user.name and user.email, as git resolves them in the project."""
+    found = user_git(
+        project, ["config", "-z", "--get-regexp", r"^user\.(name|email)$"], environ, check=False
+    ).stdout
+    identity = {}
+    for entry in found.split("\0"):
+        key, _, value = entry.partition("\n")
+        if key in ("user.name", "user.email") and value:
+            identity[key.removeprefix("user.")] = value  # the last one wins, as in git
+    return identity
+
+
+def config_text(object_format: str, identity: Mapping[str, str]) -> str:
+    """The agent's git config, written once by the host (no git process)."""
+    sections: dict[str, dict[str, str]] = {
+        "core": {
+            "repositoryformatversion": "1" if object_format != "sha1" else "0",
+            "bare": "false",
+            "logallrefupdates": "true",
+            # The guest sees other inode numbers, owners and ctimes than the
+            # host wrote into the index: compare size, whole-second mtime and
+            # mode only, or the first `git status` re-hashes every file (#22).
+            "checkStat": "minimal",
+            "trustCtime": "false",
+        }
+    }
     if object_format != "sha1":
-        values.append(("extensions.objectFormat", object_format))
+        sections["extensions"] = {"objectFormat": object_format}
     # The host user's identity, by value: the guest has no other config.
-    for key in ("user.name", "user.email"):
-        value = user_git(
-            plan.project, ["config", "--get", key], environ, check=False
-        ).stdout.strip()
-        if value:
-            values.append((key, value))
-    for key, value in values:
-        git(["config", "--file", str(config), key, value], environ, isolated=True)
+    if identity:
+        sections["user"] = dict(identity)
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        # Only the identity is free text; the runner's own values are plain words.
+        quote = _config_value if section == "user" else str
+        lines += [f"\t{key} = {quote(value)}" for key, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _config_value(value: str) -> str:
+    """A git config value in quotes: backslash, quote, newline and tab escaped."""
+    for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\t", "\\t")):
+        value = value.replace(raw, escaped)
+    return f'"{value}"'
 
 
 def _packed_refs(project: Path, environ: Mapping[str, str]) -> str:
