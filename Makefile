@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Python that ruff checks: the packages, and the scripts without a .py name.
 LINT_PATHS := runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit \
-  bench/idle_memory bench/relay_memory bench/share_restore
+  bench/idle_memory bench/relay_memory bench/share_restore bench/git_status
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
@@ -71,6 +71,7 @@ bench: venv
 	$(PY) bench/idle_memory
 	$(PY) bench/relay_memory
 	$(PY) bench/share_restore
+	$(PY) bench/git_status
 
 ci-fresh:
 	scripts/ci-fresh
