@@ -335,3 +335,53 @@ def test_the_identity_is_written_so_git_reads_it_back_exactly(
     env = {**git_env, "GIT_CONFIG_GLOBAL": "/dev/null"}
     assert _git(tmp_path, "config", "--file", str(config), "user.name", env=env) == name
     assert _git(tmp_path, "config", "--file", str(config), "core.checkstat", env=env) == "minimal"
+
+
+def test_object_copy_skips_symlinks_fifos_and_info(tmp_path: Path) -> None:
+    agent = tmp_path / "git"
+    loose = agent / "objects" / "ab"
+    loose.mkdir(parents=True)
+    (agent / "objects" / "info").mkdir()
+    (agent / "objects" / "info" / "alternates").write_text("/etc\n")
+    secret = tmp_path / "secret"
+    secret.write_text("secret")
+    (loose / ("c" * 38)).write_bytes(b"object")
+    (loose / ("d" * 38)).symlink_to(secret)
+    os.mkfifo(loose / ("e" * 38))
+    (agent / "objects" / "pack").symlink_to(tmp_path)
+    target = tmp_path / "target"
+    target.mkdir()
+    agentgit._copy_objects(agent, target)
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["ab", "ab/" + "c" * 38]
+
+
+def test_too_many_objects_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loose = tmp_path / "git" / "objects" / "ab"
+    loose.mkdir(parents=True)
+    for name in ("c", "d"):
+        (loose / (name * 38)).write_bytes(b"x")
+    monkeypatch.setattr(agentgit, "MAX_IMPORT_FILES", 1)
+    with pytest.raises(agentgit.GitError, match="exceed 1 files"):
+        agentgit._copy_objects(tmp_path / "git", tmp_path)
+
+
+@needs_git
+def test_review_imports_what_a_killed_runner_left(
+    repo: Path, git_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan, _ = _prepared(repo, git_env)
+    agent = plan.agent_git
+    (agent / "user-objects").rmdir()
+    (agent / "user-objects").symlink_to(repo / ".git" / "objects")
+    work_env = {**git_env, "GIT_DIR": str(agent), "GIT_WORK_TREE": str(repo)}
+    (repo / "late").write_text("late\n")
+    _git(repo, "add", "late", env=work_env)
+    _git(repo, "commit", "-q", "-m", "late", env=work_env)
+    (agent / "user-objects").unlink()
+    (agent / "user-objects").mkdir()
+    # No after_run: the runner was SIGKILLed.  review finds and imports it.
+    assert git_cli.main(["review", "cafe", "--stat", "--work-dir", str(repo)], git_env) == 0
+    out, err = capsys.readouterr()
+    assert "imported: 1 commit on agent/cafe0001" in err
+    assert "late" in out
+    assert not agent.exists()

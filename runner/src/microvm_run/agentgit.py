@@ -39,6 +39,7 @@ from microvm_run import home, process
 MAX_REF_FILE = 4096
 MAX_PACKED_REFS = 8 * 1024 * 1024
 MAX_IMPORT_BYTES = 2 * 1024 * 1024 * 1024
+MAX_IMPORT_FILES = 200_000
 GIT_TIMEOUT_S = 300
 # --worktree NAME: one ref component, no git ref syntax surprises.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -438,8 +439,8 @@ def _refresh(plan: GitPlan) -> None:
     _replace_with_dir(info)
     alternates = info / "alternates"
     with contextlib.suppress(FileNotFoundError):
-        if alternates.is_symlink() or alternates.is_dir():
-            _remove(alternates)
+        if not stat.S_ISREG(alternates.lstat().st_mode):
+            _remove(alternates)  # a symlink, FIFO or directory the guest left
     alternates.write_text(f"../{USER_OBJECTS}\n")
 
 
@@ -545,30 +546,64 @@ def agent_head(agent_git: Path) -> str | None:
 
 def _copy_objects(agent_git: Path, target_objects: Path) -> None:
     """The agent's own objects as plain files (loose ones and packs), bounded."""
-    total = 0
+    budget = _Budget()
     with _opendir(agent_git) as root, _opendir(Path("objects"), root) as objects:
-        for entry in os.listdir(objects):
+        for entry in sorted(os.listdir(objects)):
             if re.fullmatch(r"[0-9a-f]{2}", entry):
                 wanted = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")
-                sub = [entry]
             elif entry == "pack":
                 wanted = re.compile(r"pack-[0-9a-f]{40,64}\.(pack|idx)")
-                sub = ["pack"]
             else:
-                continue  # info/ (alternates) and anything else: never followed
+                continue  # info/ (the guest's alternates) and anything else: never read
             try:
-                with _opendir(Path(sub[0]), objects) as folder:
-                    names = [n for n in os.listdir(folder) if wanted.fullmatch(n)]
+                with _opendir(Path(entry), objects) as folder:
+                    for name in sorted(os.listdir(folder)):
+                        if wanted.fullmatch(name):
+                            dest = target_objects / entry / name
+                            dest.parent.mkdir(exist_ok=True)
+                            _copy_at(folder, name, dest, budget)
             except OSError:
-                continue
-            for name in names:
-                data = _read_at(objects, [*sub, name], MAX_IMPORT_BYTES - total)
-                if data is None:
-                    continue
-                total += len(data)
-                dest = target_objects.joinpath(*sub, name)
-                dest.parent.mkdir(exist_ok=True)
-                dest.write_bytes(data)
+                continue  # a symlink or file where a folder should be
+
+
+@dataclass
+class _Budget:
+    files: int = 0
+    bytes: int = 0
+
+    def take(self, size: int) -> None:
+        self.files += 1
+        self.bytes += size
+        if self.files > MAX_IMPORT_FILES or self.bytes > MAX_IMPORT_BYTES:
+            raise GitError(
+                f"the agent's new objects exceed {MAX_IMPORT_FILES} files or "
+                f"{MAX_IMPORT_BYTES >> 30} GiB; not imported"
+            )
+
+
+def _copy_at(dir_fd: int, name: str, dest: Path, budget: _Budget) -> None:
+    """Copy one regular file (no symlink, no FIFO) in chunks, within the budget."""
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return
+        budget.take(info.st_size)
+        with dest.open("wb") as out:
+            copied = 0
+            while copied < info.st_size:
+                chunk = os.read(fd, min(1 << 20, info.st_size - copied))
+                if not chunk:
+                    break
+                out.write(chunk)
+                copied += len(chunk)
+    finally:
+        os.close(fd)
 
 
 # -- after the run -----------------------------------------------------------------------

@@ -173,10 +173,48 @@ def _runs(project: Path, environ: Mapping[str, str]) -> list[tuple[Path, Meta]]:
         for run_dir in sorted(base.iterdir()):
             if (run_dir / "meta.json").is_file():
                 try:
-                    found.append((run_dir, agentgit.read_meta(run_dir)))
+                    meta = agentgit.read_meta(run_dir)
                 except GitError:
                     continue
+                found.append((run_dir, _import_pending(project, run_dir, meta, environ)))
     return found
+
+
+def _import_pending(project: Path, run_dir: Path, meta: Meta, environ: Mapping[str, str]) -> Meta:
+    """A run whose runner died before importing (SIGKILL, power loss): import now.
+
+    Only when no run holds it; a worktree whose HEAD did not move costs one read.
+    """
+    plan = agentgit.plan_git(
+        project,
+        _state_home(environ),
+        worktree=meta.name if meta.mode == "worktree" else None,
+        instance_id=meta.name,
+    )
+    if plan is None or plan.run_dir != run_dir or not plan.agent_git.is_dir():
+        return meta
+    try:
+        lock_fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return meta
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        imported = agentgit.import_commits(plan, meta, environ)
+        if imported.head is None:
+            return meta
+        meta = replace(meta, imported=imported.head)
+        agentgit.write_meta(run_dir, meta)
+        print(f"imported: {agentgit.summary(imported)}", file=sys.stderr)
+        if imported.commits:
+            agentgit.finish_shared(plan, imported)
+        return meta
+    except BlockingIOError:
+        return meta  # a run is using it; it imports when it ends
+    except (GitError, OSError, ValueError) as err:
+        print(f"microvm-run: importing {meta.name} failed: {err}", file=sys.stderr)
+        return meta
+    finally:
+        os.close(lock_fd)
 
 
 def _find(project: Path, name: str, environ: Mapping[str, str]) -> tuple[Path, Meta]:
@@ -364,7 +402,11 @@ def prune(environ: Mapping[str, str], *, explicit: Sequence[str] = ()) -> list[s
                 meta = agentgit.read_meta(run_dir)
             except GitError:
                 continue
-            why = _prune_reason(meta, environ, explicit)
+            project = Path(meta.project)
+            if (project / ".git").is_dir():
+                # Commits a killed runner never imported are not lost here.
+                meta = _import_pending(project, run_dir, meta, environ)
+            why = _prune_reason(run_dir, meta, environ, explicit)
             if why and _in_use(run_dir):
                 removed.append(f"kept {meta.mode} run {meta.name}: in use by a running instance")
                 continue
@@ -390,7 +432,9 @@ def _in_use(run_dir: Path) -> bool:
     return False
 
 
-def _prune_reason(meta: Meta, environ: Mapping[str, str], explicit: Sequence[str]) -> str | None:
+def _prune_reason(
+    run_dir: Path, meta: Meta, environ: Mapping[str, str], explicit: Sequence[str]
+) -> str | None:
     if meta.name in explicit:
         return "asked for"
     project = Path(meta.project)
@@ -399,8 +443,10 @@ def _prune_reason(meta: Meta, environ: Mapping[str, str], explicit: Sequence[str
     branch = f"refs/heads/{agentgit.AGENT_PREFIX}{meta.name}"
     tip = agentgit.rev(project, branch, environ)
     if tip is None:
-        # Nothing was imported: a worktree may still hold uncommitted work.
-        return None if meta.mode == "worktree" else "no commits"
+        # Nothing was imported: a worktree may still hold uncommitted work,
+        # and a shared run's git dir that is still there failed to import.
+        keep = meta.mode == "worktree" or (run_dir / "git").exists()
+        return None if keep else "no commits"
     if meta.branch and _is_ancestor(project, tip, f"refs/heads/{meta.branch}", environ):
         return f"landed on {meta.branch}"
     return None
