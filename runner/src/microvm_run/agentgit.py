@@ -22,17 +22,18 @@ configuration, a hook or a path that host git follows.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from microvm_run import home, process
+from microvm_run import home
+
+if TYPE_CHECKING:
+    from microvm_run import process
 
 # Guest-written files are read with bounds: refs are one line, packed-refs
 # is a list, objects are copied up to a total.
@@ -98,6 +99,8 @@ class Meta:
     imported: str | None = None  # the agent's HEAD at the last import
 
     def to_json(self) -> str:
+        import json  # noqa: PLC0415 - keeps --dry-run's imports small
+
         return json.dumps(asdict(self), indent=2) + "\n"
 
 
@@ -223,14 +226,20 @@ def git_env(environ: Mapping[str, str], *, isolated: bool = False) -> dict[str, 
 
 
 def git(
-    args: list[str], environ: Mapping[str, str], *, isolated: bool = False, check: bool = True
+    args: list[str],
+    environ: Mapping[str, str],
+    *,
+    isolated: bool = False,
+    check: bool = True,
+    index_file: Path | None = None,
 ) -> process.Completed:
+    from microvm_run import process  # noqa: PLC0415 - keeps --dry-run's imports small
+
+    env = git_env(environ, isolated=isolated)
+    if index_file is not None:
+        env["GIT_INDEX_FILE"] = str(index_file)
     try:
-        result = process.run(
-            ["git", *HARDENING, *args],
-            env=git_env(environ, isolated=isolated),
-            timeout=GIT_TIMEOUT_S,
-        )
+        result = process.run(["git", *HARDENING, *args], env=env, timeout=GIT_TIMEOUT_S)
     except process.ProcessError as err:
         raise GitError(str(err)) from None
     if check and result.returncode != 0:
@@ -399,6 +408,8 @@ def _packed_refs(project: Path, environ: Mapping[str, str]) -> str:
 
 def _copy_index(plan: GitPlan) -> None:
     """Start from the user's index (same mtimes and sizes: nothing to re-hash)."""
+    import shutil  # noqa: PLC0415 - keeps --dry-run's imports small
+
     source = plan.user_git / "index"
     if source.is_file() and not source.is_symlink():
         shutil.copy2(source, plan.agent_git / "index")
@@ -414,14 +425,12 @@ def _checkout_tree(plan: GitPlan, environ: Mapping[str, str], start: str | None)
         return
     # The user's repository writes the files (its own filters, as a checkout
     # would); the index goes to the agent's git dir, never the user's.
-    result = process.run(
-        [
-            "git", *HARDENING, f"--git-dir={plan.user_git}", f"--work-tree={tree}",
-            "read-tree", "--reset", "-u", start,
-        ],
-        env={**git_env(environ), "GIT_INDEX_FILE": str(plan.agent_git / "index")},
-        timeout=GIT_TIMEOUT_S,
-    )  # fmt: skip
+    result = git(
+        [f"--git-dir={plan.user_git}", f"--work-tree={tree}", "read-tree", "--reset", "-u", start],
+        environ,
+        check=False,
+        index_file=plan.agent_git / "index",
+    )
     if result.returncode != 0:
         raise GitError(f"checking out the worktree: {last_line(result.stderr)}")
     # The user's side gets the branch too, so review and land find it.
@@ -459,6 +468,8 @@ def _replace_with_dir(path: Path) -> None:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
+        import shutil  # noqa: PLC0415 - keeps --dry-run's imports small
+
         shutil.rmtree(path)
     else:
         path.unlink()
@@ -472,6 +483,8 @@ def write_meta(run_dir: Path, meta: Meta) -> None:
 
 def read_meta(run_dir: Path) -> Meta:
     try:
+        import json  # noqa: PLC0415 - keeps --dry-run's imports small
+
         data = json.loads((run_dir / "meta.json").read_text())
         return Meta(**{k: data.get(k) for k in Meta.__dataclass_fields__})
     except (OSError, ValueError, TypeError) as err:
@@ -625,6 +638,8 @@ def import_commits(plan: GitPlan, meta: Meta, environ: Mapping[str, str]) -> Imp
     head = agent_head(plan.agent_git)
     if head is None or head in (meta.start, meta.imported):
         return Imported(plan.branch, 0)
+    import tempfile  # noqa: PLC0415 - keeps --dry-run's imports small
+
     with tempfile.TemporaryDirectory(prefix="import-", dir=plan.run_dir) as scratch:
         staging = Path(scratch) / "staging.git"
         git(["init", "-q", "--bare", "--template=", str(staging)], environ, isolated=True)
@@ -672,6 +687,8 @@ def finish_shared(plan: GitPlan, imported: Imported) -> None:
     """
     if plan.mode != "shared":
         return
+    import shutil  # noqa: PLC0415 - keeps --dry-run's imports small
+
     shutil.rmtree(plan.run_dir if imported.commits == 0 else plan.agent_git, ignore_errors=True)
 
 

@@ -262,7 +262,7 @@ def _is_ancestor(project: Path, commit: str, ref: str, environ: Mapping[str, str
 def _review(
     project: Path, run: tuple[Path, Meta], environ: Mapping[str, str], *, stat_only: bool
 ) -> int:
-    _, meta = run
+    run_dir, meta = run
     branch = agentgit.AGENT_PREFIX + meta.name
     tip = agentgit.rev(project, f"refs/heads/{branch}", environ)
     if tip is None:
@@ -273,6 +273,8 @@ def _review(
         project, ["log", "--no-color", "--format=%h %an: %s", spec, "--"], environ
     )
     print(f"{branch} (from {meta.branch or 'detached HEAD'} at {(base or 'root')[:12]}):")
+    if meta.mode == "worktree":
+        print(f"  working tree {run_dir / 'tree'}")
     print(log.stdout.rstrip() or "  no commits beyond the start")
     if base:
         stat = agentgit.user_git(
