@@ -385,3 +385,44 @@ def test_review_imports_what_a_killed_runner_left(
     assert "imported: 1 commit on agent/cafe0001" in err
     assert "late" in out
     assert not agent.exists()
+
+
+@needs_git
+def test_a_fresh_project_without_commits_reviews_and_lands(
+    tmp_path: Path, git_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "fresh"
+    project.mkdir()
+    _git(project, "init", "-q", "-b", "main", env=git_env)
+    plan, meta = _prepared(project, git_env)
+    assert (meta.branch, meta.start) == ("main", None)
+    agent = plan.agent_git
+    work_env = {
+        **git_env, "GIT_DIR": str(agent), "GIT_WORK_TREE": str(project),
+        "GIT_AUTHOR_NAME": "a", "GIT_AUTHOR_EMAIL": "a@b", "GIT_COMMITTER_NAME": "a",
+        "GIT_COMMITTER_EMAIL": "a@b",
+    }  # fmt: skip
+    (project / "first").write_text("first\n")
+    _git(project, "add", "first", env=work_env)
+    _git(project, "commit", "-q", "-m", "first", env=work_env)
+    imported = agentgit.import_commits(plan, meta, git_env)
+    assert (imported.branch, imported.commits) == (f"agent/{plan.name}", 1)
+    agentgit.write_meta(plan.run_dir, replace(meta, imported=imported.head))
+    agentgit.finish_shared(plan, imported)
+    assert git_cli.main(["review", plan.name, "--work-dir", str(project)], git_env) == 0
+    assert "first" in capsys.readouterr().out
+    assert git_cli.main(["land", plan.name, "--work-dir", str(project)], git_env) == 0
+    assert "landed 1 commit" in capsys.readouterr().out
+    assert _git(project, "status", "--porcelain", env=git_env) == ""
+    assert _git(project, "log", "--format=%s", env=git_env) == "first"
+
+
+def test_a_subdirectory_of_a_repository_says_the_agent_has_no_git(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / ".git").mkdir()
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    assert agentgit.plan_git(sub, STATE, worktree=None, instance_id="abcd1234") is None
+    assert git_cli.before_run(None, {}, project=sub) is None
+    assert f"inside the git repository {tmp_path}" in capsys.readouterr().err

@@ -169,6 +169,14 @@ def plan_git(
     )
 
 
+def enclosing_repo(project: Path) -> Path | None:
+    """The nearest parent with a ``.git`` (WORK_DIR is a subdirectory of a repository)."""
+    for parent in project.parents:
+        if (parent / ".git").exists():
+            return parent
+    return None
+
+
 def with_submodules(plan: GitPlan, environ: Mapping[str, str]) -> GitPlan:
     """Each checked-out submodule's ``.git`` read-only as well.
 

@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
         if devshell_file is not None:
             plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
-        session = git_cli.before_run(plan.git, env)
+        session = git_cli.before_run(plan.git, env, project=plan.work_dir)
         try:
             return launch.launch(plan, env)
         finally:

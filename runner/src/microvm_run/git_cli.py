@@ -42,8 +42,16 @@ class Session:
     lock_fd: int
 
 
-def before_run(plan: GitPlan | None, environ: Mapping[str, str]) -> Session | None:
+def before_run(
+    plan: GitPlan | None, environ: Mapping[str, str], *, project: Path | None = None
+) -> Session | None:
     if plan is None:
+        enclosing = agentgit.enclosing_repo(project) if project is not None else None
+        if enclosing is not None:
+            process.log(
+                f"{project} is inside the git repository {enclosing}, which the guest does "
+                "not see: the agent has no git here (run from the repository's top level)"
+            )
         return None
     if plan.mode == "gitfile":
         process.log(
