@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -126,6 +127,25 @@ def _land(vm: VM, project: Path, *args: str) -> subprocess.CompletedProcess[str]
     return vm.ops("land", "--work-dir", str(project), *args)
 
 
+def _runs_dir(vm: VM, project: Path) -> Path:
+    from microvm_run.agentgit import project_dir  # noqa: PLC0415
+
+    return project_dir(vm.user.home / ".local" / "state", project.resolve())
+
+
+def _wait_for_branches(vm: VM, wanted: set[str], running: list[subprocess.Popen[str]]) -> set[str]:
+    """The agent branches `ps --json` shows, once it shows all of ``wanted``."""
+    deadline = time.monotonic() + VM_TIMEOUT_S
+    seen: set[str] = set()
+    while time.monotonic() < deadline and not wanted <= seen:
+        assert all(run.poll() is None for run in running), "an agent ended before ps saw it"
+        listed = vm.ops("ps", "--json")
+        assert listed.returncode == 0, listed.stderr
+        seen = {row["branch"] for row in json.loads(listed.stdout)} & wanted
+        time.sleep(0.5)
+    return seen
+
+
 def _instance_name(stderr: str) -> str:
     line = next(line for line in stderr.splitlines() if "microvm-run review" in line)
     return line.rsplit(" ", 1)[1]
@@ -189,12 +209,22 @@ def test_land_fast_forwards_and_refuses_when_the_branch_moved(vm: VM) -> None:
 def test_two_worktree_agents_commit_side_by_side_and_gc_prunes_only_landed(vm: VM) -> None:
     project = _repo(vm)
     marker = project.parent / "PWNED"
+    runs = _runs_dir(vm, project)
+    # Each agent waits for the host's go (after ps has listed both), then commits.
     work = (
         'set -e; n=$2; cd /work; test "$(git rev-parse --abbrev-ref HEAD)" = agent/$n; '
-        'echo $n >$n.txt; sleep 2; git add $n.txt; git commit -q -m "work of $n"\n'
+        "i=0; while [ ! -e /work/.go ] && [ $i -lt 1200 ]; do usleep 100000; i=$((i+1)); done; "
+        'echo $n >$n.txt; git add $n.txt; git commit -q -m "work of $n"\n'
     )
     one = vm.start(project, _script(work + ATTACK, marker, "one"), "--worktree", "one")
     two = vm.start(project, _script(work + ATTACK, marker, "two"), "--worktree", "two")
+    try:
+        branches = _wait_for_branches(vm, {"agent/one", "agent/two"}, [one, two])
+    finally:
+        for name in ("one", "two"):
+            if (runs / name / "tree").is_dir():
+                (runs / name / "tree" / ".go").touch()
+    assert branches == {"agent/one", "agent/two"}
     outs = [one.communicate(timeout=VM_TIMEOUT_S), two.communicate(timeout=VM_TIMEOUT_S)]
     assert one.returncode == 0 and two.returncode == 0, outs
     assert "1 commit on agent/one; microvm-run review one" in outs[0][1]
@@ -206,8 +236,7 @@ def test_two_worktree_agents_commit_side_by_side_and_gc_prunes_only_landed(vm: V
     assert _git(vm, project, "status", "--porcelain") == ""
     # The attack payload is live: host git run in the agent's own git dir
     # (what the runner never does) fires it.  Proves the marker check can fail.
-    state = vm.user.home / ".local" / "state" / "microvm-run" / "git"
-    (agent_git,) = state.glob("*/one/git")
+    agent_git = runs / "one" / "git"
     _as_user(
         vm, ["git", f"--git-dir={agent_git}", f"--work-tree={agent_git.parent / 'tree'}", "status"]
     )
@@ -226,7 +255,7 @@ def test_two_worktree_agents_commit_side_by_side_and_gc_prunes_only_landed(vm: V
     assert pruned.returncode == 0, pruned.stderr
     assert "removed worktree run one" in pruned.stdout
     assert not (agent_git.parent).exists()
-    assert list(state.glob("*/two/tree/two.txt")) != []
+    assert (runs / "two" / "tree" / "two.txt").exists()
     # Reused by name: the next run on "two" finds its own work.
     again = vm.run(
         project,
@@ -240,7 +269,7 @@ def test_two_worktree_agents_commit_side_by_side_and_gc_prunes_only_landed(vm: V
     # On request, an unlanded worktree goes too.
     forced = vm.ops("gc", "--prune", "--yes", "--worktree", "two")
     assert "removed worktree run two" in forced.stdout, forced.stdout
-    assert list(state.glob("*/two")) == []
+    assert not (runs / "two").exists()
 
 
 def test_git_status_in_the_guest_does_not_rehash_the_tree_and_the_host_pays_nothing(
