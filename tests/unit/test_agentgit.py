@@ -426,3 +426,26 @@ def test_a_subdirectory_of_a_repository_says_the_agent_has_no_git(
     assert agentgit.plan_git(sub, STATE, worktree=None, instance_id="abcd1234") is None
     assert git_cli.before_run(None, {}, project=sub) is None
     assert f"inside the git repository {tmp_path}" in capsys.readouterr().err
+
+
+@needs_git
+def test_the_agent_ignores_what_you_ignore_outside_the_tree(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    (repo / ".git" / "info").mkdir(exist_ok=True)
+    (repo / ".git" / "info" / "exclude").write_text(".env\n")
+    global_ignore = Path(git_env["HOME"]) / ".config" / "git" / "ignore"
+    global_ignore.parent.mkdir(parents=True)
+    global_ignore.write_text("*.secret\n")
+    plan, _ = _prepared(repo, git_env)
+    (repo / ".env").write_text("KEY=1\n")
+    (repo / "x.secret").write_text("s\n")
+    (repo / "new.txt").write_text("n\n")
+    (plan.agent_git / "user-objects").rmdir()
+    (plan.agent_git / "user-objects").symlink_to(repo / ".git" / "objects")
+    # As the guest sees it: no global config, only the agent's git dir.
+    guest = {
+        "HOME": str(repo.parent / "nohome"), "PATH": git_env["PATH"], "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_DIR": str(plan.agent_git), "GIT_WORK_TREE": str(repo),
+    }  # fmt: skip
+    assert _git(repo, "status", "--porcelain", env=guest) == "?? new.txt"

@@ -316,6 +316,7 @@ def _create(plan: GitPlan, environ: Mapping[str, str], created: str) -> Meta:
     _write_config(plan, environ, object_format.stdout.strip() or "sha1")
     (agent / "objects" / "info" / "alternates").write_text(f"../{USER_OBJECTS}\n")
     (agent / "packed-refs").write_text(_packed_refs(project, environ))
+    _write_excludes(plan, environ)
     agent_branch = plan.branch if plan.mode == "worktree" else branch
     if agent_branch:
         (agent / "HEAD").write_text(f"ref: refs/heads/{agent_branch}\n")
@@ -412,6 +413,37 @@ def _packed_refs(project: Path, environ: Mapping[str, str]) -> str:
         ):
             lines.append(f"{sha} {ref}")
     return "\n".join(lines) + "\n"
+
+
+MAX_EXCLUDES = 1024 * 1024
+
+
+def _write_excludes(plan: GitPlan, environ: Mapping[str, str]) -> None:
+    """Your ignore rules that live outside the tree, so the agent ignores what you do.
+
+    ``.git/info/exclude`` and your global excludes file are invisible to the
+    guest; without them `git add -A` there would pick up files you keep out
+    of git on purpose (an ``.env``, say).
+    """
+    configured = user_git(
+        plan.project, ["config", "--path", "--get", "core.excludesFile"], environ, check=False
+    ).stdout.strip()
+    if configured:
+        global_file = Path(configured)
+    else:
+        xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "/")) / ".config")
+        global_file = Path(xdg) / "git" / "ignore"
+    parts = []
+    for source in (plan.user_git / "info" / "exclude", global_file):
+        try:
+            with source.open("rb") as handle:
+                text = handle.read(MAX_EXCLUDES).decode(errors="replace")
+        except OSError:
+            continue
+        parts.append(f"# from {source} (copied by microvm-run)\n{text.rstrip()}\n")
+    info = plan.agent_git / "info"
+    info.mkdir(exist_ok=True)
+    (info / "exclude").write_text("".join(parts))
 
 
 def _copy_index(plan: GitPlan) -> None:
