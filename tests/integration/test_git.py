@@ -155,20 +155,32 @@ def test_the_guest_cannot_steer_host_git_and_its_commits_arrive_as_agent_refs(vm
     project = _repo(vm)
     marker = project.parent / "PWNED"
     before = _tree_digest(project / ".git")
-    work = (
-        "set -e; cd /work; echo two >>app.txt; echo new >new.txt; git add -A; "
-        "git commit -q -m 'agent: two'; git log --format='%an <%ae>' -1 >/work/identity\n"
-    )
+    # Git as an agent uses it: commit, diff, branch, stash, rebase.
+    work = """set -e; cd /work
+echo two >>app.txt; echo new >new.txt; git add -A; git commit -q -m 'agent: two'
+git diff --stat HEAD~1 >/dev/null
+git branch side
+echo tmp >>new.txt; git stash -q; test "$(cat new.txt)" = new; git stash pop -q
+git checkout -q -- new.txt
+echo m >>app.txt; git commit -q -am 'agent: on main'
+git checkout -q side; echo s >s.txt; git add s.txt; git commit -q -m 'agent: on side'
+git checkout -q main; git rebase -q side
+git log --format='%an <%ae>' -1 >/work/identity
+"""
     result = vm.run(project, _script(work + ATTACK, marker))
     assert result.returncode == 0, result.stderr
     # The user's git directory is byte for byte what it was.
     assert _tree_digest(project / ".git") == before
     assert (project / "identity").read_text().strip() == f"{USER_NAME} <{USER_EMAIL}>"
     # One line tells the user what the agent committed.
-    assert "1 commit on agent/" in result.stderr, result.stderr
+    assert "3 commits on agent/" in result.stderr, result.stderr
     name = _instance_name(result.stderr)
     log = _git(vm, project, "log", "--format=%s|%an", f"agent/{name}")
-    assert log.splitlines()[0] == f"agent: two|{USER_NAME}"
+    assert log.splitlines()[:3] == [
+        f"agent: on main|{USER_NAME}",
+        f"agent: on side|{USER_NAME}",
+        f"agent: two|{USER_NAME}",
+    ]
     # What a careful user does next; nothing of the guest's may run.
     for args in (["status"], ["diff"], ["log", "-p", "--all"], ["diff", "main", f"agent/{name}"]):
         _git(vm, project, *args)
