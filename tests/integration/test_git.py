@@ -329,16 +329,45 @@ def test_a_project_whose_git_is_a_file_is_shown_read_only(vm: VM) -> None:
     assert (linked / ".git").read_text() == pointer
 
 
-def test_a_submodules_git_file_is_read_only_in_the_guest(vm: VM) -> None:
+# The guest makes a git directory whose fsmonitor would run on the host, then
+# tries every way to have a submodule of yours point at it.
+SUBMODULE_ATTACK = r"""
+m=$1
+git init -q --bare /work/evil
+printf '[core]\n\tbare = false\n\tfsmonitor = touch %s.fsmonitor; false\n' "$m" >>/work/evil/config
+echo 'gitdir: /work/evil' >/work/sub/.git && echo wrote-sub
+mv /work/sub /work/sub-aside && echo moved-sub
+mv /work/deep /work/deep-aside && echo moved-parent
+mkdir -p /work/deep/empty && echo 'gitdir: /work/evil' >/work/deep/empty/.git && echo wrote-empty
+true
+"""
+
+
+def test_submodules_cannot_be_pointed_at_a_git_dir_of_the_guests(vm: VM) -> None:
     lib = _repo(vm, "lib")
     project = _repo(vm)
+    marker = project.parent / "PWNED"
     _git(vm, project, "-c", "protocol.file.allow=always", "submodule", "add", "-q", str(lib), "sub")
-    _git(vm, project, "commit", "-q", "-m", "sub")
+    # A submodule that is not checked out (its directory is even missing).
+    commit = _git(vm, project, "rev-parse", "HEAD")
+    _git(vm, project, "update-index", "--add", "--cacheinfo", f"160000,{commit},deep/empty")
+    _git(vm, project, "commit", "-q", "-m", "submodules")
     pointer = (project / "sub" / ".git").read_text()
-    result = vm.run(project, "echo 'gitdir: /work/evil' >/work/sub/.git && echo wrote")
-    assert result.returncode != 0, result.stderr
-    assert "wrote" not in result.stdout
+    result = vm.run(project, _script(SUBMODULE_ATTACK, marker))
+    assert result.returncode == 0, result.stderr
+    for done in ("wrote-sub", "moved-sub", "moved-parent", "wrote-empty"):
+        assert done not in result.stdout, result.stdout
     assert (project / "sub" / ".git").read_text() == pointer
+    assert not (project / "deep" / "empty" / ".git").exists()
+    # Your git status enters every submodule: none runs the guest's fsmonitor.
+    _git(vm, project, "status")
+    _git(vm, project, "diff")
+    assert _markers(marker) == []
+    # The payload is live: git pointed at the guest's directory runs it.
+    _as_user(
+        vm, ["git", f"--git-dir={project / 'evil'}", f"--work-tree={project / 'sub'}", "status"]
+    )
+    assert _markers(marker) != []
 
 
 def test_a_project_without_git_works_as_before(vm: VM) -> None:

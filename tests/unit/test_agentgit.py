@@ -281,8 +281,37 @@ def test_checked_out_submodules_get_their_git_file_masked(
     plan = agentgit.plan_git(repo, tmp_path / "state", worktree=None, instance_id="cafe0002")
     assert plan is not None
     masked = agentgit.with_submodules(plan, git_env)
-    assert masked.binds[-1] == ("--ro-bind", repo / "sub" / ".git", repo / "sub" / ".git")
     assert masked.binds[:2] == plan.binds
+    sub = repo / "sub"
+    assert masked.binds[2:] == (("--bind", sub, sub), ("--ro-bind", sub / ".git", sub / ".git"))
+
+
+@needs_git
+def test_unpopulated_submodules_and_their_parents_are_pinned(
+    repo: Path, git_env: dict[str, str], tmp_path: Path
+) -> None:
+    commit = _git(repo, "rev-parse", "HEAD", env=git_env)
+    for path in ("deep/er/one", "deep/two"):
+        _git(repo, "update-index", "--add", "--cacheinfo", f"160000,{commit},{path}", env=git_env)
+    (repo / "deep" / "two").mkdir(parents=True)
+    plan = agentgit.plan_git(repo, tmp_path / "state", worktree=None, instance_id="cafe0004")
+    assert plan is not None
+    masked = agentgit.with_submodules(plan, git_env)
+    deep = repo / "deep"
+    assert masked.binds[2:] == (
+        ("--bind", deep, deep),
+        ("--bind", deep / "er", deep / "er"),
+        ("--ro-bind", deep / "er" / "one", deep / "er" / "one"),
+        ("--ro-bind", deep / "two", deep / "two"),
+    )
+    assert masked.make_dirs == (deep / "er" / "one",)
+    agentgit.make_dirs(masked)
+    assert (deep / "er" / "one").is_dir()
+    # A symlink where a submodule directory should be is refused, not followed.
+    (deep / "er" / "one").rmdir()
+    (deep / "er" / "one").symlink_to(tmp_path)
+    with pytest.raises(agentgit.GitError, match="is not a directory"):
+        agentgit.make_dirs(masked)
 
 
 @needs_git

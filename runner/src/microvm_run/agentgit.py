@@ -74,6 +74,8 @@ class GitPlan:
     share_root: Path  # what the work share exposes at /work
     # (flag, source, target) for gitmask.py, in order.
     binds: tuple[tuple[str, Path, Path], ...]
+    # Unpopulated submodules' directories to create before the launch.
+    make_dirs: tuple[Path, ...] = ()
 
     @property
     def agent_git(self) -> Path:
@@ -178,30 +180,69 @@ def enclosing_repo(project: Path) -> Path | None:
 
 
 def with_submodules(plan: GitPlan, environ: Mapping[str, str]) -> GitPlan:
-    """Each checked-out submodule's ``.git`` read-only as well.
+    """Your submodules, pinned so the guest cannot plant a git directory in one.
 
-    The user's ``git status`` runs git inside every submodule, which follows
-    that submodule's ``.git`` file: written by the guest, it could name a git
-    directory with the guest's configuration.  Only the shared mode shows the
-    user's submodules (a --worktree checkout has none).
+    Your ``git status`` runs git inside every populated submodule, following
+    that submodule's ``.git``; written by the guest, it could name a git
+    directory with the guest's configuration.  So each submodule's ``.git``
+    is read-only, an unpopulated submodule's directory is read-only (no
+    ``.git`` can appear in it), and the submodule directory and every
+    directory above it are mounts of themselves: a mount point cannot be
+    renamed or removed, so none can be moved aside and replaced.  The paths
+    come from your index, which the guest cannot write.  Only the shared mode
+    shows your submodules (a --worktree checkout has none).
     """
-    if plan.mode != "shared" or not (plan.project / ".gitmodules").is_file():
+    if plan.mode != "shared":
         return plan
-    listed = user_git(plan.project, ["ls-files", "--stage", "-z"], environ)
-    extra: list[tuple[str, Path, Path]] = []
+    listed = user_git(plan.project, ["ls-files", "--stage", "-z"], environ, check=False)
+    if listed.returncode != 0:
+        return plan  # not a repository git can read: your git won't enter submodules either
+    pinned: set[Path] = set()
+    masks: list[tuple[str, Path, Path]] = []
+    missing: list[Path] = []
     for entry in listed.stdout.split("\0"):
         meta, _, path = entry.partition("\t")
         if not meta.startswith("160000 ") or not path:
             continue
-        dot_git = plan.project / path / ".git"
+        submodule = plan.project / path
+        if submodule == plan.project or plan.project not in submodule.parents:
+            continue
+        pinned.update(p for p in submodule.parents if plan.project in p.parents)
+        dot_git = submodule / ".git"
         try:
             info = dot_git.lstat()
         except (FileNotFoundError, NotADirectoryError):
-            continue  # not checked out
+            # Not populated: git keeps an empty directory there.
+            if not submodule.is_dir():
+                missing.append(submodule)
+            masks.append(("--ro-bind", submodule, submodule))
+            continue
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
             raise GitError(f"{dot_git} is neither a file nor a directory; refusing to share it")
-        extra.append(("--ro-bind", dot_git, dot_git))
-    return replace(plan, binds=plan.binds + tuple(extra))
+        pinned.add(submodule)
+        masks.append(("--ro-bind", dot_git, dot_git))
+    # Outer directories first: each later mount lands inside the earlier ones.
+    pins = [("--bind", p, p) for p in sorted(pinned, key=lambda p: (len(p.parts), p))]
+    return replace(plan, binds=plan.binds + tuple(pins) + tuple(masks), make_dirs=tuple(missing))
+
+
+def make_dirs(plan: GitPlan) -> None:
+    """Create unpopulated submodules' missing directories (as git checkout does).
+
+    Component by component without following a symlink: the project is the
+    guest's writing.
+    """
+    for target in plan.make_dirs:
+        current = plan.project
+        for part in target.relative_to(plan.project).parts:
+            current = current / part
+            try:
+                info = current.lstat()
+            except FileNotFoundError:
+                current.mkdir(mode=0o755)
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                raise GitError(f"submodule path {current} is not a directory; refusing to share it")
 
 
 # -- host git, hardened ---------------------------------------------------------------

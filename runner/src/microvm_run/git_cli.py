@@ -60,9 +60,10 @@ def before_run(
         )
         return None
     try:
+        agentgit.make_dirs(plan)
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
     except OSError as err:
-        raise GitError(f"cannot create {plan.run_dir}: {err.strerror}") from None
+        raise GitError(f"cannot create {err.filename}: {err.strerror}") from None
     lock_fd = os.open(plan.run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
