@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm_run import agentgit, git_cli, gitmask
+from microvm_run import agentgit, git_cli, gitimport, gitmask, gitprepare
 from microvm_run.agentgit import GitPlan, Meta
 from microvm_run.plan import RunOptions, build_plan
 from microvm_run.spec import Spec
@@ -107,11 +107,11 @@ def test_head_through_a_loose_ref_and_packed_refs(tmp_path: Path) -> None:
     agent = _agent_dir(tmp_path)
     (agent / "HEAD").write_text("ref: refs/heads/main\n")
     (agent / "packed-refs").write_text(f"# pack-refs\n{SHA} refs/heads/main\n")
-    assert agentgit.agent_head(agent) == SHA
+    assert gitimport.agent_head(agent) == SHA
     (agent / "refs" / "heads" / "main").write_text("b" * 40 + "\n")
-    assert agentgit.agent_head(agent) == "b" * 40
+    assert gitimport.agent_head(agent) == "b" * 40
     (agent / "HEAD").write_text("c" * 40 + "\n")
-    assert agentgit.agent_head(agent) == "c" * 40
+    assert gitimport.agent_head(agent) == "c" * 40
 
 
 @pytest.mark.parametrize(
@@ -120,7 +120,7 @@ def test_head_through_a_loose_ref_and_packed_refs(tmp_path: Path) -> None:
 def test_head_that_leaves_refs_heads_is_ignored(tmp_path: Path, head: str) -> None:
     agent = _agent_dir(tmp_path)
     (agent / "HEAD").write_text(head + "\n")
-    assert agentgit.agent_head(agent) is None
+    assert gitimport.agent_head(agent) is None
 
 
 def test_symlinks_and_fifos_are_never_followed(tmp_path: Path) -> None:
@@ -129,21 +129,21 @@ def test_symlinks_and_fifos_are_never_followed(tmp_path: Path) -> None:
     outside.write_text(SHA + "\n")
     (agent / "HEAD").write_text("ref: refs/heads/main\n")
     (agent / "refs" / "heads" / "main").symlink_to(outside)
-    assert agentgit.agent_head(agent) is None
+    assert gitimport.agent_head(agent) is None
     (agent / "refs" / "heads" / "main").unlink()
     os.mkfifo(agent / "refs" / "heads" / "main")
-    assert agentgit.agent_head(agent) is None  # and did not block
+    assert gitimport.agent_head(agent) is None  # and did not block
     (agent / "HEAD").unlink()
     (agent / "HEAD").symlink_to(outside)
-    assert agentgit.agent_head(agent) is None
+    assert gitimport.agent_head(agent) is None
 
 
 def test_the_summary_line() -> None:
-    assert agentgit.summary(agentgit.Imported("agent/fix-login", 3)) == (
+    assert gitimport.summary(gitimport.Imported("agent/fix-login", 3)) == (
         "3 commits on agent/fix-login; microvm-run review fix-login"
     )
-    assert agentgit.summary(agentgit.Imported("agent/x", 1)).startswith("1 commit on")
-    assert agentgit.summary(agentgit.Imported("agent/x", 0)) == "the agent made no commits"
+    assert gitimport.summary(gitimport.Imported("agent/x", 1)).startswith("1 commit on")
+    assert gitimport.summary(gitimport.Imported("agent/x", 0)) == "the agent made no commits"
 
 
 def test_gitmask_refuses_bad_arguments() -> None:
@@ -191,7 +191,7 @@ def _prepared(repo: Path, env: dict[str, str], worktree: str | None = None) -> t
         repo, Path(env["XDG_STATE_HOME"]), worktree=worktree, instance_id="cafe0001"
     )
     assert plan is not None
-    meta = agentgit.prepare(plan, env, "2026-11-29T00:00:00Z")
+    meta = gitprepare.prepare(plan, env, "2026-11-29T00:00:00Z")
     assert meta is not None
     return plan, meta
 
@@ -233,13 +233,13 @@ def test_import_reads_no_guest_config_and_lands_under_agent(
     hook.chmod(0o755)
     (agent / "user-objects").unlink()
     (agent / "user-objects").mkdir()
-    imported = agentgit.import_commits(plan, meta, git_env)
+    imported = gitimport.import_commits(plan, meta, git_env)
     assert (imported.branch, imported.commits) == ("agent/cafe0001", 1)
     assert _git(repo, "log", "-1", "--format=%s|%an", "agent/cafe0001", env=git_env) == (
         "agent b|Host User"
     )
     assert not marker.exists()
-    agentgit.finish_shared(plan, imported)
+    gitimport.finish_shared(plan, imported)
     assert not agent.exists() and (plan.run_dir / "meta.json").exists()
 
 
@@ -250,7 +250,7 @@ def test_an_agent_head_naming_a_missing_object_is_refused(
     plan, meta = _prepared(repo, git_env)
     (plan.agent_git / "refs" / "heads" / "main").write_text("d" * 40 + "\n")
     with pytest.raises(agentgit.GitError, match="not a commit the host can read"):
-        agentgit.import_commits(plan, meta, git_env)
+        gitimport.import_commits(plan, meta, git_env)
     assert agentgit.rev(repo, "refs/heads/agent/cafe0001", git_env) is None
 
 
@@ -344,13 +344,13 @@ def test_a_rebased_agent_branch_survives_a_run_without_new_commits(
     (plan.share_root / "k").write_text("k\n")
     _git(plan.share_root, "add", "k", env=work_env)
     _git(plan.share_root, "commit", "-q", "-m", "k", env=work_env)
-    imported = agentgit.import_commits(plan, meta, git_env)
+    imported = gitimport.import_commits(plan, meta, git_env)
     assert imported.commits == 1
     meta = replace(meta, imported=imported.head)
     # The user amends the agent's commit on the host; the agent does nothing.
     _git(repo, "update-ref", "refs/heads/agent/keep", _git(repo, "rev-parse", "main", env=git_env),
          env=git_env)  # fmt: skip
-    assert agentgit.import_commits(plan, meta, git_env) == agentgit.Imported("agent/keep", 0)
+    assert gitimport.import_commits(plan, meta, git_env) == gitimport.Imported("agent/keep", 0)
     assert agentgit.rev(repo, "refs/heads/agent/keep", git_env) == meta.start
 
 
@@ -360,7 +360,7 @@ def test_the_identity_is_written_so_git_reads_it_back_exactly(
 ) -> None:
     name = 'Zoë "Z" \\ O\'Brien\tx'
     config = tmp_path / "config"
-    config.write_text(agentgit.config_text("sha1", {"name": name, "email": "z@example.org"}))
+    config.write_text(gitprepare.config_text("sha1", {"name": name, "email": "z@example.org"}))
     env = {**git_env, "GIT_CONFIG_GLOBAL": "/dev/null"}
     assert _git(tmp_path, "config", "--file", str(config), "user.name", env=env) == name
     assert _git(tmp_path, "config", "--file", str(config), "core.checkstat", env=env) == "minimal"
@@ -380,7 +380,7 @@ def test_object_copy_skips_symlinks_fifos_and_info(tmp_path: Path) -> None:
     (agent / "objects" / "pack").symlink_to(tmp_path)
     target = tmp_path / "target"
     target.mkdir()
-    agentgit._copy_objects(agent, target)
+    gitimport._copy_objects(agent, target)
     assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["ab", "ab/" + "c" * 38]
 
 
@@ -389,9 +389,9 @@ def test_too_many_objects_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     loose.mkdir(parents=True)
     for name in ("c", "d"):
         (loose / (name * 38)).write_bytes(b"x")
-    monkeypatch.setattr(agentgit, "MAX_IMPORT_FILES", 1)
+    monkeypatch.setattr(gitimport, "MAX_IMPORT_FILES", 1)
     with pytest.raises(agentgit.GitError, match="exceed 1 files"):
-        agentgit._copy_objects(tmp_path / "git", tmp_path)
+        gitimport._copy_objects(tmp_path / "git", tmp_path)
 
 
 @needs_git
@@ -434,10 +434,10 @@ def test_a_fresh_project_without_commits_reviews_and_lands(
     (project / "first").write_text("first\n")
     _git(project, "add", "first", env=work_env)
     _git(project, "commit", "-q", "-m", "first", env=work_env)
-    imported = agentgit.import_commits(plan, meta, git_env)
+    imported = gitimport.import_commits(plan, meta, git_env)
     assert (imported.branch, imported.commits) == (f"agent/{plan.name}", 1)
     agentgit.write_meta(plan.run_dir, replace(meta, imported=imported.head))
-    agentgit.finish_shared(plan, imported)
+    gitimport.finish_shared(plan, imported)
     assert git_cli.main(["review", plan.name, "--work-dir", str(project)], git_env) == 0
     assert "first" in capsys.readouterr().out
     assert git_cli.main(["land", plan.name, "--work-dir", str(project)], git_env) == 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from microvm_run import agentgit, process, state
+from microvm_run import agentgit, gitimport, gitprepare, process, state
 from microvm_run.agentgit import GitError, GitPlan, Meta
 from microvm_run.contract import EXIT_BAD_INPUT
 
@@ -71,7 +71,7 @@ def before_run(
         os.close(lock_fd)
         raise GitError(f"worktree {plan.name} is in use by another run") from None
     try:
-        meta = agentgit.prepare(plan, environ, state.now_utc())
+        meta = gitprepare.prepare(plan, environ, state.now_utc())
     except (GitError, OSError) as err:
         os.close(lock_fd)
         if plan.mode == "shared":
@@ -87,7 +87,7 @@ def after_run(session: Session | None, environ: Mapping[str, str]) -> None:
         return
     plan = session.plan
     try:
-        imported = agentgit.import_commits(plan, session.meta, environ)
+        imported = gitimport.import_commits(plan, session.meta, environ)
         if imported.head is not None:
             agentgit.write_meta(plan.run_dir, replace(session.meta, imported=imported.head))
     except (GitError, OSError) as err:
@@ -95,8 +95,8 @@ def after_run(session: Session | None, environ: Mapping[str, str]) -> None:
         return
     finally:
         os.close(session.lock_fd)
-    process.log(agentgit.summary(imported))
-    agentgit.finish_shared(plan, imported)
+    process.log(gitimport.summary(imported))
+    gitimport.finish_shared(plan, imported)
 
 
 # -- review and land ---------------------------------------------------------------------
@@ -208,14 +208,14 @@ def _import_pending(project: Path, run_dir: Path, meta: Meta, environ: Mapping[s
         return meta
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        imported = agentgit.import_commits(plan, meta, environ)
+        imported = gitimport.import_commits(plan, meta, environ)
         if imported.head is None:
             return meta
         meta = replace(meta, imported=imported.head)
         agentgit.write_meta(run_dir, meta)
-        print(f"imported: {agentgit.summary(imported)}", file=sys.stderr)
+        print(f"imported: {gitimport.summary(imported)}", file=sys.stderr)
         if imported.commits:
-            agentgit.finish_shared(plan, imported)
+            gitimport.finish_shared(plan, imported)
         return meta
     except BlockingIOError:
         return meta  # a run is using it; it imports when it ends
