@@ -174,7 +174,8 @@ def test_a_directory_named_flake_nix_is_not_a_flake(tmp_path: Path) -> None:
 def test_flake_command_is_print_dev_env_json_without_touching_the_lock() -> None:
     command = evaluation_command(ProjectKind.FLAKE, Path("/w/p"), nix="/bin/nix")
     assert command[0] == "/bin/nix"
-    assert command[-1] == "/w/p"
+    # path:, so Nix never runs git on the project's (guest-written) .git.
+    assert command[-1] == "path:/w/p"
     assert {"print-dev-env", "--json", "--no-write-lock-file"} <= set(command)
     assert "--impure" not in command
 
@@ -365,7 +366,7 @@ def test_nix_runs_in_the_project_with_a_gc_root_and_no_terminal(fake: Fake) -> N
     result, _ = fake.prepare()
     assert result.env_file is not None
     args = fake.args()
-    assert args[-1] == str(fake.work)
+    assert args[-1] == f"path:{fake.work}"
     profile = args[args.index("--profile") + 1]
     assert profile == str(result.env_file.with_suffix(".profile"))
     assert fake.recorded("pwd-var:") == str(fake.work)

@@ -59,7 +59,7 @@ GUEST_ENV_FILE = ".microvm-devshell.sh"
 # Bounds for reading the project's files (the guest wrote them).
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
 MAX_NIX_FILES = 100_000
-# Not walked for *.nix files: Git's own data (Nix's fetcher ignores it).
+# Not walked for *.nix files: Git's own data at the top (no .nix files there).
 _SKIP_DIRS = frozenset({".git"})
 KEEP_ENTRIES = 5
 # Temp files left by a SIGKILLed runner; live ones are never this old.
@@ -182,7 +182,11 @@ def evaluation_command(
     if kind is ProjectKind.FLAKE_DEVENV:
         # devenv's flake module reads PWD to find the project root.
         command += ("--impure",)
-    return (*command, str(work_dir))
+    # path:, never a bare path: with a .git in the project Nix would use its
+    # git fetcher, which runs git on the host (the agent writes .git/config:
+    # core.fsmonitor is a command) and evaluates the committed files instead
+    # of the working tree the consent digest hashed.
+    return (*command, f"path:{work_dir}")
 
 
 def shell_files(work_fd: int) -> dict[str, str]:
