@@ -445,6 +445,55 @@ def test_the_consent_lives_outside_the_project_and_the_home(fake: Fake) -> None:
     assert not list(fake.work.glob("*allowed*")) and not list(fake.home.glob("*allowed*"))
 
 
+@pytest.mark.parametrize(
+    "damage", ["oversized", "not json", "wrong version", "a directory", "unreadable"]
+)
+def test_a_damaged_consent_record_is_not_a_first_consent(fake: Fake, damage: str) -> None:
+    fake.prepare()
+    (fake.work / "evil.nix").write_text("builtins.readFile /etc/shadow")
+    record = fake.state / consent.RECORD
+    if damage == "oversized":
+        record.write_bytes(b" " * (consent.MAX_RECORD_BYTES + 1))
+    elif damage == "not json":
+        record.write_text("{")
+    elif damage == "wrong version":
+        record.write_text('{"version": 99, "digest": "x", "files": {}}')
+    elif damage == "a directory":
+        record.unlink()
+        record.mkdir()
+    else:
+        record.chmod(0)
+        if os.geteuid() == 0:
+            pytest.skip("root reads a mode-0 file")
+    refused, output = fake.prepare()  # DIRENV_ALLOW=1 again
+    assert refused.status == "refused" and fake.call_count() == 1
+    assert output.startswith("microvm-run: dev shell not evaluated: the consent record ")
+    assert output.count("\n") == 1
+    if damage == "a directory":
+        blocked, said = fake.prepare(allow=allowed_digest(output))
+        assert blocked.status == "refused" and "cannot record your consent" in said
+        record.rmdir()
+    # Allowing by value (after review) is still possible, and records afresh.
+    allowed, _ = fake.prepare(allow=allowed_digest(output))
+    assert allowed.status == "evaluated" and fake.call_count() == 2
+    assert fake.prepare()[0].status == "hit"
+
+
+def test_a_consent_too_large_to_record_is_refused_not_written(fake: Fake) -> None:
+    # 300 long names: a record the reader would refuse must never be written,
+    # or the next DIRENV_ALLOW=1 would find "no record" and allow anything.
+    deep = fake.work
+    for i in range(15):
+        deep = deep / ("d" * 200 + str(i))
+    deep.mkdir(parents=True)
+    for i in range(400):
+        (deep / f"{'n' * 200}{i}.nix").write_text("{ }")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 0
+    assert "too many to record" in output and output.count("\n") == 1
+    assert not (fake.state / consent.RECORD).exists()
+
+
 @pytest.mark.parametrize("plant", ["symlink", "fifo", "dir-symlink"])
 def test_a_key_file_that_is_not_a_regular_file_is_refused_without_reading(
     fake: Fake, plant: str
