@@ -415,7 +415,7 @@ def test_gc_undoes_what_the_guest_of_a_killed_runner_left_in_the_shares(
         project=project, agent_home=home,
     )  # fmt: skip
     report = run_gc(base, env)
-    assert (project.stat().st_mode & 0o777, home.stat().st_mode & 0o777) == (0o775, 0o700)
+    assert (project.stat().st_mode & 0o777, home.stat().st_mode & 0o777) == (0o755, 0o700)
     assert all((d / "tool").stat().st_mode & 0o7777 == 0o755 for d in (project, home))
     assert ("dead0002", "removed set-uid/set-gid bits the guest set on 2 file(s)") in [
         (a.id, a.what) for a in report.actions

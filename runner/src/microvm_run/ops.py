@@ -507,25 +507,34 @@ def collect(entry: Entry, environ: Mapping[str, str], manager: tuple[bool, str])
 
 def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
     """What a killed runner could not undo after its guest: share root modes,
-    set-uid/set-gid bits and write-for-others in the project and the home."""
+    set-uid/set-gid bits and write for group and others in the project and
+    the home."""
     uid = os.getuid()
     fixed: list[str] = []
+    failed: list[str] = []
     for root, is_home in ((st.project, False), (st.agent_home, True)):
         with contextlib.suppress(OSError):
             fd = safefs.check_share_root(root, uid)
             try:
                 mode = os.fstat(fd).st_mode & 0o7777
-                wanted = 0o700 if is_home else mode & ~0o002
+                wanted = 0o700 if is_home else mode & ~0o022
                 if mode != wanted:
                     os.fchmod(fd, wanted)
             finally:
                 os.close(fd)
-        fixed += safefs.strip_unsafe_modes(root, uid)
-    if not fixed:
-        return []
-    return [
-        Action(instance_id, f"removed set-uid/set-gid bits the guest set on {len(fixed)} file(s)")
-    ]
+        repair = safefs.strip_unsafe_modes(root, uid)
+        fixed += repair.setid
+        if repair.failed:
+            more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""
+            failed.append(
+                f"could not check the modes of {safefs.shown(repair.failed[0])}{more} "
+                f"in {safefs.shown(root)}"
+            )
+    actions = [Action(instance_id, what, ok=False) for what in failed]
+    if fixed:
+        what = f"removed set-uid/set-gid bits the guest set on {len(fixed)} file(s)"
+        actions.append(Action(instance_id, what))
+    return actions
 
 
 def _kill_verified(pid: int, start: int) -> bool:
