@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -238,12 +239,120 @@ def test_other_files_and_git_data_do_not_change_the_key(tmp_path: Path) -> None:
     assert key_of(tmp_path, ["nix"]) == before
 
 
-def test_a_symlinked_nix_file_is_bound_by_its_target_not_followed(tmp_path: Path) -> None:
-    outside = tmp_path.parent / f"{tmp_path.name}-outside.nix"
-    outside.write_text("secret")
-    (tmp_path / "shell.nix").symlink_to(outside)
+@pytest.mark.parametrize(
+    "plant", ["nix symlink", "dir symlink named .nix", "nested nix symlink", "nix fifo"]
+)
+def test_a_nix_entry_nix_would_follow_is_refused(tmp_path: Path, plant: str) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "default.nix").write_text("secret")
+    if plant == "nix symlink":
+        (tmp_path / "shell.nix").symlink_to(outside / "default.nix")
+    elif plant == "dir symlink named .nix":
+        (tmp_path / "lib.nix").symlink_to(outside)  # import ./lib.nix reads its default.nix
+    elif plant == "nested nix symlink":
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        (tmp_path / "a" / "b" / "x.nix").symlink_to("../../../outside.nix")
+    else:
+        os.mkfifo(tmp_path / "hang.nix")
+    with safefs.opened_dir(tmp_path) as fd, pytest.raises(safefs.UnsafeFile):
+        shell_files(fd)
+
+
+NOBODY = 65534
+
+
+def test_a_directory_the_runner_cannot_read_is_refused_not_skipped() -> None:
+    # In /tmp and owned by an unprivileged user when the tests run as root,
+    # for whom a mode-0 directory would be readable anyway.
+    top = Path(tempfile.mkdtemp(prefix="amvm-unreadable-"))
+    (top / "hidden").mkdir()
+    (top / "hidden" / "evil.nix").write_text("x")
+    (top / "hidden").chmod(0)
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:
+            for path in (top, top / "hidden", top / "hidden" / "evil.nix"):
+                os.chown(path, NOBODY, NOBODY)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 3
+            try:
+                if as_root:
+                    os.setgroups([])
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                with safefs.opened_dir(top) as fd:
+                    shell_files(fd)
+                code = 1
+            except safefs.UnsafeFile:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        (top / "hidden").chmod(0o700)
+        shutil.rmtree(top)
+
+
+def test_a_git_directory_below_the_top_is_walked(tmp_path: Path) -> None:
+    (tmp_path / "sub" / ".git").mkdir(parents=True)
+    (tmp_path / "sub" / ".git" / "x.nix").write_text("the agent's")
     with safefs.opened_dir(tmp_path) as fd:
-        assert shell_files(fd)["shell.nix"] == f"symlink:{outside}"
+        assert "sub/.git/x.nix" in shell_files(fd)
+
+
+def test_devenv_local_yaml_is_a_key_file(tmp_path: Path) -> None:
+    before = key_of(tmp_path, ["nix"])
+    (tmp_path / "devenv.local.yaml").write_text("inputs: {}")
+    assert key_of(tmp_path, ["nix"]) != before
+
+
+def test_a_tree_deeper_than_any_recursion_is_walked(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(2100):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    try:
+        os.close(os.open("deep.nix", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        with safefs.opened_dir(tmp_path) as top:
+            assert "/".join(["d"] * 2100 + ["deep.nix"]) in shell_files(top)
+    finally:
+        os.unlink("deep.nix", dir_fd=fd)
+        remove_chain(fd, 2100)
+
+
+def remove_chain(fd: int, depth: int) -> None:
+    """Remove a chain of ``d`` directories from its bottom ``fd`` (closed) up,
+    without recursion (pytest's clean-up would raise RecursionError)."""
+    for _ in range(depth):
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        os.rmdir("d", dir_fd=fd)
+    os.close(fd)
+
+
+def test_a_name_that_is_not_utf8_ends_in_one_line_not_a_traceback(fake: Fake) -> None:
+    fake.prepare()
+    (fake.work / os.fsdecode(b"\xff\x1b[31m.nix")).write_text("{ }")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 1
+    assert output.count("\n") == 1 and "\x1b" not in output
+    assert "\\xff\\x1b[31m.nix changed since you allowed it" in output
+    allowed, _ = fake.prepare(allow=allowed_digest(output))
+    assert allowed.status == "evaluated"
+
+
+def test_a_refusal_names_the_planted_path_escaped(fake: Fake) -> None:
+    (fake.work / "\x1b]0;owned\x07.nix").symlink_to("/etc/passwd")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 0
+    assert output.count("\n") == 1 and "\x1b" not in output and "\x07" not in output
+    assert "is a symlink" in output
 
 
 # --- the env file -----------------------------------------------------------

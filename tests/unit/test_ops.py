@@ -618,6 +618,22 @@ def test_remove_tree_empties_read_only_directories(tmp_path: Path) -> None:
     assert ops.remove_tree(tmp_path / "absent") is None
 
 
+def test_remove_tree_removes_a_chain_deeper_than_any_recursion(tmp_path: Path) -> None:
+    tree = tmp_path / "home"
+    tree.mkdir()
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(2100):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.fchmod(fd, 0)  # and the bottom one locked
+    os.close(fd)
+    assert ops.remove_tree(tree) is None
+    assert not tree.exists()
+
+
 def test_stop_cannot_stop_an_instance_without_a_readable_state(
     base: Path, env: dict[str, str]
 ) -> None:

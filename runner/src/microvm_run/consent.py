@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ def digest(files: Mapping[str, str]) -> str:
     h = hashlib.sha256()
     for name in sorted(files):
         for part in (name, files[name]):
-            raw = part.encode()
+            raw = os.fsencode(part)  # a name that is not UTF-8 too
             h.update(f"{len(raw)}:".encode() + raw)
     return h.hexdigest()
 
@@ -109,7 +110,9 @@ def decide(
         for name in set(files) | set(allowed_files)
         if files.get(name) != allowed_files.get(name)
     )
-    named = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    # The agent chose these names: escaped, they can drive no terminal.
+    named = ", ".join(safefs.shown(name) for name in changed[:5])
+    named += f" and {len(changed) - 5} more" if len(changed) > 5 else ""
     return Decision(
         False,
         f"dev shell not evaluated: {named} changed since you allowed it; review the "

@@ -254,11 +254,108 @@ def strip_unsafe_modes(root: Path, uid: int) -> ModeRepair:
                 current, below = entered
                 frames.append(below)
     except _WalkLost as lost:
+        current = os.dup(root_fd)  # _back_up closed the old one
         repair.failed.append(f"{lost}: moved during the walk; the rest of {root} unchecked")
     finally:
         os.close(current)
         os.close(root_fd)
     return repair
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of walk_tree: a directory entered, or one left.
+
+    Entering: ``fd`` is the directory ``relative`` and ``names`` its entries.
+    Leaving (``leaving``): everything below ``relative`` was walked; ``fd``
+    is its parent's and ``name`` its name there (to rmdir it).  ``fd`` is
+    valid until the next step.
+    """
+
+    relative: str
+    fd: int
+    names: tuple[str, ...]
+    leaving: bool = False
+    name: str = ""
+
+
+def walk_tree(
+    root_fd: int, *, unlock: bool = False, skip_top: frozenset[str] = frozenset()
+) -> Iterator[Step]:
+    """Every directory below ``root_fd`` (itself first), depth first, without
+    recursion and with two fds open whatever the depth.
+
+    No symlink is followed.  A directory that cannot be listed raises
+    UnsafeFile, unless ``unlock`` gives it ``u+rwx`` first (the guest's
+    ``chmod 0`` must not hide what is inside).  ``skip_top``: names in the
+    root not entered.  The caller may remove entries during a step.
+    """
+    current = os.dup(root_fd)
+    try:
+        names = _listing(current, ".")
+        frames = [_Frame(".", _ident(current), sorted(set(names) - skip_top, reverse=True))]
+        yield Step(".", current, names)
+        while frames:
+            frame = frames[-1]
+            if not frame.names:
+                frames.pop()
+                if frames:
+                    try:
+                        current = _back_up(current, root_fd, frames)
+                    except _WalkLost as lost:
+                        current = os.dup(root_fd)  # closed in finally
+                        raise UnsafeFile(errno.ESTALE, f"{shown(str(lost))} moved") from None
+                    relative = _relative(frames, frame.name)
+                    yield Step(relative, current, (), leaving=True, name=frame.name)
+                continue
+            name = frame.names.pop()
+            relative = _relative(frames, name)
+            try:
+                info = os.stat(name, dir_fd=current, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(info.st_mode):
+                continue
+            repair = ModeRepair()
+            if unlock:
+                child = _open_dir(current, name, info, relative, repair)
+            else:
+                child = _open_checked(current, name, info, relative, repair)
+            if child is None:
+                raise UnsafeFile(errno.EACCES, f"cannot read {shown(repair.failed[0])}")
+            try:
+                names = _listing(child, relative)
+            except BaseException:
+                os.close(child)
+                raise
+            os.close(current)
+            current = child
+            frames.append(_Frame(name, (info.st_dev, info.st_ino), sorted(names, reverse=True)))
+            yield Step(relative, current, names)
+    finally:
+        os.close(current)
+
+
+def _listing(fd: int, relative: str) -> tuple[str, ...]:
+    try:
+        return tuple(sorted(os.listdir(fd)))
+    except OSError as err:
+        raise UnsafeFile(err.errno, f"cannot read {shown(relative)}: {err.strerror}") from None
+
+
+def _open_checked(
+    dir_fd: int, name: str, info: os.stat_result, relative: str, repair: ModeRepair
+) -> int | None:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as err:
+        repair.failed.append(f"{relative}: {err.strerror or err}")
+        return None
+    if _ident(fd) != (info.st_dev, info.st_ino):
+        os.close(fd)
+        repair.failed.append(f"{relative}: changed during the walk")
+        return None
+    return fd
 
 
 class _WalkLost(Exception):
