@@ -292,8 +292,8 @@ def walk_tree(
     """
     current = os.dup(root_fd)
     try:
-        names = _listing(current, ".")
-        frames = [_Frame(".", _ident(current), sorted(set(names) - skip_top, reverse=True))]
+        names, dirs = _listing(current, ".")
+        frames = [_Frame(".", _ident(current), [d for d in dirs if d not in skip_top])]
         yield Step(".", current, names)
         while frames:
             frame = frames[-1]
@@ -308,7 +308,7 @@ def walk_tree(
                     relative = _relative(frames, frame.name)
                     yield Step(relative, current, (), leaving=True, name=frame.name)
                 continue
-            name = frame.names.pop()
+            name = frame.names.pop()  # a directory when listed
             relative = _relative(frames, name)
             try:
                 info = os.stat(name, dir_fd=current, follow_symlinks=False)
@@ -324,23 +324,28 @@ def walk_tree(
             if child is None:
                 raise UnsafeFile(errno.EACCES, f"cannot read {shown(repair.failed[0])}")
             try:
-                names = _listing(child, relative)
+                names, dirs = _listing(child, relative)
             except BaseException:
                 os.close(child)
                 raise
             os.close(current)
             current = child
-            frames.append(_Frame(name, (info.st_dev, info.st_ino), sorted(names, reverse=True)))
+            frames.append(_Frame(name, (info.st_dev, info.st_ino), dirs))
             yield Step(relative, current, names)
     finally:
         os.close(current)
 
 
-def _listing(fd: int, relative: str) -> tuple[str, ...]:
+def _listing(fd: int, relative: str) -> tuple[tuple[str, ...], list[str]]:
+    """All entries, sorted, and the subdirectories (from d_type, no stat
+    each) in reverse order, for popping."""
     try:
-        return tuple(sorted(os.listdir(fd)))
+        with os.scandir(fd) as entries:
+            listed = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
     except OSError as err:
         raise UnsafeFile(err.errno, f"cannot read {shown(relative)}: {err.strerror}") from None
+    listed.sort()
+    return tuple(name for name, _ in listed), [name for name, is_dir in reversed(listed) if is_dir]
 
 
 def _open_checked(
