@@ -278,12 +278,44 @@ def test_set_id_bits_and_open_share_roots_do_not_outlive_the_guest(vm: VM) -> No
     home = vm.agent_home(work)
     assert stat.S_IMODE((work / "tool").stat().st_mode) == 0o755
     assert stat.S_IMODE((home / "bin" / "t").stat().st_mode) == 0o755
-    assert stat.S_IMODE((work / "open").stat().st_mode) == 0o775
-    assert stat.S_IMODE((work / "open" / "run.sh").stat().st_mode) == 0o775
+    # Group write too (NixOS users share the group `users`); /work keeps its own mode.
+    assert stat.S_IMODE((work / "open").stat().st_mode) == 0o755
+    assert stat.S_IMODE((work / "open" / "run.sh").stat().st_mode) == 0o755
     assert "removed set-uid/set-gid bits" in result.stderr
     assert f"{work} was writable by everyone" in result.stderr
     assert stat.S_IMODE(work.stat().st_mode) == 0o775
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_set_id_files_the_guest_hides_do_not_outlive_it_either(vm: VM) -> None:
+    # Review of #11: a directory made unreadable (chmod 0) and a chain deeper
+    # than Python's recursion limit in /work, then a set-uid file in the home:
+    # neither may spare itself, nor the home after it.
+    work = vm.project()
+    attack = (
+        "mkdir -p /work/hide/in && cp /bin/busybox /work/hide/in/t && "
+        "chmod 4755 /work/hide/in/t && "
+        "chmod 0 /work/hide/in /work/hide && "
+        "cd /work && i=0; while [ $i -lt 1100 ]; do mkdir d && cd d || exit 1; i=$((i+1)); done && "
+        "cp /bin/busybox deep && chmod 6755 deep && "
+        "cp /bin/busybox $HOME/later && chmod 4755 $HOME/later"
+    )
+    try:
+        result = vm.run(work, attack)
+        ok(result)
+        home = vm.agent_home(work)
+        assert stat.S_IMODE((home / "later").stat().st_mode) == 0o755
+        assert stat.S_IMODE((work / "hide" / "in" / "t").stat().st_mode) == 0o755
+        deep = Path(*["d"] * 1100, "deep")
+        fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert stat.S_IMODE(os.stat(deep, dir_fd=fd).st_mode) == 0o755
+        finally:
+            os.close(fd)
+        assert "removed set-uid/set-gid bits" in result.stderr
+    finally:
+        # GNU rm walks iteratively; the suite's shutil.rmtree would recurse too deep.
+        subprocess.run(["rm", "-rf", str(work / "d")], check=False)
 
 
 # -- root ----------------------------------------------------------------------------------

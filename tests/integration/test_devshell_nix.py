@@ -215,3 +215,45 @@ def test_ctrl_c_mid_evaluation_leaves_no_cache_and_the_next_run_evaluates(
     assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
     assert result.env_file is not None
     assert source(result.env_file, ["SLOW_VAR"]) == {"SLOW_VAR": "finally"}
+
+
+def _git(work: Path, *args: str) -> None:
+    subprocess.run(
+        ["git", "-C", str(work), "-c", "user.name=agent", "-c", "user.email=a@example.org", *args],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+def test_a_git_hook_in_the_project_config_never_runs_on_the_host(tmp_path: Path) -> None:
+    # The agent writes .git/config: if Nix used its git fetcher, `git status`
+    # would run the fsmonitor command on the host during the evaluation.
+    require(shutil.which("git") is not None, "git on PATH")
+    host = Host(tmp_path, "simple")
+    _git(host.work, "init", "-q")
+    _git(host.work, "add", "-A")
+    _git(host.work, "commit", "-q", "-m", "init")
+    marker = tmp_path / "fsmonitor-ran"
+    _git(host.work, "config", "core.fsmonitor", f"touch {marker}; false")
+    result = host.prepare()
+    assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
+    assert not marker.exists()
+
+
+def test_the_working_tree_is_evaluated_not_the_committed_flake(tmp_path: Path) -> None:
+    # A malicious flake.nix committed, a harmless copy in the working tree that
+    # git is told to ignore: the consent hashes the working tree, so Nix must
+    # evaluate exactly that, never HEAD.
+    require(shutil.which("git") is not None, "git on PATH")
+    host = Host(tmp_path, "simple")
+    flake = host.work / "flake.nix"
+    harmless = flake.read_text()
+    _git(host.work, "init", "-q")
+    flake.write_text(harmless.replace("hello-from-devshell", "from-the-commit"))
+    _git(host.work, "add", "-A")
+    _git(host.work, "commit", "-q", "-m", "init")
+    flake.write_text(harmless)
+    _git(host.work, "update-index", "--assume-unchanged", "flake.nix")
+    result = host.prepare()
+    assert result.status == "evaluated", (host.home / ".microvm-devshell.err").read_text()
+    assert result.env_file is not None
+    assert source(result.env_file, ["MY_PROJECT_VAR"]) == {"MY_PROJECT_VAR": "hello-from-devshell"}

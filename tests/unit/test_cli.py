@@ -104,12 +104,52 @@ def test_bad_input_is_one_line_exit_2_and_nothing_created(
     assert not (tmp_path / "run").exists()
 
 
-def test_home_itself_is_allowed_with_allow_home(
-    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path
+def test_home_itself_is_allowed_with_allow_home_once_the_runners_dirs_are_elsewhere(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, tmp_path: Path
 ) -> None:
     argv = ["--spec", str(spec_file), "--work-dir", env["HOME"], "--allow-home", "--dry-run"]
-    code, _, _ = run(capsys, argv, env)
+    # By default the runner's state (the dev-shell consent) and config (the
+    # allowlists) are in ~/.local/state and ~/.config: the agent would own them.
+    code, _, err = run(capsys, argv, env)
+    assert code == 2 and "contains the runner's state dir" in err and err.count("\n") == 1
+    elsewhere = {
+        f"XDG_{name}_HOME": str(tmp_path / name.lower()) for name in ("STATE", "CONFIG", "CACHE")
+    }
+    code, _, _ = run(capsys, argv, env | elsewhere)
     assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("xdg", "what"),
+    [
+        ("", "your home directory"),
+        ("XDG_STATE_HOME", "state dir"),
+        ("XDG_CONFIG_HOME", "config dir"),
+        ("XDG_CACHE_HOME", "cache dir"),
+        ("XDG_RUNTIME_DIR", "runtime dir"),
+    ],
+)
+def test_a_project_that_holds_home_or_the_runners_dirs_is_refused(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, tmp_path: Path,
+    xdg: str, what: str,
+) -> None:  # fmt: skip
+    project = tmp_path / "project"
+    project.mkdir()
+    elsewhere = {
+        f"XDG_{name}_HOME": str(tmp_path / name.lower()) for name in ("STATE", "CONFIG", "CACHE")
+    }
+    if xdg:
+        elsewhere[xdg] = str(project / "inside" / "xdg")
+    else:
+        elsewhere["HOME"] = str(project / "home")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    argv = ["--spec", str(spec_file), "--work-dir", str(project)]
+    code, out, err = run(capsys, argv, env | elsewhere)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1, err
+    assert f"contains {what}" in err or f"contains the runner's {what}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert not (project / "inside").exists()
 
 
 @pytest.mark.parametrize(

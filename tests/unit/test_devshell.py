@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,8 @@ def test_a_directory_named_flake_nix_is_not_a_flake(tmp_path: Path) -> None:
 def test_flake_command_is_print_dev_env_json_without_touching_the_lock() -> None:
     command = evaluation_command(ProjectKind.FLAKE, Path("/w/p"), nix="/bin/nix")
     assert command[0] == "/bin/nix"
-    assert command[-1] == "/w/p"
+    # path:, so Nix never runs git on the project's (guest-written) .git.
+    assert command[-1] == "path:/w/p"
     assert {"print-dev-env", "--json", "--no-write-lock-file"} <= set(command)
     assert "--impure" not in command
 
@@ -237,12 +239,120 @@ def test_other_files_and_git_data_do_not_change_the_key(tmp_path: Path) -> None:
     assert key_of(tmp_path, ["nix"]) == before
 
 
-def test_a_symlinked_nix_file_is_bound_by_its_target_not_followed(tmp_path: Path) -> None:
-    outside = tmp_path.parent / f"{tmp_path.name}-outside.nix"
-    outside.write_text("secret")
-    (tmp_path / "shell.nix").symlink_to(outside)
+@pytest.mark.parametrize(
+    "plant", ["nix symlink", "dir symlink named .nix", "nested nix symlink", "nix fifo"]
+)
+def test_a_nix_entry_nix_would_follow_is_refused(tmp_path: Path, plant: str) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "default.nix").write_text("secret")
+    if plant == "nix symlink":
+        (tmp_path / "shell.nix").symlink_to(outside / "default.nix")
+    elif plant == "dir symlink named .nix":
+        (tmp_path / "lib.nix").symlink_to(outside)  # import ./lib.nix reads its default.nix
+    elif plant == "nested nix symlink":
+        (tmp_path / "a" / "b").mkdir(parents=True)
+        (tmp_path / "a" / "b" / "x.nix").symlink_to("../../../outside.nix")
+    else:
+        os.mkfifo(tmp_path / "hang.nix")
+    with safefs.opened_dir(tmp_path) as fd, pytest.raises(safefs.UnsafeFile):
+        shell_files(fd)
+
+
+NOBODY = 65534
+
+
+def test_a_directory_the_runner_cannot_read_is_refused_not_skipped() -> None:
+    # In /tmp and owned by an unprivileged user when the tests run as root,
+    # for whom a mode-0 directory would be readable anyway.
+    top = Path(tempfile.mkdtemp(prefix="amvm-unreadable-"))
+    (top / "hidden").mkdir()
+    (top / "hidden" / "evil.nix").write_text("x")
+    (top / "hidden").chmod(0)
+    as_root = os.geteuid() == 0
+    try:
+        if as_root:
+            for path in (top, top / "hidden", top / "hidden" / "evil.nix"):
+                os.chown(path, NOBODY, NOBODY)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            code = 3
+            try:
+                if as_root:
+                    os.setgroups([])
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                with safefs.opened_dir(top) as fd:
+                    shell_files(fd)
+                code = 1
+            except safefs.UnsafeFile:
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        (top / "hidden").chmod(0o700)
+        shutil.rmtree(top)
+
+
+def test_a_git_directory_below_the_top_is_walked(tmp_path: Path) -> None:
+    (tmp_path / "sub" / ".git").mkdir(parents=True)
+    (tmp_path / "sub" / ".git" / "x.nix").write_text("the agent's")
     with safefs.opened_dir(tmp_path) as fd:
-        assert shell_files(fd)["shell.nix"] == f"symlink:{outside}"
+        assert "sub/.git/x.nix" in shell_files(fd)
+
+
+def test_devenv_local_yaml_is_a_key_file(tmp_path: Path) -> None:
+    before = key_of(tmp_path, ["nix"])
+    (tmp_path / "devenv.local.yaml").write_text("inputs: {}")
+    assert key_of(tmp_path, ["nix"]) != before
+
+
+def test_a_tree_deeper_than_any_recursion_is_walked(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(2100):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    try:
+        os.close(os.open("deep.nix", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+        with safefs.opened_dir(tmp_path) as top:
+            assert "/".join(["d"] * 2100 + ["deep.nix"]) in shell_files(top)
+    finally:
+        os.unlink("deep.nix", dir_fd=fd)
+        remove_chain(fd, 2100)
+
+
+def remove_chain(fd: int, depth: int) -> None:
+    """Remove a chain of ``d`` directories from its bottom ``fd`` (closed) up,
+    without recursion (pytest's clean-up would raise RecursionError)."""
+    for _ in range(depth):
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        os.rmdir("d", dir_fd=fd)
+    os.close(fd)
+
+
+def test_a_name_that_is_not_utf8_ends_in_one_line_not_a_traceback(fake: Fake) -> None:
+    fake.prepare()
+    (fake.work / os.fsdecode(b"\xff\x1b[31m.nix")).write_text("{ }")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 1
+    assert output.count("\n") == 1 and "\x1b" not in output
+    assert "\\xff\\x1b[31m.nix changed since you allowed it" in output
+    allowed, _ = fake.prepare(allow=allowed_digest(output))
+    assert allowed.status == "evaluated"
+
+
+def test_a_refusal_names_the_planted_path_escaped(fake: Fake) -> None:
+    (fake.work / "\x1b]0;owned\x07.nix").symlink_to("/etc/passwd")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 0
+    assert output.count("\n") == 1 and "\x1b" not in output and "\x07" not in output
+    assert "is a symlink" in output
 
 
 # --- the env file -----------------------------------------------------------
@@ -365,7 +475,7 @@ def test_nix_runs_in_the_project_with_a_gc_root_and_no_terminal(fake: Fake) -> N
     result, _ = fake.prepare()
     assert result.env_file is not None
     args = fake.args()
-    assert args[-1] == str(fake.work)
+    assert args[-1] == f"path:{fake.work}"
     profile = args[args.index("--profile") + 1]
     assert profile == str(result.env_file.with_suffix(".profile"))
     assert fake.recorded("pwd-var:") == str(fake.work)
@@ -442,6 +552,55 @@ def test_the_consent_lives_outside_the_project_and_the_home(fake: Fake) -> None:
     record = fake.state / consent.RECORD
     assert record.is_file() and record.stat().st_mode & 0o077 == 0
     assert not list(fake.work.glob("*allowed*")) and not list(fake.home.glob("*allowed*"))
+
+
+@pytest.mark.parametrize(
+    "damage", ["oversized", "not json", "wrong version", "a directory", "unreadable"]
+)
+def test_a_damaged_consent_record_is_not_a_first_consent(fake: Fake, damage: str) -> None:
+    fake.prepare()
+    (fake.work / "evil.nix").write_text("builtins.readFile /etc/shadow")
+    record = fake.state / consent.RECORD
+    if damage == "oversized":
+        record.write_bytes(b" " * (consent.MAX_RECORD_BYTES + 1))
+    elif damage == "not json":
+        record.write_text("{")
+    elif damage == "wrong version":
+        record.write_text('{"version": 99, "digest": "x", "files": {}}')
+    elif damage == "a directory":
+        record.unlink()
+        record.mkdir()
+    else:
+        record.chmod(0)
+        if os.geteuid() == 0:
+            pytest.skip("root reads a mode-0 file")
+    refused, output = fake.prepare()  # DIRENV_ALLOW=1 again
+    assert refused.status == "refused" and fake.call_count() == 1
+    assert output.startswith("microvm-run: dev shell not evaluated: the consent record ")
+    assert output.count("\n") == 1
+    if damage == "a directory":
+        blocked, said = fake.prepare(allow=allowed_digest(output))
+        assert blocked.status == "refused" and "cannot record your consent" in said
+        record.rmdir()
+    # Allowing by value (after review) is still possible, and records afresh.
+    allowed, _ = fake.prepare(allow=allowed_digest(output))
+    assert allowed.status == "evaluated" and fake.call_count() == 2
+    assert fake.prepare()[0].status == "hit"
+
+
+def test_a_consent_too_large_to_record_is_refused_not_written(fake: Fake) -> None:
+    # 300 long names: a record the reader would refuse must never be written,
+    # or the next DIRENV_ALLOW=1 would find "no record" and allow anything.
+    deep = fake.work
+    for i in range(15):
+        deep = deep / ("d" * 200 + str(i))
+    deep.mkdir(parents=True)
+    for i in range(400):
+        (deep / f"{'n' * 200}{i}.nix").write_text("{ }")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 0
+    assert "too many to record" in output and output.count("\n") == 1
+    assert not (fake.state / consent.RECORD).exists()
 
 
 @pytest.mark.parametrize("plant", ["symlink", "fifo", "dir-symlink"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -37,3 +39,21 @@ def test_a_failing_systemctl_names_its_reason(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(process, "run", run)
     assert launch._main_pids(["u"], {}) == {"u": (0, "Failed to connect to bus")}
+
+
+def test_set_id_file_names_the_guest_chose_reach_the_terminal_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    for directory in (work, home):
+        directory.mkdir(mode=0o700)
+    hostile = work / "\x1b]0;owned\x07\x1b[2J\n.sh"
+    hostile.write_text("")
+    hostile.chmod(0o4755)
+    plan = SimpleNamespace(work_dir=work, agent_home=home, dirs_to_create=(home,))
+    launch.restore_shares(plan, 0o700)  # type: ignore[arg-type]
+    err = capsys.readouterr().err
+    assert "removed set-uid/set-gid bits" in err
+    assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x0a.sh" in err
+    assert hostile.stat().st_mode & 0o7777 == 0o755

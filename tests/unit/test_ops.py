@@ -415,7 +415,7 @@ def test_gc_undoes_what_the_guest_of_a_killed_runner_left_in_the_shares(
         project=project, agent_home=home,
     )  # fmt: skip
     report = run_gc(base, env)
-    assert (project.stat().st_mode & 0o777, home.stat().st_mode & 0o777) == (0o775, 0o700)
+    assert (project.stat().st_mode & 0o777, home.stat().st_mode & 0o777) == (0o755, 0o700)
     assert all((d / "tool").stat().st_mode & 0o7777 == 0o755 for d in (project, home))
     assert ("dead0002", "removed set-uid/set-gid bits the guest set on 2 file(s)") in [
         (a.id, a.what) for a in report.actions
@@ -616,6 +616,22 @@ def test_remove_tree_empties_read_only_directories(tmp_path: Path) -> None:
     assert not tree.exists()
     assert (tmp_path / "keep").read_text() == "kept"
     assert ops.remove_tree(tmp_path / "absent") is None
+
+
+def test_remove_tree_removes_a_chain_deeper_than_any_recursion(tmp_path: Path) -> None:
+    tree = tmp_path / "home"
+    tree.mkdir()
+    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(2100):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.fchmod(fd, 0)  # and the bottom one locked
+    os.close(fd)
+    assert ops.remove_tree(tree) is None
+    assert not tree.exists()
 
 
 def test_stop_cannot_stop_an_instance_without_a_readable_state(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
+import shutil
 import stat
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,8 +135,8 @@ def test_strip_unsafe_modes_clears_the_bits_and_follows_no_link(root: Path, tmp_
     (root / "plain").chmod(0o644)
     (root / "link").symlink_to(outside)
     (root / "dirlink").symlink_to(tmp_path)
-    fixed = safefs.strip_unsafe_modes(root, os.getuid())
-    assert fixed == ["d/tool"]
+    repair = safefs.strip_unsafe_modes(root, os.getuid())
+    assert (repair.setid, repair.failed) == (["d/tool"], [])
     assert stat.S_IMODE((root / "d" / "tool").stat().st_mode) == 0o755
     assert stat.S_IMODE((root / "plain").stat().st_mode) == 0o644
     assert stat.S_IMODE(outside.stat().st_mode) == 0o4755  # not ours to touch
@@ -145,10 +149,126 @@ def test_strip_unsafe_modes_also_closes_what_the_guest_opened_to_everyone(root: 
     (root / "open" / "script").chmod(0o777)
     (root / "group").write_text("")
     (root / "group").chmod(0o664)
-    assert safefs.strip_unsafe_modes(root, os.getuid()) == []
-    assert stat.S_IMODE((root / "open").stat().st_mode) == 0o775
-    assert stat.S_IMODE((root / "open" / "script").stat().st_mode) == 0o775
-    assert stat.S_IMODE((root / "group").stat().st_mode) == 0o664
+    (root / "gdir").mkdir()
+    (root / "gdir").chmod(0o2775)
+    assert safefs.strip_unsafe_modes(root, os.getuid()) == safefs.ModeRepair()
+    # Group write too: on NixOS every user is in the group `users`.
+    assert stat.S_IMODE((root / "open").stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "open" / "script").stat().st_mode) == 0o755
+    assert stat.S_IMODE((root / "group").stat().st_mode) == 0o644
+    assert stat.S_IMODE((root / "gdir").stat().st_mode) == 0o2755
+
+
+NOBODY = 65534
+
+
+def strip_as_the_owner(root: Path) -> safefs.ModeRepair:
+    """strip_unsafe_modes as an unprivileged owner of ``root``, for whom
+    permission bits count (root's would open a mode-0 directory anyway)."""
+    if os.geteuid() != 0:
+        return safefs.strip_unsafe_modes(root, os.getuid())
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
+            os.chmod(path, stat.S_IMODE(mode))  # chown cleared the set-id bits
+    os.chown(root, NOBODY, NOBODY)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.write(write_end, pickle.dumps(safefs.strip_unsafe_modes(root, NOBODY)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
+
+
+@pytest.fixture
+def open_root() -> Iterator[Path]:
+    """A share root every user can reach (tmp_path's parents are root's own)."""
+    top = Path(tempfile.mkdtemp(prefix="amvm-strip-"))
+    top.chmod(0o755)
+    try:
+        yield top / "root"
+    finally:
+        for dirpath, dirnames, _ in os.walk(top):
+            for name in dirnames:
+                os.chmod(os.path.join(dirpath, name), 0o700)
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("hidden_mode", [0o111, 0o000, 0o300, 0o400])
+def test_a_directory_the_guest_made_unreadable_is_opened_and_cleared(
+    open_root: Path, hidden_mode: int
+) -> None:
+    root = open_root
+    hidden = root / "hidden"
+    (hidden / "inner").mkdir(parents=True)
+    (hidden / "inner" / "tool").write_text("")
+    (hidden / "inner" / "tool").chmod(0o4755)
+    (hidden / "inner").chmod(hidden_mode)
+    hidden.chmod(hidden_mode)
+    repair = strip_as_the_owner(root)
+    assert (repair.setid, repair.failed) == (["hidden/inner/tool"], [])
+    assert stat.S_IMODE((hidden / "inner" / "tool").stat().st_mode) == 0o755
+    assert stat.S_IMODE(hidden.stat().st_mode) & 0o700 == 0o700
+
+
+DEPTH = 2100  # deeper than the recursion limit, and a path longer than PATH_MAX
+
+
+def remove_chain(fd: int) -> None:
+    """Remove a chain of ``d`` directories from its bottom ``fd`` (closed)
+    up, without recursion (pytest's clean-up would raise RecursionError)."""
+    for _ in range(DEPTH):
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = parent
+        os.rmdir("d", dir_fd=fd)
+    os.close(fd)
+
+
+def test_a_chain_deeper_than_any_recursion_is_walked_to_the_end(root: Path) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(DEPTH):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    try:
+        tool = os.open("tool", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.fchmod(tool, 0o6777)
+        os.close(tool)
+        repair = safefs.strip_unsafe_modes(root, os.getuid())
+        assert repair.failed == []
+        assert repair.setid == ["/".join(["d"] * DEPTH + ["tool"])]
+        assert stat.S_IMODE(os.stat("tool", dir_fd=fd).st_mode) == 0o755
+    finally:
+        os.unlink("tool", dir_fd=fd)
+        remove_chain(fd)
+
+
+def test_a_missing_root_is_nothing_to_do(tmp_path: Path) -> None:
+    assert safefs.strip_unsafe_modes(tmp_path / "gone", os.getuid()) == safefs.ModeRepair()
+
+
+def test_a_root_owned_by_someone_else_is_reported(tmp_path: Path) -> None:
+    repair = safefs.strip_unsafe_modes(tmp_path, os.getuid() + 1)
+    assert repair.setid == [] and len(repair.failed) == 1
+
+
+def test_guest_names_are_shown_escaped() -> None:
+    assert safefs.shown("a\x1b]0;pwned\x07\nb") == "a\\x1b]0;pwned\\x07\\x0ab"
+    assert safefs.shown(os.fsdecode(b"caf\xc3\xa9 \xff")) == "caf\\xc3\\xa9 \\xff"
 
 
 def test_a_directory_swapped_for_a_symlink_mid_walk_is_not_followed(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ def digest(files: Mapping[str, str]) -> str:
     h = hashlib.sha256()
     for name in sorted(files):
         for part in (name, files[name]):
-            raw = part.encode()
+            raw = os.fsencode(part)  # a name that is not UTF-8 too
             h.update(f"{len(raw)}:".encode() + raw)
     return h.hexdigest()
 
@@ -60,7 +61,29 @@ def decide(
     """
     current = digest(files)
     shown = current[:SHOWN]
-    record = _read(state_dir)
+    encoded = _encode(files, current)
+    if len(encoded) > MAX_RECORD_BYTES:
+        # Never write a record the reader would refuse: the next launch
+        # would find no valid record, not the consent given here.
+        return Decision(
+            False,
+            f"dev shell not evaluated: its {len(files)} files are too many to record a "
+            f"consent for ({len(encoded)} bytes, limit {MAX_RECORD_BYTES})",
+        )
+    try:
+        record = _read(state_dir)
+    except DamagedRecord as damaged:
+        if allow != "1" and current.startswith(allow):
+            # Allowed by value: the user reviewed exactly this content.
+            return _record(state_dir, encoded)
+        # A record that cannot be read is not "never allowed": the first
+        # DIRENV_ALLOW=1 would then allow whatever the agent wrote.
+        return Decision(
+            False,
+            f"dev shell not evaluated: the consent record {state_dir / RECORD} is "
+            f"unusable ({damaged}); review the files, then allow them with "
+            f"DIRENV_ALLOW={shown}",
+        )
     if not may_record and (allow != "1" or record is None):
         return Decision(
             False,
@@ -69,8 +92,7 @@ def decide(
         )
     if allow != "1":
         if current.startswith(allow):
-            _write(state_dir, files, current)
-            return Decision(True, None)
+            return _record(state_dir, encoded)
         return Decision(
             False,
             f"DIRENV_ALLOW={allow} does not match the dev shell's files now "
@@ -79,8 +101,7 @@ def decide(
     if record is None:
         # The first DIRENV_ALLOW=1 for this project is the user's consent to
         # what is there now, as `direnv allow` is.
-        _write(state_dir, files, current)
-        return Decision(True, None)
+        return _record(state_dir, encoded)
     allowed_digest, allowed_files = record
     if allowed_digest == current:
         return Decision(True, None)
@@ -89,7 +110,9 @@ def decide(
         for name in set(files) | set(allowed_files)
         if files.get(name) != allowed_files.get(name)
     )
-    named = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    # The agent chose these names: escaped, they can drive no terminal.
+    named = ", ".join(safefs.shown(name) for name in changed[:5])
+    named += f" and {len(changed) - 5} more" if len(changed) > 5 else ""
     return Decision(
         False,
         f"dev shell not evaluated: {named} changed since you allowed it; review the "
@@ -97,28 +120,52 @@ def decide(
     )
 
 
+class DamagedRecord(Exception):
+    """The consent record exists but cannot be used; the reason in a few words."""
+
+
 def _read(state_dir: Path) -> tuple[str, dict[str, str]] | None:
+    """The recorded consent; None only when there is none (no file, no dir)."""
     try:
         with safefs.opened_dir(state_dir) as fd:
             raw = safefs.read_regular(fd, RECORD, MAX_RECORD_BYTES)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as error:
+        raise DamagedRecord(getattr(error, "strerror", None) or str(error)) from None
     if raw is None:
         return None
     try:
         data = json.loads(raw)
         files = data["files"]
         if data.get("version") != RECORD_VERSION or not isinstance(files, dict):
-            return None
+            raise DamagedRecord("unknown version or format")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-            return None
+            raise DamagedRecord("unknown format")
         return str(data["digest"]), files
     except (ValueError, KeyError, TypeError, RecursionError):
-        return None  # damaged (only the user can write here): as if never allowed
+        raise DamagedRecord("not a consent record") from None
 
 
-def _write(state_dir: Path, files: Mapping[str, str], current: str) -> None:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _encode(files: Mapping[str, str], current: str) -> bytes:
     data = {"version": RECORD_VERSION, "digest": current, "files": dict(files)}
+    return json.dumps(data, indent=1).encode()
+
+
+def _record(state_dir: Path, encoded: bytes) -> Decision:
+    """Allowed once the consent is written; a consent not kept allows nothing."""
+    try:
+        _write(state_dir, encoded)
+    except OSError as error:
+        return Decision(
+            False,
+            f"dev shell not evaluated: cannot record your consent in {state_dir / RECORD} "
+            f"({error.strerror or error})",
+        )
+    return Decision(True, None)
+
+
+def _write(state_dir: Path, encoded: bytes) -> None:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with safefs.opened_dir(state_dir) as fd, contextlib.suppress(FileNotFoundError):
-        safefs.write_replacing(fd, RECORD, json.dumps(data, indent=1).encode(), 0o600)
+        safefs.write_replacing(fd, RECORD, encoded, 0o600)

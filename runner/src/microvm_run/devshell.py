@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ KEY_FILES = (
     ".devenv.flake.nix",
     "devenv.nix",
     "devenv.yaml",
+    "devenv.local.yaml",
     "devenv.lock",
 )
 # Bumped whenever the env file format or the filtering changes, so an old
@@ -59,8 +61,9 @@ GUEST_ENV_FILE = ".microvm-devshell.sh"
 # Bounds for reading the project's files (the guest wrote them).
 MAX_KEY_FILE_BYTES = 16 * 1024 * 1024
 MAX_NIX_FILES = 100_000
-# Not walked for *.nix files: Git's own data (Nix's fetcher ignores it).
-_SKIP_DIRS = frozenset({".git"})
+# Not walked for *.nix files: Git's own data at the top (no .nix files there).
+# Only there: a .git deeper down is the agent's to fill with Nix code.
+_SKIP_TOP = frozenset({".git"})
 KEEP_ENTRIES = 5
 # Temp files left by a SIGKILLed runner; live ones are never this old.
 STALE_TEMP_SECONDS = 24 * 3600
@@ -182,45 +185,60 @@ def evaluation_command(
     if kind is ProjectKind.FLAKE_DEVENV:
         # devenv's flake module reads PWD to find the project root.
         command += ("--impure",)
-    return (*command, str(work_dir))
+    # path:, never a bare path: with a .git in the project Nix would use its
+    # git fetcher, which runs git on the host (the agent writes .git/config:
+    # core.fsmonitor is a command) and evaluates the committed files instead
+    # of the working tree the consent digest hashed.
+    return (*command, f"path:{work_dir}")
 
 
 def shell_files(work_fd: int) -> dict[str, str]:
-    """What defines the dev shell: name -> sha256 of the content (or a marker).
+    """What defines the dev shell: name -> sha256 of the content (or "absent").
 
-    The six key files (absent ones too) and every ``*.nix`` file in the
+    The key files (absent ones too) and every ``*.nix`` file in the
     project: a flake that imports ``./shell.nix`` is defined by it as much as
-    by flake.nix.  Read through safefs: a key file that is a symlink, FIFO
-    or device is refused (UnsafeFile), never read.
+    by flake.nix.  Read through safefs, walked without recursion: a key or
+    ``*.nix`` file that is a symlink (Nix would follow it to content the
+    digest never saw), FIFO or device, and a directory that cannot be read
+    (its ``*.nix`` files would go unseen), are refused (UnsafeFile).
     """
     files: dict[str, str] = {}
     for name in KEY_FILES:
         data = safefs.read_regular(work_fd, name, MAX_KEY_FILE_BYTES)
         files[name] = "absent" if data is None else hashlib.sha256(data).hexdigest()
     count = 0
-    for dirpath, dirs, names, dir_fd in os.fwalk(".", dir_fd=work_fd, follow_symlinks=False):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        for name in sorted(names):
+    for step in safefs.walk_tree(work_fd, skip_top=_SKIP_TOP):
+        for name in () if step.leaving else step.names:
             if not name.endswith(".nix"):
                 continue
-            relative = os.path.normpath(os.path.join(dirpath, name))
+            relative = os.path.normpath(os.path.join(step.relative, name))
             if relative in files:
                 continue
             count += 1
             if count > MAX_NIX_FILES:
                 raise safefs.UnsafeFile(0, f"more than {MAX_NIX_FILES} .nix files in the project")
-            files[relative] = _file_digest(dir_fd, name)
+            digest = _file_digest(step.fd, name, relative)
+            if digest is not None:
+                files[relative] = digest
     return files
 
 
-def _file_digest(dir_fd: int, name: str) -> str:
-    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_ISLNK(info.st_mode):
-        # Nix follows it: bind the consent to where it points.
-        return "symlink:" + os.readlink(name, dir_fd=dir_fd)
+def _file_digest(dir_fd: int, name: str, relative: str) -> str | None:
+    """The sha256 of a regular ``*.nix`` file; None for a real directory
+    (the walk enters it); UnsafeFile for anything else."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        return None
     if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    data = safefs.read_regular(dir_fd, name, MAX_KEY_FILE_BYTES)
+        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+        raise safefs.UnsafeFile(errno.EINVAL, f"{safefs.shown(relative)} is {kind}")
+    try:
+        data = safefs.read_regular(dir_fd, name, MAX_KEY_FILE_BYTES)
+    except safefs.UnsafeFile as error:
+        raise safefs.UnsafeFile(error.errno, f"{safefs.shown(relative)}: cannot read it") from None
     return "absent" if data is None else hashlib.sha256(data).hexdigest()
 
 
@@ -238,7 +256,7 @@ def cache_key(files: Mapping[str, str], command: Sequence[str]) -> str:
 
     field("format", CACHE_FORMAT.encode())
     for name in sorted(files):
-        field("name", name.encode())
+        field("name", os.fsencode(name))
         field("content", files[name].encode())
     for arg in command:
         field("arg", os.fsencode(arg))
@@ -313,13 +331,18 @@ def prepare(
         with safefs.opened_dir(work_dir) as work_fd:
             kind = _detect(work_fd)
             files = shell_files(work_fd) if kind is not None else {}
-    except OSError as error:
-        message = f"dev shell not evaluated: {error.strerror or error}; starting without it"
+        if kind is None:
+            _home_remove(agent_home, ERROR_FILE)
+            return DevshellResult("none", None, None, None)
+        decision = consent.decide(state_dir, files, allow_value, may_record=not others_running)
+    except (OSError, ValueError) as error:  # UnicodeError is a ValueError
+        # Whatever the agent made of the project: one line, and the VM boots.
+        if isinstance(error, safefs.UnsafeFile):
+            reason = error.strerror  # names in it are escaped already
+        else:
+            reason = safefs.shown(str(error.strerror if isinstance(error, OSError) else error))
+        message = f"dev shell not evaluated: {reason}; starting without it"
         return _refused(agent_home, message, progress)
-    if kind is None:
-        _home_remove(agent_home, ERROR_FILE)
-        return DevshellResult("none", None, None, None)
-    decision = consent.decide(state_dir, files, allow_value, may_record=not others_running)
     if not decision.allowed:
         assert decision.message is not None
         return _refused(agent_home, f"{decision.message}; starting without it", progress)

@@ -6,7 +6,7 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from microvm_run import home
@@ -14,8 +14,19 @@ from microvm_run.plan import HostFacts, PlanError
 from microvm_run.spec import Spec
 
 
-def resolve_work_dir(raw: str, user_home: Path | None, allow_home: bool) -> Path:
-    """The project directory, resolved; refuse what must never be shared."""
+def resolve_work_dir(
+    raw: str,
+    user_home: Path | None,
+    allow_home: bool,
+    runner_dirs: Sequence[tuple[str, Path]] = (),
+) -> Path:
+    """The project directory, resolved; refuse what must never be shared.
+
+    ``runner_dirs``: (what, path) of the runner's own files (its state with
+    the dev-shell consent, its config with the allowlists, ...): the guest
+    writes the project, so a project that holds them would let the agent
+    rewrite what the user allowed.
+    """
     path = Path(raw).expanduser()
     try:
         resolved = path.resolve(strict=True)
@@ -38,7 +49,31 @@ def resolve_work_dir(raw: str, user_home: Path | None, allow_home: bool) -> Path
             f"WORK_DIR is your home directory {resolved}: refusing to share it "
             "(keys, tokens, history); pass --allow-home to do it anyway"
         )
+    if (
+        user_home is not None
+        and resolved != user_home.resolve()
+        and user_home.resolve().is_relative_to(resolved)
+    ):
+        raise PlanError(f"WORK_DIR {resolved} contains your home directory: refusing to share it")
+    for what, directory in runner_dirs:
+        inside = directory.resolve()
+        if inside.is_relative_to(resolved):
+            raise PlanError(
+                f"WORK_DIR {resolved} contains the runner's {what} {inside}: the agent could "
+                "rewrite what you allowed; run from the project directory, or move it "
+                "(XDG_STATE_HOME, XDG_CONFIG_HOME, XDG_CACHE_HOME, XDG_RUNTIME_DIR)"
+            )
     return resolved
+
+
+def runner_dirs(environ: Mapping[str, str], uid: int) -> tuple[tuple[str, Path], ...]:
+    """The runner's own directories, which no project may be or contain."""
+    return (
+        ("state dir", state_home(environ) / "microvm-run"),
+        ("config dir", config_home(environ) / "microvm-run"),
+        ("cache dir", cache_home(environ) / "microvm-run"),
+        ("runtime dir", runtime_base(environ, uid)),
+    )
 
 
 def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -> Path:
@@ -261,8 +296,8 @@ def gather(
 ) -> HostFacts:
     raw_work = work_dir_arg or environ.get("WORK_DIR") or os.getcwd()
     user_home = Path(environ["HOME"]) if environ.get("HOME") else None
-    work_dir = resolve_work_dir(raw_work, user_home, allow_home)
     uid, gid = os.getuid(), os.getgid()
+    work_dir = resolve_work_dir(raw_work, user_home, allow_home, runner_dirs(environ, uid))
     manager, reason = user_manager(environ)
     allow_file = project_allow_file(spec.agent, work_dir, environ)
     return HostFacts(

@@ -178,7 +178,15 @@ def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
         # Container storage keeps its images' set-uid files (su, ping): its
         # root is 0700 again, so no other user can reach them.
         if root in (plan.work_dir, plan.agent_home):
-            fixed += [str(root / name) for name in safefs.strip_unsafe_modes(root, uid)]
+            # Each root on its own: trouble in /work must not spare the home.
+            repair = safefs.strip_unsafe_modes(root, uid)
+            fixed += [safefs.shown(root / name) for name in repair.setid]
+            if repair.failed:
+                more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""
+                process.log(
+                    f"could not check the modes of {safefs.shown(repair.failed[0])}{more} "
+                    f"in {safefs.shown(root)}: look for set-uid files there yourself"
+                )
     if fixed:
         shown = ", ".join(fixed[:3]) + (f" and {len(fixed) - 3} more" if len(fixed) > 3 else "")
         process.log(f"removed set-uid/set-gid bits the guest set on {shown}")

@@ -14,10 +14,9 @@ import json
 import os
 import re
 import selectors
-import shutil
 import signal
 import socket
-import sys
+import stat
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -510,25 +509,34 @@ def collect(entry: Entry, environ: Mapping[str, str], manager: tuple[bool, str])
 
 def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
     """What a killed runner could not undo after its guest: share root modes,
-    set-uid/set-gid bits and write-for-others in the project and the home."""
+    set-uid/set-gid bits and write for group and others in the project and
+    the home."""
     uid = os.getuid()
     fixed: list[str] = []
+    failed: list[str] = []
     for root, is_home in ((st.project, False), (st.agent_home, True)):
         with contextlib.suppress(OSError):
             fd = safefs.check_share_root(root, uid)
             try:
                 mode = os.fstat(fd).st_mode & 0o7777
-                wanted = 0o700 if is_home else mode & ~0o002
+                wanted = 0o700 if is_home else mode & ~0o022
                 if mode != wanted:
                     os.fchmod(fd, wanted)
             finally:
                 os.close(fd)
-        fixed += safefs.strip_unsafe_modes(root, uid)
-    if not fixed:
-        return []
-    return [
-        Action(instance_id, f"removed set-uid/set-gid bits the guest set on {len(fixed)} file(s)")
-    ]
+        repair = safefs.strip_unsafe_modes(root, uid)
+        fixed += repair.setid
+        if repair.failed:
+            more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""
+            failed.append(
+                f"could not check the modes of {safefs.shown(repair.failed[0])}{more} "
+                f"in {safefs.shown(root)}"
+            )
+    actions = [Action(instance_id, what, ok=False) for what in failed]
+    if fixed:
+        what = f"removed set-uid/set-gid bits the guest set on {len(fixed)} file(s)"
+        actions.append(Action(instance_id, what))
+    return actions
 
 
 def _kill_verified(pid: int, start: int) -> bool:
@@ -590,27 +598,28 @@ def _systemctl(args: list[str], environ: Mapping[str, str]) -> process.Completed
 
 
 def remove_tree(path: Path) -> str | None:
-    """rmtree that also empties read-only directories; None or why it failed.
+    """rm -rf that also empties read-only directories; None or why it failed.
 
     Homes hold read-only trees (Go's module cache, copied store paths) whose
-    entries cannot be unlinked until the directory is writable again.
+    entries cannot be unlinked until the directory is writable again, and
+    the guest can make them deeper than any recursion: the walk is
+    iterative (safefs.walk_tree) and follows no symlink.
     """
-
-    def writable_and_retry(func: Callable[..., Any], failed: str, error: Any) -> None:
-        # 3.11 passes exc_info, 3.12 the exception itself.
-        exc = error[1] if isinstance(error, tuple) else error
-        if func not in (os.unlink, os.rmdir) or not isinstance(exc, PermissionError):
-            raise exc
-        os.chmod(os.path.dirname(failed), 0o700)
-        func(failed)
-
     try:
-        if sys.version_info >= (3, 12):
-            shutil.rmtree(path, onexc=writable_and_retry)
-        else:
-            shutil.rmtree(path, onerror=writable_and_retry)
+        with safefs.opened_dir(path) as top:
+            if os.fstat(top).st_mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.fchmod(top, 0o700)
+            for step in safefs.walk_tree(top, unlock=True):
+                if step.leaving:
+                    os.rmdir(step.name, dir_fd=step.fd)
+                    continue
+                for name in step.names:
+                    info = os.stat(name, dir_fd=step.fd, follow_symlinks=False)
+                    if not stat.S_ISDIR(info.st_mode):
+                        os.unlink(name, dir_fd=step.fd)
+        path.rmdir()
     except FileNotFoundError:
         return None
     except OSError as err:
-        return f"{err.strerror or err} ({err.filename or path})"
+        return f"{err.strerror or err} ({safefs.shown(err.filename or path)})"
     return None

@@ -21,11 +21,20 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+from microvm_run.egresslog import printable
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 _SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def shown(name: str | Path) -> str:
+    """A name the guest chose, safe to print: every byte outside printable
+    ASCII escaped, so it can send nothing to the user's terminal."""
+    return printable(os.fsencode(name).decode("latin-1"), spaces=True)
 
 
 class UnsafeFile(OSError):
@@ -181,42 +190,298 @@ def remove(dir_fd: int, name: str) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def strip_unsafe_modes(root: Path, uid: int) -> list[str]:
-    """Clear set-uid/set-gid bits on regular files, and write-for-others
-    on files and directories, everywhere below ``root``.
+@dataclass
+class ModeRepair:
+    """What strip_unsafe_modes did in one share root."""
+
+    setid: list[str] = field(default_factory=list)  # relative paths whose set-id bits went
+    failed: list[str] = field(default_factory=list)  # "relative path: why" it could not check
+
+
+@dataclass
+class _Frame:
+    """A directory on the walk's current path: its identity and what is left."""
+
+    name: str
+    ident: tuple[int, int]
+    names: list[str]
+
+
+def strip_unsafe_modes(root: Path, uid: int) -> ModeRepair:
+    """Clear set-uid/set-gid bits on regular files, and write for group and
+    others on files and directories, everywhere below ``root``.
 
     virtiofsd stores what the guest's ``chmod 4755`` or ``chmod -R 0777``
     asks for, and the files are the user's: any local user who can reach
-    them would run their code as the user, or change what the user runs
-    next.  Walks with directory fds (no symlink followed), changes modes
-    through the directory's fd or an O_PATH fd of the file itself.  Returns
-    the relative paths whose set-id bits it cleared (for one line of output).
+    them (on NixOS every user shares the group ``users``) would run their
+    code as the user, or change what the user runs next.  The guest can
+    also hide a directory from the walk (``chmod 0``) or make it deeper than
+    any recursion: so the walk is iterative, holds one directory fd (plus
+    the root's), goes back up through ``..`` checked against the identity
+    it left, and gives a directory the user cannot list ``u+rwx`` before
+    entering it.  No symlink is followed; modes change through the parent's
+    fd or an O_PATH fd of the entry itself.  What it could not check is in
+    ``failed``, never silently skipped.
     """
-    fixed: list[str] = []
+    repair = ModeRepair()
     try:
-        top = check_share_root(root, uid)
-    except OSError:
-        return fixed
-    os.close(top)
-    for dirpath, _dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
-        with contextlib.suppress(OSError):
-            mode = stat.S_IMODE(os.fstat(dir_fd).st_mode)
-            if mode & stat.S_IWOTH:
-                os.fchmod(dir_fd, mode & ~stat.S_IWOTH)
-        for name in files:
+        root_fd = check_share_root(root, uid)
+    except FileNotFoundError:
+        return repair
+    except OSError as err:
+        repair.failed.append(f".: {err.strerror or err}")
+        return repair
+    current = os.dup(root_fd)
+    try:
+        # The root's own mode is the caller's: the mode it had at launch.
+        try:
+            names = sorted(os.listdir(current), reverse=True)
+        except OSError as err:
+            repair.failed.append(f".: {err.strerror or err}")
+            names = []
+        frames = [_Frame(".", _ident(current), names)]
+        while frames:
+            frame = frames[-1]
+            if not frame.names:
+                frames.pop()
+                if frames:
+                    current = _back_up(current, root_fd, frames)
+                continue
+            name = frame.names.pop()
+            entered = _visit(current, name, _relative(frames, name), repair)
+            if entered is not None:
+                os.close(current)
+                current, below = entered
+                frames.append(below)
+    except _WalkLost as lost:
+        current = os.dup(root_fd)  # _back_up closed the old one
+        repair.failed.append(f"{lost}: moved during the walk; the rest of {root} unchecked")
+    finally:
+        os.close(current)
+        os.close(root_fd)
+    return repair
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of walk_tree: a directory entered, or one left.
+
+    Entering: ``fd`` is the directory ``relative`` and ``names`` its entries.
+    Leaving (``leaving``): everything below ``relative`` was walked; ``fd``
+    is its parent's and ``name`` its name there (to rmdir it).  ``fd`` is
+    valid until the next step.
+    """
+
+    relative: str
+    fd: int
+    names: tuple[str, ...]
+    leaving: bool = False
+    name: str = ""
+
+
+def walk_tree(
+    root_fd: int, *, unlock: bool = False, skip_top: frozenset[str] = frozenset()
+) -> Iterator[Step]:
+    """Every directory below ``root_fd`` (itself first), depth first, without
+    recursion and with two fds open whatever the depth.
+
+    No symlink is followed.  A directory that cannot be listed raises
+    UnsafeFile, unless ``unlock`` gives it ``u+rwx`` first (the guest's
+    ``chmod 0`` must not hide what is inside).  ``skip_top``: names in the
+    root not entered.  The caller may remove entries during a step.
+    """
+    current = os.dup(root_fd)
+    try:
+        names, dirs = _listing(current, ".")
+        frames = [_Frame(".", _ident(current), [d for d in dirs if d not in skip_top])]
+        yield Step(".", current, names)
+        while frames:
+            frame = frames[-1]
+            if not frame.names:
+                frames.pop()
+                if frames:
+                    try:
+                        current = _back_up(current, root_fd, frames)
+                    except _WalkLost as lost:
+                        current = os.dup(root_fd)  # closed in finally
+                        raise UnsafeFile(errno.ESTALE, f"{shown(str(lost))} moved") from None
+                    relative = _relative(frames, frame.name)
+                    yield Step(relative, current, (), leaving=True, name=frame.name)
+                continue
+            name = frame.names.pop()  # a directory when listed
+            relative = _relative(frames, name)
             try:
-                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-            except OSError:
+                info = os.stat(name, dir_fd=current, follow_symlinks=False)
+            except FileNotFoundError:
                 continue
-            if not stat.S_ISREG(info.st_mode) or not info.st_mode & (_SETID | stat.S_IWOTH):
+            if not stat.S_ISDIR(info.st_mode):
                 continue
-            with contextlib.suppress(OSError):
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-                try:
-                    mode = stat.S_IMODE(info.st_mode) & ~(_SETID | stat.S_IWOTH)
-                    os.chmod(f"/proc/self/fd/{fd}", mode)
-                finally:
-                    os.close(fd)
-                if info.st_mode & _SETID:
-                    fixed.append(os.path.relpath(os.path.join(dirpath, name), root))
-    return fixed
+            repair = ModeRepair()
+            if unlock:
+                child = _open_dir(current, name, info, relative, repair)
+            else:
+                child = _open_checked(current, name, info, relative, repair)
+            if child is None:
+                raise UnsafeFile(errno.EACCES, f"cannot read {shown(repair.failed[0])}")
+            try:
+                names, dirs = _listing(child, relative)
+            except BaseException:
+                os.close(child)
+                raise
+            os.close(current)
+            current = child
+            frames.append(_Frame(name, (info.st_dev, info.st_ino), dirs))
+            yield Step(relative, current, names)
+    finally:
+        os.close(current)
+
+
+def _listing(fd: int, relative: str) -> tuple[tuple[str, ...], list[str]]:
+    """All entries, sorted, and the subdirectories (from d_type, no stat
+    each) in reverse order, for popping."""
+    try:
+        with os.scandir(fd) as entries:
+            listed = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+    except OSError as err:
+        raise UnsafeFile(err.errno, f"cannot read {shown(relative)}: {err.strerror}") from None
+    listed.sort()
+    return tuple(name for name, _ in listed), [name for name, is_dir in reversed(listed) if is_dir]
+
+
+def _open_checked(
+    dir_fd: int, name: str, info: os.stat_result, relative: str, repair: ModeRepair
+) -> int | None:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as err:
+        repair.failed.append(f"{relative}: {err.strerror or err}")
+        return None
+    if _ident(fd) != (info.st_dev, info.st_ino):
+        os.close(fd)
+        repair.failed.append(f"{relative}: changed during the walk")
+        return None
+    return fd
+
+
+class _WalkLost(Exception):
+    """The way back up no longer leads where the walk came from."""
+
+
+_UNSAFE_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def _ident(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _relative(frames: list[_Frame], name: str) -> str:
+    return os.path.join(*(f.name for f in frames[1:]), name)
+
+
+def _back_up(current: int, root_fd: int, frames: list[_Frame]) -> int:
+    """The fd of frames[-1] (the parent of ``current``), which it closes."""
+    try:
+        parent = os.open("..", _DIR_FLAGS, dir_fd=current)
+    except OSError:
+        parent = None
+    finally:
+        os.close(current)
+    if parent is not None and _ident(parent) == frames[-1].ident:
+        return parent
+    if parent is not None:
+        os.close(parent)
+    # Moved (another VM on the project): reach it again from the root.
+    relative = PurePosixPath(*(f.name for f in frames[1:]))
+    try:
+        parent = open_beneath(root_fd, relative) if frames[1:] else os.dup(root_fd)
+    except (OSError, ValueError):
+        raise _WalkLost(str(relative)) from None
+    if _ident(parent) != frames[-1].ident:
+        os.close(parent)
+        raise _WalkLost(str(relative))
+    return parent
+
+
+def _visit(dir_fd: int, name: str, relative: str, repair: ModeRepair) -> tuple[int, _Frame] | None:
+    """Fix the entry ``name``; for a directory to enter, its fd and frame."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        repair.failed.append(f"{relative}: {err.strerror or err}")
+        return None
+    if stat.S_ISREG(info.st_mode):
+        _fix_file(dir_fd, name, info, relative, repair)
+        return None
+    if not stat.S_ISDIR(info.st_mode):
+        return None  # symlinks, FIFOs, sockets: nothing to follow or run
+    child = _open_dir(dir_fd, name, info, relative, repair)
+    if child is None:
+        return None
+    names = _enter_dir(child, relative, repair)
+    if names is None:
+        os.close(child)
+        return None
+    return child, _Frame(name, (info.st_dev, info.st_ino), names)
+
+
+def _enter_dir(fd: int, relative: str, repair: ModeRepair) -> list[str] | None:
+    """Close the directory's write for group and others; its entries."""
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & _UNSAFE_WRITE:
+            os.fchmod(fd, mode & ~_UNSAFE_WRITE)
+        return sorted(os.listdir(fd), reverse=True)
+    except OSError as err:
+        repair.failed.append(f"{relative}: {err.strerror or err}")
+        return None
+
+
+def _chmod_entry(dir_fd: int, name: str, info: os.stat_result, mode: int) -> None:
+    """chmod the entry ``name`` of ``dir_fd`` that ``info`` describes, never
+    through a symlink: an O_PATH fd checked to be that entry, chmod-ed
+    through /proc (fchmod refuses O_PATH fds)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino, stat.S_IFMT(now.st_mode)) != (
+            info.st_dev, info.st_ino, stat.S_IFMT(info.st_mode),
+        ):  # fmt: skip
+            raise OSError(errno.ESTALE, "changed during the walk")
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
+def _fix_file(
+    dir_fd: int, name: str, info: os.stat_result, relative: str, repair: ModeRepair
+) -> None:
+    if not info.st_mode & (_SETID | _UNSAFE_WRITE):
+        return
+    try:
+        _chmod_entry(dir_fd, name, info, stat.S_IMODE(info.st_mode) & ~(_SETID | _UNSAFE_WRITE))
+    except OSError as err:
+        repair.failed.append(f"{relative}: {err.strerror or err}")
+        return
+    if info.st_mode & _SETID:
+        repair.setid.append(relative)
+
+
+def _open_dir(
+    dir_fd: int, name: str, info: os.stat_result, relative: str, repair: ModeRepair
+) -> int | None:
+    """The subdirectory's fd, after giving it u+rwx if the guest took them away."""
+    try:
+        if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+            _chmod_entry(dir_fd, name, info, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as err:
+        repair.failed.append(f"{relative}: {err.strerror or err}")
+        return None
+    if _ident(fd) != (info.st_dev, info.st_ino):
+        os.close(fd)
+        repair.failed.append(f"{relative}: changed during the walk")
+        return None
+    return fd
