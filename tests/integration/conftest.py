@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.nixenv import NIX_TEST_ENV
 from tests.support.prereq import require
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +188,24 @@ def wait_until_clean(
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
+
+
+def make_root_vm(venv_python: Path, runner_copy: Path, spec: Path, scratch: Path, name: str) -> VM:
+    """microvm-run as root, for the dev-shell boots: Debian's Nix has no daemon,
+    so only root evaluates. The suite's Nix configuration (no substituters,
+    sandbox on); MICROVM_RUN_ALLOW_ROOT, since root is refused otherwise."""
+    require(shutil.which("nix") is not None, "nix (Debian's nix-bin)")
+    home = scratch / f"{name}-home"
+    home.mkdir(exist_ok=True)
+    runtime = scratch / f"{name}-runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    vm = VM(HostUser("root", 0, 0, home), venv_python, runner_copy, spec, scratch, runtime)
+    vm.extra_env = {
+        **NIX_TEST_ENV,
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MICROVM_RUN_ALLOW_ROOT": "1",
+    }
+    return vm
 
 
 # -- session fixtures ------------------------------------------------------------

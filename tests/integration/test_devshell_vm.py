@@ -6,38 +6,20 @@ as root (which also covers the runner's root path: no virtiofsd ID maps).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.support.devshell_fixture import copy_fixture
-from tests.support.nixenv import NIX_TEST_ENV
-from tests.support.prereq import require
 
-from .conftest import VM, HostUser, wait_until_clean
+from .conftest import VM, make_root_vm, wait_until_clean
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def root_vm(venv_python: Path, runner_copy: Path, guest_spec: Path, scratch: Path) -> VM:
-    require(shutil.which("nix") is not None, "nix (Debian's nix-bin)")
-    home = scratch / "root-home"
-    home.mkdir(exist_ok=True)
-    runtime = scratch / "root-runtime"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    user = HostUser("root", 0, 0, home)
-    vm = VM(user, venv_python, runner_copy, guest_spec, scratch, runtime)
-    # The suite's Nix configuration (no substituters, sandbox on).
-    # MICROVM_RUN_ALLOW_ROOT: root is refused otherwise (README, threat model).
-    vm.extra_env = {
-        **NIX_TEST_ENV,
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "MICROVM_RUN_ALLOW_ROOT": "1",
-    }
-    return vm
+    return make_root_vm(venv_python, runner_copy, guest_spec, scratch, "root")
 
 
 def test_the_agent_sees_the_projects_dev_shell(root_vm: VM) -> None:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import pty
 import shutil
 import signal
-import struct
 import subprocess
-import termios
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.support.terminal import set_size, start_on_pty
 
 from .conftest import VM, VM_TIMEOUT_S
 
@@ -77,10 +74,6 @@ def test_four_instances_at_once_on_one_project_all_succeed(vm: VM) -> None:
     assert sorted(p.name for p in home.glob("h-*")) == ["h-0", "h-1", "h-2", "h-3"]
 
 
-def _set_size(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
 def test_the_guest_terminal_follows_the_host_terminal(vm: VM) -> None:
     work = vm.project()
     script = (
@@ -90,23 +83,15 @@ def test_the_guest_terminal_follows_the_host_terminal(vm: VM) -> None:
         'for i in $(seq 50); do s=$(stty size); [ "$s" = "50 132" ] && break; sleep 0.1; done; '
         "stty size > /work/size-after; echo TERM=$TERM COLORTERM=$COLORTERM > /work/term"
     )
-    master, slave = pty.openpty()
-    _set_size(slave, 33, 101)
-    running = subprocess.Popen(
+    running, master = start_on_pty(
         vm.as_user(vm.argv(work, script)),
-        env=vm.env(TERM="xterm-256color", COLORTERM="truecolor"),
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        vm.env(TERM="xterm-256color", COLORTERM="truecolor"),
+        rows=33,
+        cols=101,
     )
-    os.close(slave)
-    drained = threading.Thread(target=_drain, args=(master,), daemon=True)
-    drained.start()
     try:
         _wait_for(work / "started", running, "the guest never started the command")
-        _set_size(master, 50, 132)
+        set_size(master, 50, 132)
         os.kill(running.pid, signal.SIGWINCH)
         (work / "resized").touch()
         _, err = running.communicate(timeout=VM_TIMEOUT_S)
@@ -118,16 +103,6 @@ def test_the_guest_terminal_follows_the_host_terminal(vm: VM) -> None:
     assert (work / "size-start").read_text().strip() == "33 101"
     assert (work / "size-after").read_text().strip() == "50 132"
     assert (work / "term").read_text().strip() == "TERM=xterm-256color COLORTERM=truecolor"
-
-
-def _drain(fd: int) -> None:
-    # The guest console writes to the pty; an unread pty would block QEMU.
-    while True:
-        try:
-            if not os.read(fd, 65536):
-                return
-        except OSError:
-            return
 
 
 def test_gc_lists_homes_of_vanished_projects_and_prune_deletes_them(vm: VM) -> None:

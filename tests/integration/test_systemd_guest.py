@@ -16,20 +16,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
 import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.devshell_fixture import copy_fixture
-from tests.support.nixenv import NIX_TEST_ENV
+from tests.support.terminal import set_size, start_on_pty
 
-from .conftest import REPO, VM, VM_TIMEOUT_S, HostUser, _vm, wait_until_clean
-from .test_ops import _drain, _set_size, _wait_for
+from .conftest import REPO, VM, VM_TIMEOUT_S, HostUser, _vm, make_root_vm, wait_until_clean
+from .test_ops import _wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,23 +88,15 @@ def test_the_agent_unit_runs_on_its_console_with_network_key_and_terminal(sd_vm:
         "trap 'echo got-int > /work/int; exit 7' INT; touch /work/wait-int; "
         "while :; do sleep 0.1; done"
     )
-    master, slave = pty.openpty()
-    _set_size(slave, 33, 101)
-    running = subprocess.Popen(
+    running, master = start_on_pty(
         sd_vm.as_user(sd_vm.argv(work, script, "--no-inject-keys")),
-        env=sd_vm.env(TERM="xterm-256color", TESTAGENT_API_KEY=KEY),
-        stdin=slave,
-        stdout=slave,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+        sd_vm.env(TERM="xterm-256color", TESTAGENT_API_KEY=KEY),
+        rows=33,
+        cols=101,
     )
-    os.close(slave)
-    drained = threading.Thread(target=_drain, args=(master,), daemon=True)
-    drained.start()
     try:
         _wait_for(work / "started", running, "the agent never started")
-        _set_size(master, 50, 132)
+        set_size(master, 50, 132)
         os.kill(running.pid, signal.SIGWINCH)
         (work / "resized").touch()
         _wait_for(work / "wait-int", running, "the agent never waited for Ctrl-C")
@@ -187,20 +177,8 @@ def test_every_boot_reports_the_status(sd_vm: VM, status: int) -> None:
 def test_the_dev_shell_reaches_the_agent_and_home_stays_its_own(
     venv_python: Path, runner_copy: Path, systemd_spec: Path, scratch: Path
 ) -> None:
-    # As root: Debian's Nix evaluates only for root without a daemon.
-    home = scratch / "root-home-systemd"
-    home.mkdir(exist_ok=True)
-    runtime = scratch / "root-runtime-systemd"
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    user = HostUser("root", 0, 0, home)
-    vm = VM(user, venv_python, runner_copy, systemd_spec, scratch, runtime)
-    vm.extra_env = {
-        **NIX_TEST_ENV,
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "MICROVM_BOOT_TIMEOUT": str(BOOT_TIMEOUT_S),
-        # Root is refused unless asked for (Debian's Nix evaluates only as root).
-        "MICROVM_RUN_ALLOW_ROOT": "1",
-    }
+    vm = make_root_vm(venv_python, runner_copy, systemd_spec, scratch, "root-systemd")
+    vm.extra_env["MICROVM_BOOT_TIMEOUT"] = str(BOOT_TIMEOUT_S)
     work = vm.project()
     copy_fixture("simple", work)
     result = vm.run(
@@ -212,4 +190,4 @@ def test_the_dev_shell_reaches_the_agent_and_home_stays_its_own(
     )
     assert result.returncode == 0, result.stderr
     assert (work / "seen").read_text().splitlines() == ["hello-from-devshell", "/home/agent"]
-    assert wait_until_clean(user, [runtime]) == []
+    assert wait_until_clean(vm.user, [vm.runtime_dir]) == []
