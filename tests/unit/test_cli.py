@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run.cli import SUBCOMMANDS, main, subcommand_list
+from microvm_run.cli import SUBCOMMANDS, main, projects_overlap, subcommand_list
 
 from .conftest import SAMPLE
 
@@ -608,3 +608,15 @@ def test_a_relative_spec_is_resolved_once_for_the_whole_launch(
 def _same_but_id(one: dict[str, Any], two: dict[str, Any]) -> bool:
     text = json.dumps(two).replace(two["instance_id"], one["instance_id"])
     return json.loads(text) == one
+
+
+def test_projects_that_contain_each_other_overlap(tmp_path: Path) -> None:
+    project = tmp_path / "src" / "proj"
+    (project / "sub").mkdir(parents=True)
+    sibling = tmp_path / "src" / "other"
+    sibling.mkdir()
+    assert projects_overlap(project, project)
+    assert projects_overlap(project, project / "sub")  # a VM inside it
+    assert projects_overlap(project, tmp_path / "src")  # a VM on a parent
+    assert not projects_overlap(project, sibling)
+    assert not projects_overlap(project, tmp_path / "src" / "proj-2")

@@ -341,15 +341,29 @@ def _check_not_root(env: Mapping[str, str]) -> None:
 
 def _others_running(plan: LaunchPlan) -> bool:
     """Does another VM run on this project now?  Its agent could change the
-    files between the consent check and Nix reading them."""
+    files between the consent check and Nix reading them.  A VM on a
+    directory that contains this project, or lies inside it, counts too: its
+    agent writes these files as well."""
     from microvm_run import state  # noqa: PLC0415
 
     return any(
         entry.state is not None
-        and entry.state.project == plan.work_dir
+        and projects_overlap(entry.state.project, plan.work_dir)
         and state.is_alive(entry.state.runner_pid, entry.state.runner_start)
         for entry in state.scan(plan.runtime_dir.parent)
     )
+
+
+def projects_overlap(one: Path, other: Path) -> bool:
+    """One project directory contains the other, or both are one directory
+    (by device and inode, whatever path each was started by)."""
+    if one == other or one.is_relative_to(other) or other.is_relative_to(one):
+        return True
+    try:
+        a, b = os.stat(one, follow_symlinks=False), os.stat(other, follow_symlinks=False)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
