@@ -473,15 +473,10 @@ def _open_dir(
     dir_fd: int, name: str, info: os.stat_result, relative: str, repair: ModeRepair
 ) -> int | None:
     """The subdirectory's fd, after giving it u+rwx if the guest took them away."""
-    try:
-        if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+    if info.st_mode & stat.S_IRWXU != stat.S_IRWXU:
+        try:
             _chmod_entry(dir_fd, name, info, stat.S_IMODE(info.st_mode) | stat.S_IRWXU)
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except OSError as err:
-        repair.failed.append(f"{relative}: {err.strerror or err}")
-        return None
-    if _ident(fd) != (info.st_dev, info.st_ino):
-        os.close(fd)
-        repair.failed.append(f"{relative}: changed during the walk")
-        return None
-    return fd
+        except OSError as err:
+            repair.failed.append(f"{relative}: {err.strerror or err}")
+            return None
+    return _open_checked(dir_fd, name, info, relative, repair)
