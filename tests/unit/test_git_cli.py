@@ -7,14 +7,12 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tomli_w
 
-from microvm_run.cli import main
-
 from .conftest import SAMPLE
+from .test_cli import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,12 +42,6 @@ def project(tmp_path: Path) -> Path:
     path = tmp_path / "project"
     (path / ".git" / "objects").mkdir(parents=True)
     return path
-
-
-def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]) -> Any:
-    code = main(argv, env)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_dry_run_of_a_git_project_shows_the_masks_and_creates_nothing(
