@@ -43,10 +43,13 @@ python3Packages.buildPythonApplication {
 
   nativeCheckInputs = [
     python3Packages.pytestCheckHook
+    python3Packages.mypy
     git
   ];
-  # pytest.ini and the tests live beside runner/, at the repository root.
+  # The type check reads runner/pyproject.toml's [tool.mypy]; pytest.ini and
+  # the tests live beside runner/, at the repository root.
   preCheck = ''
+    mypy src
     cd ..
   '';
   enabledTestPaths = [ "tests/unit" ];

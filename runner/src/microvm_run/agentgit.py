@@ -296,9 +296,9 @@ def last_line(text: str) -> str:
 
 
 def user_git(
-    project: Path, args: list[str], environ: Mapping[str, str], **kw: bool
+    project: Path, args: list[str], environ: Mapping[str, str], *, check: bool = True
 ) -> process.Completed:
-    return git(["-C", str(project), *args], environ, **kw)
+    return git(["-C", str(project), *args], environ, check=check)
 
 
 def rev(project: Path, what: str, environ: Mapping[str, str]) -> str | None:

@@ -15,17 +15,16 @@ from typing import Any, NoReturn
 
 from microvm_run import agentgit, contract, host
 from microvm_run.agentgit import GitPlan
-from microvm_run.netpolicy import NET_ALIASES
+from microvm_run.netpolicy import NET_ALIASES, NetMode
 from microvm_run.plan import (
-    ACCELS,
-    NETS,
-    SUPERVISORS,
+    SUPERVISOR_CHOICES,
     HostFacts,
     LaunchPlan,
     PlanError,
     RunOptions,
     build_plan,
 )
+from microvm_run.qemu import Accel
 from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_spec
 
 EPILOG_TAIL = """\
@@ -383,13 +382,13 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--accel",
         default=env.get("MICROVM_ACCEL", "kvm"),
-        choices=ACCELS,
+        choices=[a.value for a in Accel],
         help="kvm (default) or tcg (software emulation: slow, works without KVM)",
     )
     add(
         "--net",
         default=env.get("MICROVM_NET", "open"),
-        choices=(*NETS, *NET_ALIASES),
+        choices=[*(n.value for n in NetMode), *NET_ALIASES],
         help="open (default): public hosts only, never the host's loopback or LAN; "
         "allowlist: only allowlisted hosts; none: no network device",
     )
@@ -432,7 +431,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add(
         "--supervisor",
         default=env.get("MICROVM_SUPERVISOR", "auto"),
-        choices=SUPERVISORS,
+        choices=SUPERVISOR_CHOICES,
         help="how virtiofsd runs: systemd user units, child processes, or auto (default)",
     )
     add(

@@ -311,9 +311,9 @@ class EgressProxy:
             return
         host_header = head.header("host")
         if host_header is not None and not _same_authority(host_header, *target):
-            why = "request URL and Host header differ"
-            self._record("deny", target[0], target[1], "proxy", why)
-            await _refuse_http(writer, target[0], "request URL and Host header differ", 400)
+            differ = "request URL and Host header differ"
+            self._record("deny", target[0], target[1], "proxy", differ)
+            await _refuse_http(writer, target[0], differ, 400)
             return
         path = url.path or "/"
         if url.query:
@@ -434,7 +434,7 @@ class EgressProxy:
         except (OSError, TimeoutError) as err:
             self._record("deny", host, port, via, f"does not resolve: {err}")
             raise Denied("does not resolve") from None
-        addresses = [info[4][0] for info in infos]
+        addresses = [str(info[4][0]) for info in infos]
         if not inward:
             # Every address, in every mode: a public name that resolves (or
             # is rebound) to the host or the LAN is refused, not connected to.
@@ -469,7 +469,12 @@ async def _receive_guest(conn: socket.socket) -> tuple[int, socket.socket | None
     """relay.py's message: ``PORT\\n`` with the guest connection's socket attached."""
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(conn.fileno(), readable)
     try:
         await asyncio.wait_for(ready, HEAD_TIMEOUT_S)
     finally:

@@ -35,17 +35,17 @@ _MS_REC = 0x4000
 _MS_PRIVATE = 0x40000
 
 
-def _libc():
+def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _check(result, what):
+def _check(result: int, what: str) -> None:
     if result != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _write(path, data):
+def _write(path: str, data: str) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         os.write(fd, data.encode())
@@ -53,7 +53,7 @@ def _write(path, data):
         os.close(fd)
 
 
-def enter_namespace(libc, uid, gid):
+def enter_namespace(libc: ctypes.CDLL, uid: int, gid: int) -> None:
     if uid == 0:
         _check(libc.unshare(_CLONE_NEWNS), "unshare(mount namespace)")
     else:
@@ -65,7 +65,7 @@ def enter_namespace(libc, uid, gid):
     _check(libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
 
 
-def _open_target(path, want_dir):
+def _open_target(path: str, want_dir: bool) -> int:
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     info = os.fstat(fd)
     ok = stat.S_ISDIR(info.st_mode) if want_dir else stat.S_ISREG(info.st_mode)
@@ -75,12 +75,12 @@ def _open_target(path, want_dir):
     return fd
 
 
-def open_source(source):
+def open_source(source: str) -> int:
     """Sources are opened before any mount: a later source may sit under an earlier target."""
     return os.open(source, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def bind(libc, src_fd, target, read_only):
+def bind(libc: ctypes.CDLL, src_fd: int, target: str, read_only: bool) -> None:
     is_dir = stat.S_ISDIR(os.fstat(src_fd).st_mode)
     dst_fd = _open_target(target, want_dir=is_dir)
     try:
@@ -109,14 +109,14 @@ def bind(libc, src_fd, target, read_only):
             os.close(top)
 
 
-def main(argv):
+def main(argv: list[str]) -> int:
     if len(argv) < 4 or "--" not in argv:
         print("usage: gitmask.py UID GID [--bind|--ro-bind SRC DST]... -- CMD...", file=sys.stderr)
         return 2
     split = argv.index("--")
     head, command = argv[:split], argv[split + 1 :]
     uid, gid = int(head[0]), int(head[1])
-    binds = []
+    binds: list[tuple[str, str, bool]] = []
     rest = head[2:]
     while rest:
         if rest[0] not in ("--bind", "--ro-bind") or len(rest) < 3:
@@ -137,7 +137,6 @@ def main(argv):
         print(f"gitmask.py: {err}", file=sys.stderr)
         return 1
     os.execv(command[0], command)
-    return 127
 
 
 if __name__ == "__main__":

@@ -273,11 +273,11 @@ def tsc_khz_from_cpuinfo(text: str) -> int | None:
         return None
     for name, khz_per_unit in (("bogomips", 500), ("cpu MHz", 1000)):
         try:
-            value = round(float(fields[name]) * khz_per_unit)
+            khz = round(float(fields[name]) * khz_per_unit)
         except (KeyError, ValueError):
             continue
-        if _TSC_KHZ_RANGE[0] <= value <= _TSC_KHZ_RANGE[1]:
-            return value
+        if _TSC_KHZ_RANGE[0] <= khz <= _TSC_KHZ_RANGE[1]:
+            return khz
     return None
 
 

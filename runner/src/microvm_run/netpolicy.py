@@ -17,12 +17,21 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-NET_MODES = ("open", "allowlist", "none")
+
+class NetMode(StrEnum):
+    """--net: what the guest may reach (README "Threat model")."""
+
+    OPEN = "open"
+    ALLOWLIST = "allowlist"
+    NONE = "none"
+
+
 # Accepted for compatibility with earlier releases, where "user" was the
 # default (QEMU user networking, host loopback reachable).  It now means open.
-NET_ALIASES = {"user": "open"}
+NET_ALIASES = {"user": NetMode.OPEN}
 
 # QEMU user networking's fixed addresses (the guest configures them itself).
 GUEST_ADDR = "10.0.2.15"
@@ -276,7 +285,7 @@ def key_route_refusal(route: KeyRoute, method: str, target: str) -> str | None:
 
 @dataclass(frozen=True)
 class EgressConfig:
-    mode: str  # "open" or "allowlist"
+    mode: NetMode  # never NONE: --net none has no proxy
     rules: tuple[AllowRule, ...]
     socket: Path
     log: Path

@@ -428,10 +428,10 @@ def gc(
 
     in_use = {v.entry.state.agent_home for v in report.live if v.entry.state is not None}
     records = state.scan_homes(host.data_home(environ), project_exists)
-    for record, verdict in home_verdicts(records, in_use):
+    for record, said in home_verdicts(records, in_use):
         gone = f"project {record.project} is gone"
-        if verdict != PRUNABLE:
-            report.homes.append(HomeAction(record, verdict))
+        if said != PRUNABLE:
+            report.homes.append(HomeAction(record, said))
         elif not prune:
             report.homes.append(HomeAction(record, f"{gone} (microvm-run gc --prune deletes it)"))
         elif not confirm(f"delete {record.path} ({gone})?"):

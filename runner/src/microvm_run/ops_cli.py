@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from microvm_run import doctor, git_cli, host, ops
 from microvm_run.contract import EXIT_BAD_INPUT
-from microvm_run.plan import ACCELS
+from microvm_run.qemu import Accel
 
 SUBCOMMANDS = ("ps", "stop", "gc", "doctor")
 _STOPPED = (ops.POWERED_OFF, ops.TERMINATED, ops.KILLED, ops.NOT_RUNNING)
@@ -95,7 +95,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     check = commands.add_parser("doctor", help="check this host's prerequisites")
     check.add_argument("--spec", default=environ.get("MICROVM_RUN_SPEC"), help="the guest spec")
     check.add_argument("--boot", action="store_true", help="also boot the flavor and run `true`")
-    check.add_argument("--accel", default=environ.get("MICROVM_ACCEL", "kvm"), choices=ACCELS)
+    check.add_argument(
+        "--accel", default=environ.get("MICROVM_ACCEL", "kvm"), choices=[a.value for a in Accel]
+    )
     return parser
 
 

@@ -16,14 +16,15 @@ from typing import Any
 
 from microvm_run import contract, home, netpolicy, qemu, virtiofsd
 from microvm_run.agentgit import GitPlan
-from microvm_run.netpolicy import NET_ALIASES, NET_MODES, EgressConfig, KeyRoute, PolicyError
+from microvm_run.netpolicy import NET_ALIASES, EgressConfig, KeyRoute, NetMode, PolicyError
+from microvm_run.qemu import Accel
 from microvm_run.spec import Share, Spec
+from microvm_run.virtiofsd import Supervisor
 
-ACCELS = ("kvm", "tcg")
-NETS = NET_MODES
 # What the guest sees instead of an API key the host-side proxy adds.
 KEY_PLACEHOLDER = "microvm-run-placeholder"
-SUPERVISORS = ("auto", "systemd", "child")
+# --supervisor: a Supervisor, or "auto" (systemd when a user manager runs).
+SUPERVISOR_CHOICES = ("auto", *(s.value for s in Supervisor))
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 # Passed through from the host so the agent's TUI renders as it does there.
@@ -105,10 +106,10 @@ class LaunchPlan:
     work_dir: Path
     agent_home: Path
     runtime_dir: Path
-    supervisor: str  # "systemd" or "child"
+    supervisor: Supervisor
     supervisor_reason: str
-    accel: str
-    net: str
+    accel: Accel
+    net: NetMode
     boot_timeout_s: float
     port_forwards: tuple[str, ...]
     egress: EgressConfig | None  # None with --net none
@@ -131,15 +132,18 @@ class LaunchPlan:
     qemu_argv: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        data: dict[str, Any] = _jsonable(asdict(self))
+        return data
 
 
 def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
-    if options.accel not in ACCELS:
-        raise PlanError(f"--accel must be one of {', '.join(ACCELS)}, not {options.accel!r}")
-    net = NET_ALIASES.get(options.net, options.net)
-    if net not in NETS:
-        raise PlanError(f"--net must be one of {', '.join(NETS)}, not {options.net!r}")
+    if options.accel not in tuple(Accel):
+        raise PlanError(f"--accel must be one of {', '.join(Accel)}, not {options.accel!r}")
+    accel = Accel(options.accel)
+    raw_net = NET_ALIASES.get(options.net, options.net)
+    if raw_net not in tuple(NetMode):
+        raise PlanError(f"--net must be one of {', '.join(NetMode)}, not {options.net!r}")
+    net = NetMode(raw_net)
     supervisor, reason = _choose_supervisor(options.supervisor, facts)
     cri = _cri_runtimes(spec, facts.environ.get("ENABLE_CRI", ""))
     runtime_dir = facts.runtime_base / facts.instance_id
@@ -195,7 +199,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     argv = qemu.qemu_argv(
         spec,
         qemu.QemuInputs(
-            accel=options.accel,
+            accel=accel,
             memory_mib=memory_mib,
             vcpus=vcpus,
             netdev=_netdev(net, egress, forwards, facts),
@@ -217,7 +221,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         runtime_dir=runtime_dir,
         supervisor=supervisor,
         supervisor_reason=reason,
-        accel=options.accel,
+        accel=accel,
         net=net,
         boot_timeout_s=options.boot_timeout_s,
         port_forwards=tuple(str(f) for f in forwards),
@@ -278,18 +282,22 @@ def _daemon(
     )
 
 
-def _choose_supervisor(wanted: str, facts: HostFacts) -> tuple[str, str]:
-    if wanted not in SUPERVISORS:
-        raise PlanError(f"--supervisor must be one of {', '.join(SUPERVISORS)}, not {wanted!r}")
-    if wanted == "child":
-        return "child", "requested (--supervisor child)"
+def _choose_supervisor(wanted: str, facts: HostFacts) -> tuple[Supervisor, str]:
+    if wanted not in SUPERVISOR_CHOICES:
+        choices = ", ".join(SUPERVISOR_CHOICES)
+        raise PlanError(f"--supervisor must be one of {choices}, not {wanted!r}")
+    if wanted == Supervisor.CHILD:
+        return Supervisor.CHILD, "requested (--supervisor child)"
     if facts.user_manager:
-        return "systemd", facts.user_manager_reason
-    if wanted == "systemd":
+        return Supervisor.SYSTEMD, facts.user_manager_reason
+    if wanted == Supervisor.SYSTEMD:
         raise PlanError(
             f"--supervisor systemd: no systemd user manager ({facts.user_manager_reason})"
         )
-    return "child", f"fallback: {facts.user_manager_reason}; virtiofsd runs as child processes"
+    return (
+        Supervisor.CHILD,
+        f"fallback: {facts.user_manager_reason}; virtiofsd runs as child processes",
+    )
 
 
 def _cri_runtimes(spec: Spec, raw: str) -> tuple[str, ...]:
@@ -308,10 +316,10 @@ def _cri_runtimes(spec: Spec, raw: str) -> tuple[str, ...]:
     return names
 
 
-def _inject_keys(spec: Spec, options: RunOptions, net: str) -> bool:
-    if options.inject_keys and net == "none":
+def _inject_keys(spec: Spec, options: RunOptions, net: NetMode) -> bool:
+    if options.inject_keys and net is NetMode.NONE:
         raise PlanError("--inject-keys needs the key proxy, which --net none does not have")
-    if options.inject_keys is False or net == "none":
+    if options.inject_keys is False or net is NetMode.NONE:
         return False
     if not spec.key_proxies:
         if options.inject_keys:
@@ -320,8 +328,8 @@ def _inject_keys(spec: Spec, options: RunOptions, net: str) -> bool:
     return True
 
 
-def _port_forwards(raw: tuple[str, ...], net: str) -> tuple[netpolicy.PortForward, ...]:
-    if raw and net == "none":
+def _port_forwards(raw: tuple[str, ...], net: NetMode) -> tuple[netpolicy.PortForward, ...]:
+    if raw and net is NetMode.NONE:
         raise PlanError("-p needs a network: it cannot be combined with --net none")
     try:
         forwards = tuple(netpolicy.parse_port_forward(text) for text in raw)
@@ -336,11 +344,11 @@ def _egress(
     options: RunOptions,
     *,
     facts: HostFacts,
-    net: str,
+    net: NetMode,
     runtime_dir: Path,
     inject: bool,
 ) -> EgressConfig | None:
-    if net == "none":
+    if net is NetMode.NONE:
         return None
     try:
         rules = tuple(
@@ -397,13 +405,13 @@ def _proxy_env(spec: Spec, egress: EgressConfig, facts: HostFacts) -> dict[str, 
 
 
 def _netdev(
-    net: str,
+    net: NetMode,
     egress: EgressConfig | None,
     forwards: tuple[netpolicy.PortForward, ...],
     facts: HostFacts,
 ) -> str | None:
     """QEMU user networking that reaches nothing but the egress proxy."""
-    if net == "none" or egress is None:
+    if net is NetMode.NONE or egress is None:
         return None
     parts = ["user", "id=net0", "restrict=on"]
     ports = [*netpolicy.BASE_PORTS, *netpolicy.extra_ports(egress.rules)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from microvm_run.contract import (
@@ -17,6 +18,12 @@ from microvm_run.contract import (
 )
 from microvm_run.spec import Spec
 
+
+class Accel(StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"
+
+
 # Device model per machine: microvm has no PCI bus, only virtio-mmio.
 _DEVICE_SUFFIX = {"microvm": "device", "q35": "pci"}
 
@@ -25,7 +32,7 @@ _DEVICE_SUFFIX = {"microvm": "device", "q35": "pci"}
 class QemuInputs:
     """Everything the argv depends on besides the spec."""
 
-    accel: str
+    accel: Accel
     memory_mib: int
     vcpus: int
     netdev: str | None  # QEMU -netdev value; None: no network device
@@ -38,7 +45,7 @@ class QemuInputs:
     tsc_khz: int | None = None  # the host's TSC frequency, if known
 
 
-def kernel_params(spec: Spec, accel: str, tsc_khz: int | None = None) -> list[str]:
+def kernel_params(spec: Spec, accel: Accel, tsc_khz: int | None = None) -> list[str]:
     params = [*spec.kernel_params, *RUNNER_KERNEL_PARAMS]
     if accel == "tcg" and spec.machine == "microvm":
         params.append(f"{TCG_MICROVM_TSC_PARAM}={tsc_khz or FALLBACK_TSC_KHZ}")

@@ -47,20 +47,21 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from microvm_run import home
+from microvm_run.netpolicy import NetMode
+from microvm_run.virtiofsd import Supervisor
 
 STATE_VERSION = 1
 STATE_FILE = "state.toml"
 STOP_REQUESTED = "stop-requested"
 HOME_RECORD_VERSION = 1
 HOME_RECORD_SUFFIX = ".project.toml"
-SUPERVISORS = ("systemd", "child")
-NETS = ("open", "allowlist", "none")
 PROC = Path("/proc")
 # A state file is a few hundred bytes; anything far larger is not ours.
 MAX_STATE_BYTES = 64 * 1024
@@ -89,11 +90,11 @@ class InstanceState:
     qemu_start: int = 0
     virtiofsd_pids: tuple[int, ...] = ()
     virtiofsd_starts: tuple[int, ...] = ()
-    supervisor: str = "child"
+    supervisor: Supervisor = Supervisor.CHILD
     units: tuple[str, ...] = ()
     memory_mib: int = 0
     vcpus: int = 0
-    net: str = "open"
+    net: NetMode = NetMode.OPEN
     ports: tuple[str, ...] = ()
     branch: str = ""  # the agent's branch (agentgit.py); "" when no git
 
@@ -117,11 +118,11 @@ class InstanceState:
             "qemu_start": self.qemu_start,
             "virtiofsd_pids": list(self.virtiofsd_pids),
             "virtiofsd_starts": list(self.virtiofsd_starts),
-            "supervisor": self.supervisor,
+            "supervisor": str(self.supervisor),
             "units": list(self.units),
             "memory_mib": self.memory_mib,
             "vcpus": self.vcpus,
-            "net": self.net,
+            "net": str(self.net),
             "ports": list(self.ports),
             "branch": self.branch,
             "qmp_socket": str(self.qmp_socket),
@@ -260,11 +261,11 @@ def _validate(data: dict[str, Any], *, expected_id: str) -> InstanceState:
         qemu_start=fields.integer("qemu_start"),
         virtiofsd_pids=fields.integers("virtiofsd_pids", low=1),
         virtiofsd_starts=fields.integers("virtiofsd_starts"),
-        supervisor=fields.choice("supervisor", SUPERVISORS),
+        supervisor=Supervisor(fields.choice("supervisor", tuple(Supervisor))),
         units=fields.texts("units", _UNIT),
         memory_mib=fields.integer("memory_mib"),
         vcpus=fields.integer("vcpus"),
-        net=fields.choice("net", NETS),
+        net=NetMode(fields.choice("net", tuple(NetMode))),
         ports=fields.texts("ports"),
         # Absent in states written before git support: no branch.
         branch=fields.text("branch", _BRANCH) if "branch" in data else "",
@@ -318,7 +319,7 @@ class _Fields:
             raise StateError(f"{key} {value} is out of range")
         return value
 
-    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+    def choice(self, key: str, choices: tuple[StrEnum, ...]) -> str:
         value = self.text(key)
         if value not in choices:
             raise StateError(f"{key} {value!r} is not one of {', '.join(choices)}")

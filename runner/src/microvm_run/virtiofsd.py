@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 
 from microvm_run.contract import GUEST_UID
+
+
+class Supervisor(StrEnum):
+    """Who keeps the virtiofsd daemons: transient user units, or the runner."""
+
+    SYSTEMD = "systemd"
+    CHILD = "child"
+
 
 # overlayfs inside the guest (container storage) keeps its metadata in
 # trusted.* xattrs, which an unprivileged virtiofsd may not set: store them
