@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run import launch, process
+from microvm_run import daemons, launch, process
 
 # What systemctl show prints for several units (seen with systemd 252).
 SHOWN = (
@@ -26,7 +26,7 @@ def test_each_unit_gets_its_own_main_pid(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(process, "run", run)
     units = ["a-vm-virtiofsd-work-1", "a-vm-virtiofsd-home-1", "a-vm-virtiofsd-ro-store-1"]
-    pids = launch._main_pids(units, {})
+    pids = daemons.main_pids(units, {})
     assert len(seen) == 1 and seen[0][-3:] == tuple(units)
     assert pids["a-vm-virtiofsd-work-1"] == (1492, "it exited at once")
     assert pids["a-vm-virtiofsd-home-1"][0] == 0
@@ -38,7 +38,7 @@ def test_a_failing_systemctl_names_its_reason(monkeypatch: pytest.MonkeyPatch) -
         return process.Completed(tuple(argv), 1, "", "Failed to connect to bus\n")
 
     monkeypatch.setattr(process, "run", run)
-    assert launch._main_pids(["u"], {}) == {"u": (0, "Failed to connect to bus")}
+    assert daemons.main_pids(["u"], {}) == {"u": (0, "Failed to connect to bus")}
 
 
 def test_set_id_file_names_the_guest_chose_reach_the_terminal_escaped(

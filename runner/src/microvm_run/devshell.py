@@ -525,28 +525,16 @@ def _run_with_progress(
         except process.ProcessError as error:
             raise _EvaluationFailed(str(error), "") from None
         try:
-            while (returncode := child.poll()) is None:
-                time.sleep(0.05)
+            while not child.exited(0.05):
                 ticker.tick()
+            returncode = child.wait()
         finally:
             # Ctrl-C (or any error) while Nix runs: stop it before the caller
             # goes on, so no evaluation outlives the launch that wanted it.
-            _stop(child)
+            child.stop()
+            child.close()
             ticker.close()
-    return int(returncode)
-
-
-def _stop(child: Any, grace: float = 5.0) -> None:
-    if child.poll() is not None:
-        return
-    child.terminate()
-    deadline = time.monotonic() + grace
-    while child.poll() is None:
-        if time.monotonic() > deadline:
-            child.kill()
-            child.wait()
-            return
-        time.sleep(0.02)
+    return returncode
 
 
 class Progress:

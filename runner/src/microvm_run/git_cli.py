@@ -300,7 +300,9 @@ def _review(
         env=agentgit.git_env(environ),
         die_with_parent=False,
     )
-    return 0 if child.wait() == 0 else EXIT_BAD_INPUT
+    code = child.wait()
+    child.close()
+    return 0 if code == 0 else EXIT_BAD_INPUT
 
 
 def _land(project: Path, run: tuple[Path, Meta], environ: Mapping[str, str], *, merge: bool) -> int:

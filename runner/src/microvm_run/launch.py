@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import os
 import selectors
 import shutil
@@ -22,27 +21,25 @@ import stat
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import host, process, safefs, state
+from microvm_run import daemons, host, process, safefs, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
     GuestStatus,
 )
-from microvm_run.plan import LaunchPlan, VirtiofsdPlan
+from microvm_run.daemons import Daemon, DaemonError, VirtiofsdSupervisor
+from microvm_run.plan import LaunchPlan
 
-SOCKET_DEADLINE_S = 10.0
-STOP_GRACE_S = 5.0
 DAEMON_DEATH_GRACE_S = 1.0
 POWEROFF_GRACE_S = 30.0
 # A guest that writes without newlines must not grow the runner's memory.
 MAX_STATUS_LINE = 4096
-_POLL_S = 0.01
 
 
 class LaunchError(RuntimeError):
@@ -58,29 +55,16 @@ class Interrupted(Exception):
 
 
 @dataclass
-class Daemon:
-    """A started virtiofsd: its plan, its pid and a pidfd to watch it."""
-
-    plan: VirtiofsdPlan
-    pid: int
-    pidfd: int
-    popen: Any = None  # the child, when supervised as one
-
-
-@dataclass
 class Instance:
     """What this launch created, so cleanup removes exactly that."""
 
     plan: LaunchPlan
-    daemons: list[Daemon] = field(default_factory=list)
-    # Recorded before systemd-run: a unit whose start was interrupted is
-    # still stopped by cleanup, since no parent-death signal reaches it.
-    units: list[str] = field(default_factory=list)
+    virtiofsd: VirtiofsdSupervisor
     listener: socket.socket | None = None
     status_conn: socket.socket | None = None  # to send the guest terminal sizes
     guest_ready: bool = False
     egress: Any = None  # the EgressProxy, when the plan has a network
-    qemu: Any = None
+    qemu: process.Child | None = None
     runtime_dir_created: bool = False
     started: str = ""  # ISO 8601 UTC, for ps
     signum: int | None = None
@@ -89,11 +73,11 @@ class Instance:
 
 
 def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
-    instance = Instance(plan)
     # The keys go to the guest through credential files or stay with the
     # key proxy: no child (QEMU, virtiofsd, systemctl) gets them in its
     # environment.
     child_env = process.without(environ, plan.secret_vars)
+    instance = Instance(plan, daemons.supervisor_for(plan.supervisor, child_env))
     instance.work_mode = _work_mode(plan)
     with _terminal_restored(), _signals_forwarded(instance):
         try:
@@ -104,22 +88,22 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
                 _write_launch_files(plan, environ)
                 instance.listener = _listen(plan.status_socket)
                 _start_egress(plan, instance, environ)
-                _start_daemons(plan, instance, child_env)
+                instance.virtiofsd.start(plan.virtiofsd)
                 _record(instance)
-                _wait_for_sockets(instance)
+                daemons.wait_for_sockets(instance.virtiofsd.daemons)
                 instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
                 _record(instance)
-            except (OSError, process.ProcessError) as err:
+            except (OSError, process.ProcessError, DaemonError) as err:
                 raise LaunchError(str(err)) from None
             return _supervise(instance)
         except Interrupted as stop:
             process.log(f"interrupted by {stop}; cleaning up")
             return 128 + stop.signum
         except LaunchError:
-            _show_daemon_logs(instance)
+            daemons.show_logs(instance.virtiofsd.daemons)
             raise
         finally:
-            _cleanup(instance, child_env)
+            _cleanup(instance)
 
 
 # -- preparing ---------------------------------------------------------------
@@ -251,6 +235,7 @@ def _record(instance: Instance) -> None:
             # Lets gc find homes whose project is gone; never worth a failed launch.
             state.write_home_record(plan.agent_home, plan.work_dir, plan.agent)
     qemu_pid = instance.qemu.pid if instance.qemu is not None else 0
+    started = instance.virtiofsd.daemons
     record = state.InstanceState(
         id=plan.instance_id,
         agent=plan.agent,
@@ -263,10 +248,10 @@ def _record(instance: Instance) -> None:
         qmp_socket=plan.qmp_socket,
         qemu_pid=qemu_pid,
         qemu_start=(state.process_start_time(qemu_pid) or 0) if qemu_pid else 0,
-        virtiofsd_pids=tuple(d.pid for d in instance.daemons),
-        virtiofsd_starts=tuple(state.process_start_time(d.pid) or 0 for d in instance.daemons),
+        virtiofsd_pids=tuple(d.pid for d in started),
+        virtiofsd_starts=tuple(state.process_start_time(d.pid) or 0 for d in started),
         supervisor=plan.supervisor,
-        units=tuple(instance.units),
+        units=tuple(instance.virtiofsd.units),
         memory_mib=plan.memory_mib,
         vcpus=plan.vcpus,
         net=plan.net,
@@ -307,124 +292,6 @@ def _stop_egress(instance: Instance) -> None:
         process.log(summary)
 
 
-# -- virtiofsd ----------------------------------------------------------------
-
-
-def _start_daemons(plan: LaunchPlan, instance: Instance, environ: Mapping[str, str]) -> None:
-    if plan.supervisor == "systemd":
-        instance.daemons.extend(_start_units(plan.virtiofsd, environ, instance))
-        return
-    for daemon in plan.virtiofsd:
-        instance.daemons.append(_start_child(daemon, environ))
-
-
-UNIT_START_TIMEOUT_S = 30.0
-
-
-def _start_units(
-    daemons: Sequence[VirtiofsdPlan], environ: Mapping[str, str], instance: Instance
-) -> list[Daemon]:
-    """One transient unit per share, all started at once.
-
-    Each systemd-run waits for the user manager to start its unit; run side
-    by side they cost about one round trip instead of one per share.
-    """
-    starting = []
-    for daemon in daemons:
-        instance.units.append(daemon.unit)
-        starting.append(
-            process.spawn(
-                [
-                    "systemd-run", "--user", "--quiet", "--collect",
-                    f"--unit={daemon.unit}",
-                    f"--property=StandardOutput=append:{daemon.log}",
-                    f"--property=StandardError=append:{daemon.log}",
-                    "--", *daemon.argv,
-                ],
-                env=environ,
-                stdin=process.DEVNULL,
-                stdout=process.DEVNULL,
-                stderr=process.PIPE,
-            )
-        )  # fmt: skip
-    failures = []
-    deadline = time.monotonic() + UNIT_START_TIMEOUT_S
-    for daemon, start in zip(daemons, starting, strict=True):
-        try:
-            _, err = start.communicate(timeout=max(deadline - time.monotonic(), 0.1))
-        except process.TimeoutExpired:
-            start.kill()
-            start.wait()
-            failures.append(f"systemd-run for {daemon.unit} did not finish in time")
-            continue
-        if start.returncode != 0:
-            text = err.decode(errors="replace") if isinstance(err, bytes) else err or ""
-            failures.append(f"systemd-run could not start {daemon.unit}: {_last_line(text)}")
-    if failures:
-        raise LaunchError(failures[0])
-    pids = _main_pids([daemon.unit for daemon in daemons], environ)
-    started = []
-    for daemon in daemons:
-        pid, reason = pids.get(daemon.unit, (0, "the user manager does not know it"))
-        if pid <= 0:
-            raise LaunchError(f"virtiofsd for share {daemon.tag}: no main process ({reason})")
-        started.append(Daemon(plan=daemon, pid=pid, pidfd=_pidfd(pid, daemon)))
-    return started
-
-
-def _main_pids(units: Sequence[str], environ: Mapping[str, str]) -> dict[str, tuple[int, str]]:
-    """Each unit's main pid (0 and why, if none), from one systemctl call."""
-    shown = process.run(
-        ["systemctl", "--user", "show", "--property=Id", "--property=MainPID", *units],
-        env=environ,
-        timeout=UNIT_START_TIMEOUT_S,
-    )
-    if shown.returncode != 0:
-        reason = _last_line(shown.stderr)
-        return dict.fromkeys(units, (0, reason))
-    pids = {}
-    # One block of KEY=VALUE lines per unit, blocks separated by empty lines.
-    for block in shown.stdout.split("\n\n"):
-        fields = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
-        pid = fields.get("MainPID", "0")
-        # Id is the full name; the units were named without ".service".
-        unit = fields.get("Id", "").removesuffix(".service")
-        pids[unit] = (int(pid) if pid.isdigit() else 0, "it exited at once")
-    return pids
-
-
-def _start_child(daemon: VirtiofsdPlan, environ: Mapping[str, str]) -> Daemon:
-    with daemon.log.open("ab") as log:
-        child = process.spawn(
-            daemon.argv, env=environ, stdin=process.DEVNULL, stdout=log, stderr=log
-        )
-    return Daemon(plan=daemon, pid=child.pid, pidfd=_pidfd(child.pid, daemon), popen=child)
-
-
-def _pidfd(pid: int, daemon: VirtiofsdPlan) -> int:
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise LaunchError(f"virtiofsd for share {daemon.tag} exited at once") from None
-
-
-def _wait_for_sockets(instance: Instance) -> None:
-    deadline = time.monotonic() + SOCKET_DEADLINE_S
-    for daemon in instance.daemons:
-        while not daemon.plan.socket.exists():
-            if _wait_exited(daemon.pidfd, 0.0):
-                raise LaunchError(
-                    f"virtiofsd for share {daemon.plan.tag} ({daemon.plan.shared_dir}) "
-                    "exited before its socket appeared"
-                )
-            if time.monotonic() > deadline:
-                raise LaunchError(
-                    f"virtiofsd for share {daemon.plan.tag} did not create "
-                    f"{daemon.plan.socket} within {SOCKET_DEADLINE_S:.0f} s"
-                )
-            time.sleep(_POLL_S)
-
-
 # -- supervising --------------------------------------------------------------
 
 
@@ -441,13 +308,15 @@ class _Watcher:
 
     def __init__(self, instance: Instance) -> None:
         assert instance.listener is not None  # created before QEMU starts
+        assert instance.qemu is not None
         self.instance = instance
+        self.qemu = instance.qemu
         self.listener = instance.listener
-        self.qemu_pidfd = os.pidfd_open(instance.qemu.pid)
+        self.qemu_pidfd = instance.qemu.pidfd
         self.poller = selectors.DefaultSelector()
         self.poller.register(self.qemu_pidfd, selectors.EVENT_READ, "qemu")
         self.poller.register(self.listener, selectors.EVENT_READ, "listener")
-        for daemon in instance.daemons:
+        for daemon in instance.virtiofsd.daemons:
             self.poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
         self.conn: socket.socket | None = None
         self.status = GuestStatus()
@@ -478,7 +347,7 @@ class _Watcher:
                 )
             for key, _ in events:
                 if key.data == "qemu":
-                    self.instance.qemu.wait()
+                    self.qemu.wait()
                     self._read_status(until_eof=True)
                     return self._result()
                 if key.data == "listener":
@@ -490,9 +359,7 @@ class _Watcher:
                     # QEMU ending disconnects virtiofsd, which then exits; its
                     # death may be seen first.  Only a daemon that dies under a
                     # QEMU that stays up is a fault.
-                    if self.status.exit_code is None and not _wait_exited(
-                        self.qemu_pidfd, DAEMON_DEATH_GRACE_S
-                    ):
+                    if self.status.exit_code is None and not self.qemu.exited(DAEMON_DEATH_GRACE_S):
                         self._fail(
                             f"virtiofsd for share {key.data.plan.tag} died while the VM ran; "
                             "stopped the VM",
@@ -566,18 +433,17 @@ class _Watcher:
             return 128 + signal.SIGTERM
         if self.failure is not None:
             process.log(self.failure)
-            _show_daemon_logs(instance)
+            daemons.show_logs(instance.virtiofsd.daemons)
             return self.code
         process.log(
             "the guest ended without reporting an exit status "
-            f"(QEMU exit status {instance.qemu.returncode}; kernel panic, crash or killed?)"
+            f"(QEMU exit status {self.qemu.returncode}; kernel panic, crash or killed?)"
         )
-        _show_daemon_logs(instance)
+        daemons.show_logs(instance.virtiofsd.daemons)
         return EXIT_NO_STATUS
 
     def close(self) -> None:
         self.poller.close()
-        os.close(self.qemu_pidfd)
         if self.conn is not None:
             self.conn.close()
 
@@ -593,15 +459,8 @@ def send_terminal_size(instance: Instance) -> None:
 
 
 def _stop_qemu(instance: Instance) -> None:
-    qemu = instance.qemu
-    if qemu is None or qemu.poll() is not None:
-        return
-    qemu.send_signal(signal.SIGTERM)
-    try:
-        qemu.wait(timeout=STOP_GRACE_S)
-    except process.TimeoutExpired:
-        qemu.kill()
-        qemu.wait()
+    if instance.qemu is not None:
+        instance.qemu.stop()
 
 
 def _remove_credentials(plan: LaunchPlan) -> None:
@@ -614,7 +473,7 @@ def _remove_credentials(plan: LaunchPlan) -> None:
 # -- cleaning up ----------------------------------------------------------------
 
 
-def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
+def _cleanup(instance: Instance) -> None:
     """Undo what the launch created; one failing step never skips the others."""
     instance.cleaning = True
     steps: list[Callable[[], None]] = [lambda: _stop_qemu(instance)]
@@ -622,16 +481,9 @@ def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
         steps.append(instance.listener.close)
     if instance.egress is not None:
         steps.append(lambda: _stop_egress(instance))
-    steps += [
-        functools.partial(_stop_daemon, daemon, environ, qemu_ran=instance.qemu is not None)
-        for daemon in instance.daemons
-    ]
-    watched = {daemon.plan.unit for daemon in instance.daemons}
-    steps += [
-        functools.partial(_stop_unit, unit, environ)
-        for unit in instance.units
-        if unit not in watched
-    ]
+    steps += instance.virtiofsd.stop_steps(qemu_ran=instance.qemu is not None)
+    if instance.qemu is not None:
+        steps.append(instance.qemu.close)
     # Once nothing of the guest runs any more: it cannot undo this.
     steps.append(lambda: restore_shares(instance.plan, instance.work_mode))
     if instance.runtime_dir_created:
@@ -641,51 +493,6 @@ def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
             step()
         except Exception as err:
             process.log(f"cleanup: {err}")
-
-
-def _stop_unit(unit: str, environ: Mapping[str, str]) -> None:
-    # Harmless when the unit is already gone.
-    process.run(["systemctl", "--user", "stop", unit], env=environ, timeout=30)
-
-
-def _stop_daemon(daemon: Daemon, environ: Mapping[str, str], *, qemu_ran: bool) -> None:
-    # virtiofsd exits by itself once QEMU disconnects; stop it only if not.
-    # Without QEMU (an aborted start-up) nothing will disconnect: don't wait.
-    if not _wait_exited(daemon.pidfd, 1.0 if qemu_ran else 0.0):
-        if daemon.popen is not None:
-            daemon.popen.terminate()
-        else:
-            _stop_unit(daemon.plan.unit, environ)
-        if not _wait_exited(daemon.pidfd, STOP_GRACE_S):
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(daemon.pidfd, signal.SIGKILL)
-            _wait_exited(daemon.pidfd, STOP_GRACE_S)
-    if daemon.popen is not None:
-        daemon.popen.wait()
-    os.close(daemon.pidfd)
-
-
-def _wait_exited(pidfd: int, timeout: float) -> bool:
-    poller = selectors.DefaultSelector()
-    try:
-        poller.register(pidfd, selectors.EVENT_READ)
-        return bool(poller.select(timeout))
-    finally:
-        poller.close()
-
-
-def _show_daemon_logs(instance: Instance) -> None:
-    for daemon in instance.daemons:
-        with contextlib.suppress(OSError):
-            text = daemon.plan.log.read_text(errors="replace").strip()
-            if text:
-                tail = "\n  ".join(text.splitlines()[-5:])
-                process.log(f"virtiofsd {daemon.plan.tag} log:\n  {tail}")
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 # -- process-wide state, restored on the way out ----------------------------------
@@ -726,7 +533,7 @@ def _signals_forwarded(instance: Instance) -> Iterator[None]:
             if first and not instance.cleaning:
                 raise Interrupted(signum)
             return
-        if qemu.poll() is None:
+        if not qemu.exited():
             qemu.send_signal(signal.SIGTERM)
 
     wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

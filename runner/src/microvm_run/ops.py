@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import selectors
 import signal
 import socket
 import stat
@@ -327,7 +326,7 @@ def stop(
 def _stop_all(
     stopping: list[_Stopping], timeout_s: float, term_grace_s: float, kill_grace_s: float
 ) -> None:
-    asked = []
+    asked: list[_Stopping] = []
     for item in stopping:
         # Tells the runner (and so the user at its terminal) who stopped it.
         with contextlib.suppress(OSError):
@@ -342,40 +341,22 @@ def _stop_all(
             asked.append(item)
         else:
             item.detail = f"no clean power-off: {why_not}"
-    _mark_exited(asked, timeout_s, POWERED_OFF)
-    for outcome, signum, grace in (
-        (TERMINATED, signal.SIGTERM, term_grace_s),
-        (KILLED, signal.SIGKILL, kill_grace_s),
-    ):
-        left = [item for item in stopping if item.outcome is None]
-        for item in left:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(item.pidfd, signum)
-        _mark_exited(left, grace, outcome)
+    powered_off = process.wait_exits([item.pidfd for item in asked], timeout_s)
+    left = [item for item in stopping if item.pidfd not in powered_off]
+    stopped = process.stop(
+        [item.pidfd for item in left], grace=term_grace_s, kill_grace=kill_grace_s
+    )
     for item in stopping:
-        if item.outcome is None:
+        outcome = stopped.get(item.pidfd, process.Stopped.BY_ITSELF)
+        if item.pidfd in powered_off or (outcome is process.Stopped.BY_ITSELF and item in asked):
+            item.outcome = POWERED_OFF
+        elif outcome is process.Stopped.SURVIVED:
             item.outcome = FAILED
             item.detail = f"runner {item.st.runner_pid} survived SIGKILL"
-
-
-def _mark_exited(items: list[_Stopping], timeout: float, outcome: str) -> None:
-    """Wait until each has exited or the timeout passed; record who exited."""
-    if not items:
-        return
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as poller:
-        for item in items:
-            poller.register(item.pidfd, selectors.EVENT_READ, item)
-        waiting = len(items)
-        while waiting:
-            left = deadline - time.monotonic()
-            events = poller.select(max(0.0, left))
-            for key, _ in events:
-                key.data.outcome = outcome
-                poller.unregister(key.fileobj)
-                waiting -= 1
-            if not events and left <= 0:
-                return
+        elif outcome is process.Stopped.KILLED:
+            item.outcome = KILLED
+        else:
+            item.outcome = TERMINATED
 
 
 # -- gc ------------------------------------------------------------------------------------

@@ -1,28 +1,42 @@
-"""The one place that starts processes.
+"""The one place that starts, stops and waits for processes.
 
 Every subprocess of the runner starts here, so the environment rule and the
-parent-death signal are handled once.  An ``env`` given here is the child's
-whole environment: plumbum would otherwise lay it over a snapshot of the
-runner's own, and API keys would reach every child.  plumbum is imported
-lazily: ``--dry-run`` and the other pure paths never pay for it.
+parent-death signal are handled once, and every stop goes down the same
+ladder (``stop``: wait, SIGTERM, wait, SIGKILL, wait), watched through pidfds
+rather than polled.  An ``env`` given here is the child's whole environment:
+plumbum would otherwise lay it over a snapshot of the runner's own, and API
+keys would reach every child.  plumbum is imported lazily: ``--dry-run`` and
+the other pure paths never pay for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
+import functools
+import os
+import selectors
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from plumbum.commands.base import BoundCommand
+    from plumbum.machines.local import LocalMachine
 
 _PR_SET_PDEATHSIG = 1
 DEVNULL = subprocess.DEVNULL
 PIPE = subprocess.PIPE
 TimeoutExpired = subprocess.TimeoutExpired
+# The stop ladder's default waits: after SIGTERM, and after SIGKILL.
+STOP_GRACE_S = 5.0
+KILL_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -37,12 +51,178 @@ class ProcessError(RuntimeError):
     """A program could not be started (missing, not executable)."""
 
 
-def _die_with_parent() -> None:
+class Stopped(enum.Enum):
+    """How a process ended under ``stop``."""
+
+    BY_ITSELF = "exited by itself"
+    TERMINATED = "terminated"
+    KILLED = "killed"
+    SURVIVED = "survived SIGKILL"
+
+
+class _Popen(Protocol):
+    """The part of plumbum's Popen wrapper (a subprocess.Popen) used here."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def communicate(self, input: Any = None, timeout: float | None = None) -> tuple[Any, Any]: ...
+
+
+class Child:
+    """A started program: plumbum's Popen plus a pidfd opened at once.
+
+    The pidfd is opened before the child can have been reaped, so it names
+    this process for good: signals sent through it never reach a later
+    process with the same pid.
+    """
+
+    def __init__(self, popen: _Popen, argv: Sequence[str]) -> None:
+        self._popen = popen
+        self.argv = tuple(argv)
+        self.pid = popen.pid
+        self.pidfd = os.pidfd_open(popen.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.returncode
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def exited(self, timeout: float = 0.0) -> bool:
+        """Has it exited (waiting up to ``timeout``)?  Does not reap it."""
+        return exited(self.pidfd, timeout)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Reap it; raises TimeoutExpired after ``timeout``."""
+        return self._popen.wait(timeout=timeout)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Its piped output, decoded; raises TimeoutExpired after ``timeout``."""
+        out, err = self._popen.communicate(timeout=timeout)
+        return _text(out), _text(err)
+
+    def send_signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def stop(self, *, grace: float | None = None, kill_grace: float | None = None) -> Stopped:
+        """The stop ladder, then reap it (already gone: BY_ITSELF)."""
+        outcome = stop([self.pidfd], grace=grace, kill_grace=kill_grace)[self.pidfd]
+        if outcome is not Stopped.SURVIVED:
+            self.wait()
+        return outcome
+
+    def close(self) -> None:
+        """Reap it if it has exited, and close the pidfd (once)."""
+        if self.pidfd >= 0:
+            self.poll()
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _text(data: Any) -> str:
+    if isinstance(data, bytes):
+        return data.decode(errors="replace")
+    return data or ""
+
+
+def exited(pidfd: int, timeout: float = 0.0) -> bool:
+    """Has the process behind ``pidfd`` exited, within ``timeout`` seconds?"""
+    return bool(wait_exits([pidfd], timeout))
+
+
+def wait_exits(pidfds: Sequence[int], timeout: float) -> set[int]:
+    """Wait until all have exited or ``timeout`` passed; the pidfds that exited."""
+    done: set[int] = set()
+    if not pidfds:
+        return done
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as poller:
+        for pidfd in pidfds:
+            poller.register(pidfd, selectors.EVENT_READ)
+        while len(done) < len(pidfds):
+            left = deadline - time.monotonic()
+            events = poller.select(max(0.0, left))
+            for key, _ in events:
+                done.add(key.fd)
+                poller.unregister(key.fileobj)
+            if not events and left <= 0:
+                break
+    return done
+
+
+def stop(
+    pidfds: Sequence[int],
+    *,
+    settle: float = 0.0,
+    term: Callable[[int], None] | None = None,
+    grace: float | None = None,
+    kill_grace: float | None = None,
+) -> dict[int, Stopped]:
+    """The one stop ladder, for several processes at once.
+
+    Wait ``settle`` seconds for them to exit by themselves, then ``term``
+    each one left (default SIGTERM through its pidfd; a systemd unit passes
+    ``systemctl stop``) and wait ``grace``, then SIGKILL and wait
+    ``kill_grace`` (None: STOP_GRACE_S, KILL_GRACE_S).  Stopping several
+    takes no longer than stopping one.
+    """
+    grace = STOP_GRACE_S if grace is None else grace
+    kill_grace = KILL_GRACE_S if kill_grace is None else kill_grace
+    outcome: dict[int, Stopped] = {}
+    steps: tuple[tuple[Stopped, Callable[[int], None] | None, float], ...] = (
+        (Stopped.BY_ITSELF, None, settle),
+        (Stopped.TERMINATED, term or functools.partial(_signal, signum=signal.SIGTERM), grace),
+        (Stopped.KILLED, functools.partial(_signal, signum=signal.SIGKILL), kill_grace),
+    )
+    left = list(pidfds)
+    for result, send, timeout in steps:
+        if not left:
+            break
+        if send is not None:
+            for pidfd in left:
+                send(pidfd)
+        for pidfd in wait_exits(left, timeout):
+            outcome[pidfd] = result
+        left = [pidfd for pidfd in left if pidfd not in outcome]
+    for pidfd in left:
+        outcome[pidfd] = Stopped.SURVIVED
+    return outcome
+
+
+def _signal(pidfd: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signum)
+
+
+@functools.cache
+def _prctl() -> Callable[..., int]:
+    """prctl(2), looked up in the parent: the forked child only calls it.
+
+    A dlopen between fork and exec is not safe while other threads run
+    (the egress proxy's); a call through a resolved pointer is one syscall.
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+def _die_with_parent_hook() -> Callable[[], object]:
     # Runs in the child between fork and exec: if the runner is SIGKILLed,
     # the kernel sends the child SIGTERM, so QEMU and fallback virtiofsd
     # daemons never outlive it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return functools.partial(_prctl(), _PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def run(
@@ -84,32 +264,30 @@ def spawn(
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
     die_with_parent: bool = True,
-    new_session: bool = False,
-) -> Any:
-    """Start a long-running program (QEMU, a fallback virtiofsd).
+) -> Child:
+    """Start a long-running program (QEMU, a fallback virtiofsd, Nix, a pager).
 
-    Returns plumbum's Popen wrapper (pid, poll, wait, send_signal).  stdio
-    left as None is inherited, unlike plumbum's default of pipes.
+    stdio left as None is inherited, unlike plumbum's default of pipes.
     """
     from plumbum import local  # noqa: PLC0415 - lazy: keeps --dry-run fast
 
     command = _command(local, argv)
-    preexec: Callable[[], None] | None = _die_with_parent if die_with_parent else None
+    preexec = _die_with_parent_hook() if die_with_parent else None
     try:
         with _exact_env(local, env):
-            return command.popen(
+            popen = command.popen(
                 cwd=str(cwd) if cwd is not None else None,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
                 preexec_fn=preexec,
-                new_session=new_session,
             )
     except OSError as error:
         raise ProcessError(f"cannot start {argv[0]}: {error.strerror}") from None
+    return Child(popen, argv)  # type: ignore[arg-type]  # plumbum's Protocol lacks timeouts
 
 
-def _command(local: Any, argv: Sequence[str]) -> Any:
+def _command(local: LocalMachine, argv: Sequence[str]) -> BoundCommand:
     from plumbum import CommandNotFound  # noqa: PLC0415
 
     try:
@@ -119,7 +297,7 @@ def _command(local: Any, argv: Sequence[str]) -> Any:
 
 
 @contextlib.contextmanager
-def _exact_env(local: Any, env: Mapping[str, str] | None) -> Iterator[None]:
+def _exact_env(local: LocalMachine, env: Mapping[str, str] | None) -> Iterator[None]:
     """Make ``env`` the child's whole environment (None: inherit the runner's)."""
     with local.env():
         if env is not None:

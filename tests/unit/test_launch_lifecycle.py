@@ -1,0 +1,168 @@
+"""The launch lifecycle with fake QEMU and virtiofsd programs, in seconds.
+
+The fakes speak the runner's side of the real protocols: the fake
+virtiofsd creates its vhost-user socket and exits when its client (QEMU)
+disconnects, as the Rust virtiofsd does; the fake QEMU connects to every
+``-chardev socket`` of its argv and writes the guest's status lines.  What
+each one does is the scenario word after the script's path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from microvm_run import launch, process
+from microvm_run.contract import EXIT_BOOT_DEADLINE, EXIT_NO_STATUS
+from microvm_run.plan import LaunchPlan, RunOptions, build_plan
+from microvm_run.spec import Spec
+
+from .conftest import make_facts
+
+FAKE_VIRTIOFSD = textwrap.dedent(
+    """
+    import os, socket, sys, time
+    path, scenario, pidfile = sys.argv[1], sys.argv[2], sys.argv[3]
+    with open(pidfile, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    if scenario == "die":
+        time.sleep(0.5)
+        sys.exit(1)
+    conn, _ = server.accept()
+    while conn.recv(4096):
+        pass
+    """
+)
+
+FAKE_QEMU = textwrap.dedent(
+    """
+    import os, re, signal, socket, sys, time
+    scenario, pidfile, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    with open(pidfile, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    if scenario == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conns = {}
+    for arg in argv:
+        found = re.fullmatch(r"socket,id=([a-z0-9]+),path=(.*)", arg)
+        if found:
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(found.group(2))
+            conns[found.group(1)] = conn
+    status = conns["status"]
+    if scenario in ("hang", "ignore-term"):
+        time.sleep(600)
+    status.sendall(b"ready\\n")
+    if scenario == "ready-then-hang":
+        time.sleep(600)
+    status.sendall(b"exit 7\\n")
+    if scenario == "no-poweroff":
+        time.sleep(600)
+    """
+)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    # Unix socket paths must stay under 108 bytes: pytest's tmp_path may not.
+    path = Path(tempfile.mkdtemp(prefix="amvm-lc-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _plan(spec: Spec, tmp: Path, qemu: str, virtiofsd: str, boot_timeout_s: float) -> LaunchPlan:
+    (tmp / "work").mkdir(mode=0o700)
+    facts = make_facts(
+        uid=os.getuid(),
+        gid=os.getgid(),
+        work_dir=tmp / "work",
+        agent_home=tmp / "home",
+        runtime_base=tmp / "run",
+        environ={"PATH": os.environ.get("PATH", os.defpath)},
+        user_manager=False,
+    )
+    options = RunOptions(
+        accel="tcg", net="none", inject_keys=False, supervisor="child",
+        boot_timeout_s=boot_timeout_s,
+    )  # fmt: skip
+    plan = build_plan(spec, options, facts)
+    (tmp / "qemu.py").write_text(FAKE_QEMU)
+    (tmp / "virtiofsd.py").write_text(FAKE_VIRTIOFSD)
+    fake = (sys.executable, str(tmp / "virtiofsd.py"))
+    daemons = tuple(
+        replace(daemon, argv=(*fake, str(daemon.socket), virtiofsd, str(tmp / "pids")))
+        for daemon in plan.virtiofsd
+    )
+    qemu_argv = (sys.executable, str(tmp / "qemu.py"), qemu, str(tmp / "pids"), *plan.qemu_argv)
+    return replace(plan, virtiofsd=daemons, qemu_argv=qemu_argv)
+
+
+def _run(spec: Spec, tmp: Path, qemu: str, virtiofsd: str = "serve", boot: float = 30.0) -> int:
+    plan = _plan(spec, tmp, qemu, virtiofsd, boot)
+    started = time.monotonic()
+    code = launch.launch(plan, {"PATH": os.environ.get("PATH", os.defpath)})
+    assert time.monotonic() - started < 20
+    # Cleanup: nothing of the launch runs or stays behind.
+    pids = [int(line) for line in (tmp / "pids").read_text().split()]
+    assert len(pids) == len(plan.virtiofsd) + 1
+    for pid in pids:
+        assert not _running(pid), f"pid {pid} outlived the launch"
+    assert not plan.runtime_dir.exists()
+    return code
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def test_the_guests_exit_status_is_the_launchs_and_daemons_exit_with_qemu(
+    spec: Spec, short_tmp: Path
+) -> None:
+    assert _run(spec, short_tmp, "exit") == 7
+
+
+def test_a_guest_that_never_reports_ready_is_stopped_at_the_boot_deadline(
+    spec: Spec, short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(spec, short_tmp, "hang", boot=1.0) == EXIT_BOOT_DEADLINE
+    assert "did not come up within 1 s" in capsys.readouterr().err
+
+
+def test_a_qemu_that_ignores_sigterm_is_killed_after_the_grace(
+    spec: Spec, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "STOP_GRACE_S", 0.5)
+    assert _run(spec, short_tmp, "ignore-term", boot=1.0) == EXIT_BOOT_DEADLINE
+
+
+def test_a_guest_whose_power_off_hangs_keeps_its_exit_status(
+    spec: Spec, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(launch, "POWEROFF_GRACE_S", 0.5)
+    assert _run(spec, short_tmp, "no-poweroff") == 7
+    assert "did not power off" in capsys.readouterr().err
+
+
+def test_a_virtiofsd_dying_under_a_running_vm_stops_the_vm(
+    spec: Spec, short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(spec, short_tmp, "ready-then-hang", virtiofsd="die") == EXIT_NO_STATUS
+    assert "died while the VM ran" in capsys.readouterr().err
