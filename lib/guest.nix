@@ -1,17 +1,15 @@
 # Guest facts and defaults shared by the modules and the builtins-only tests,
 # kept pure so the defaults the README promises are tested as values.
 let
-  user = {
-    name = "agent";
-    uid = 1000; # contract.GUEST_UID; virtiofsd maps it to the host user
-    home = "/home/agent";
-  };
+  contract = import ./contract.nix;
+  # virtiofsd maps its uid to the host user.
+  user = contract.guestUser;
 in
 {
   inherit user;
 
-  # Resolved defaults of agentVM.resources (LESSONS #4: one place decides,
-  # no competing mkDefaults).
+  # Resolved defaults of agentVM.resources: one place decides, no competing
+  # mkDefaults (a mkDefault 8192 loses to a plain 4096 elsewhere).
   resources =
     {
       cri ? false,
@@ -34,7 +32,7 @@ in
     {
       tag = "work";
       source = "work";
-      mountPoint = "/work";
+      mountPoint = contract.workDir;
       readOnly = false;
     }
     {

@@ -1,4 +1,4 @@
-# The guest spec (schema: runner/src/microvm_run/spec.py, version 2), made
+# The guest spec (schema: runner/src/microvm_run/spec.py, version 3), made
 # from plain values. Pure: no pkgs, no module system, so tests/nix can check
 # it with builtins only.
 #
@@ -25,26 +25,16 @@ let
     stringLength
     ;
 
-  specVersion = 2;
-  contractVersion = 1;
-  machines = [
-    "microvm"
-    "q35"
-  ];
-  # spec.py SHARE_SOURCES: where the runner takes each share from on the host.
-  shareSources = [
-    "work"
-    "home"
-    "nix-store"
-    "cri-storage"
-  ];
-
-  # spec.py KEY_HEADERS: how the key proxy presents a key upstream.
-  keyHeaders = [
-    "x-api-key"
-    "authorization"
-    "x-goog-api-key"
-  ];
+  # The values the runner checks too (versions, machines, share sources,
+  # key headers): lib/contract.nix.
+  contract = import ./contract.nix;
+  inherit (contract)
+    specVersion
+    contractVersion
+    machines
+    shareSources
+    keyHeaders
+    ;
 
   # One [[key_proxy]] entry (--inject-keys; runner/src/microvm_run/egress.py).
   mkKeyProxy =
@@ -174,6 +164,7 @@ let
       host,
       shares,
       network ? { },
+      criRuntimes ? [ ],
     }:
     let
       rendered = map mkShare shares;
@@ -245,6 +236,10 @@ let
           ok = unique (map (k: k.var) keyProxies);
           msg = "two key proxies for the same variable";
         }
+        {
+          ok = criRuntimes == [ ] || any (s: s.source == "cri-storage") rendered;
+          msg = "container runtimes need a share with source 'cri-storage'";
+        }
       ]
       {
         spec_version = specVersion;
@@ -259,6 +254,7 @@ let
           initrd = "${guest.initrd}";
           kernel_params = guest.kernelParams or [ ];
           memory_mib = guest.memoryMiB;
+          cri_runtimes = criRuntimes;
         };
         host = {
           qemu = "${host.qemu}";
@@ -273,7 +269,7 @@ let
       // (if keyProxies == [ ] then { } else { key_proxy = keyProxies; });
 
   # The evaluated NixOS config -> spec. Reads only resolved values:
-  # agentVM.{agent,shares,host} and microvm.{kernel,initrdPath,kernelParams,
+  # agentVM.{agent,shares,host,network,cri} and microvm.{kernel,initrdPath,kernelParams,
   # mem,vcpu,qemu.machine}, plus system.boot.loader.kernelFile.
   fromConfig =
     config:
@@ -301,6 +297,7 @@ let
         allow = cfg.network.allow or [ ];
         keyProxy = cfg.network.keyProxy or [ ];
       };
+      criRuntimes = if cfg.cri.enable or false then cfg.cri.runtimes else [ ];
     };
 in
 {

@@ -19,16 +19,20 @@ let
   spec = import ../lib/spec.nix;
   toml = import ../lib/toml.nix;
   guest = import ../lib/guest.nix;
+  contract = import ../lib/contract.nix;
+  net = contract.network;
 
   user = guest.user.name;
   inherit (guest.user) uid home;
 
-  launchFwCfg = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.agent-microvm/launch/raw";
-  statusPort = "/dev/virtio-ports/org.agent-microvm.status";
+  launchFwCfg = "/sys/firmware/qemu_fw_cfg/by_name/${contract.fwCfg.launch}/raw";
+  statusPort = "/dev/virtio-ports/${contract.statusPort}";
   # systemd's device units for the console and the status port (udev tags
   # hvc* and vport* for systemd; names as `systemd-escape --path` gives).
   consoleDevice = "dev-hvc0.device";
-  statusDevice = "dev-virtio\\x2dports-org.agent\\x2dmicrovm.status.device";
+  statusDevice = "dev-virtio\\x2dports-${
+    lib.replaceStrings [ "-" ] [ "\\x2d" ] contract.statusPort
+  }.device";
   # How long the agent waits for networkd to configure the uplink.
   uplinkTimeoutSec = 60;
   runDir = "/run/agent-microvm";
@@ -38,9 +42,9 @@ let
     # The environment of a login shell (PATH, environment.variables), without
     # an interactive shell: nothing here runs twice in nested shells.
     . /etc/profile
-    cd /work || {
-      echo "agent-microvm: /work is not available" >&2
-      exit 125
+    cd ${contract.workDir} || {
+      echo "agent-microvm: ${contract.workDir} is not available" >&2
+      exit ${toString contract.guestFailureStatus}
     }
     # The runner's launch data (values quoted by the runner): exports the
     # agent's environment and ends with `set -- COMMAND ARGS...`.
@@ -94,7 +98,7 @@ let
     }
 
     if [ ! -r ${launchFwCfg} ]; then
-      echo "agent-microvm: no launch data (fw_cfg opt/org.agent-microvm/launch);" \
+      echo "agent-microvm: no launch data (fw_cfg ${contract.fwCfg.launch});" \
         "start this VM with microvm-run" >&2
       exit 1 # no status line: the runner reports a guest failure
     fi
@@ -478,8 +482,8 @@ in
           # Physical devices only: container veths are "ether" too.
           Kind = "!*";
         };
-        address = [ "10.0.2.15/24" ];
-        gateway = [ "10.0.2.2" ];
+        address = [ "${net.guestAddr}/${toString net.prefixLength}" ];
+        gateway = [ net.gatewayAddr ];
         networkConfig.DHCP = "no";
         # The launcher's systemd-networkd-wait-online --any waits for this
         # link: wait-online ignores every link that is not required for
@@ -492,7 +496,7 @@ in
       services.resolved.enable = false;
       networking.resolvconf.enable = false;
       environment.etc."resolv.conf".text = ''
-        nameserver 10.0.2.100
+        nameserver ${net.egressAddr}
         options use-vc
       '';
       # Behind QEMU's NAT with nothing listening: no firewall to set up.

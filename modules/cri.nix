@@ -21,6 +21,7 @@
 let
   cfg = config.agentVM.cri;
   toml = import ../lib/toml.nix;
+  contract = import ../lib/contract.nix;
   storage = (builtins.head (import ../lib/guest.nix).criShares).mountPoint;
   runDir = "/run/agent-microvm";
 
@@ -57,7 +58,13 @@ let
       env.CONTAINER_RUNTIME_ENDPOINT = "unix:///run/crio/crio.sock";
     };
   };
-  names = builtins.attrNames runtimes;
+  # The names are the contract's (the runner reads them from the spec): each
+  # needs an entry above, and an entry without a name would never start.
+  names =
+    if contract.criRuntimes == builtins.attrNames runtimes then
+      contract.criRuntimes
+    else
+      throw "modules/cri.nix: runtimes must have one entry per lib/contract.nix criRuntimes name";
 
   # Hand a root-owned socket to a group once the daemon is up.
   shareSocket = group: socket: "+${pkgs.writeShellScript "share-socket-${group}" ''

@@ -173,7 +173,7 @@ in
   claudeSpecIsExact = {
     expr = claudeSpec;
     expected = {
-      spec_version = 2;
+      spec_version = 3;
       agent = {
         name = "claude";
         command = [
@@ -184,6 +184,7 @@ in
       };
       guest = {
         contract = 1;
+        cri_runtimes = [ ];
         machine = "microvm";
         kernel = "${store "linux"}/bzImage";
         initrd = "${store "initrd"}/initrd";
@@ -275,7 +276,7 @@ in
   claudeSpecToml = {
     expr = toml.render claudeSpec;
     expected = ''
-      spec_version = 2
+      spec_version = 3
 
       [agent]
       api_key_vars = ["ANTHROPIC_API_KEY"]
@@ -284,6 +285,7 @@ in
 
       [guest]
       contract = 1
+      cri_runtimes = []
       initrd = "${store "initrd"}/initrd"
       kernel = "${store "linux"}/bzImage"
       kernel_params = ["reboot=t", "init=${store "nixos-system-claude"}/init"]
@@ -502,7 +504,7 @@ in
   specTwoKeyProxiesToml = {
     expr = toml.render (spec.make twoKeys);
     expected = ''
-      spec_version = 2
+      spec_version = 3
 
       [agent]
       api_key_vars = ["A_KEY", "B_KEY"]
@@ -511,6 +513,7 @@ in
 
       [guest]
       contract = 1
+      cri_runtimes = []
       initrd = "i"
       kernel = "k"
       kernel_params = []
@@ -551,26 +554,6 @@ in
     '';
   };
 
-  specKeyHeadersMatchRunner = {
-    # runner/src/microvm_run/spec.py KEY_HEADERS, in its order
-    expr = spec.keyHeaders;
-    expected = [
-      "x-api-key"
-      "authorization"
-      "x-goog-api-key"
-    ];
-  };
-
-  specVersionIsTwo = {
-    expr = [
-      spec.specVersion
-      (spec.make minimal).spec_version
-    ];
-    expected = [
-      2
-      2
-    ];
-  };
 
   # Every flavor routes each of its API key variables through the key proxy.
   everyFlavorProxiesItsKeys = {
@@ -660,15 +643,14 @@ in
     expected = true;
   };
 
-  specSourcesMatchRunner = {
-    # runner/src/microvm_run/spec.py SHARE_SOURCES, in its order
-    expr = spec.shareSources;
-    expected = [
-      "work"
-      "home"
-      "nix-store"
-      "cri-storage"
-    ];
+  # Only a flavor with container storage lists runtimes; they need it.
+  specCriRuntimesFollowTheCriFlavor = {
+    expr = builtins.mapAttrs (_: c: (spec.fromConfig c).guest.cri_runtimes != [ ]) samples.configs;
+    expected = builtins.mapAttrs (name: _: builtins.match ".*-cri" name != null) samples.configs;
+  };
+  specRejectsRuntimesWithoutStorage = {
+    expr = throws (spec.make (minimal // { criRuntimes = [ "docker" ]; }));
+    expected = true;
   };
 
   agentsListMatchesModules = {

@@ -1,5 +1,6 @@
 # Evaluates tests/nix/cases.nix: results = { passed; failed = [ { name; expr; expected; } ]; }
-# and the sample specs as TOML text (for `tests/nix/run --emit-spec DIR`).
+# the sample specs as TOML text and lib/contract.nix (for `tests/nix/run
+# --emit-spec DIR`, which the runner's side then checks).
 let
   cases = import ./cases.nix;
   samples = import ./samples.nix;
@@ -17,6 +18,7 @@ in
     }) failedNames;
   };
   # Each sample flavor, plus edge shapes the runner must read as well.
+  contract = import ../../lib/contract.nix;
   specs = builtins.mapAttrs (_: c: toml.render (spec.fromConfig c)) samples.configs // {
     minimal = toml.render (spec.make samples.minimal);
     two-keys = toml.render (spec.make samples.twoKeys);

@@ -6,6 +6,7 @@
 let
   guest = import ../../lib/guest.nix;
   network = import ../../lib/network.nix;
+  contract = import ../../lib/contract.nix;
   store = name: "/nix/store/00000000000000000000000000000000-${name}";
 
   agents = {
@@ -48,6 +49,11 @@ let
         };
         shares = guest.baseShares ++ (if cri then guest.criShares else [ ]);
         network = network.${name};
+        # modules/cri.nix's read-only agentVM.cri.runtimes.
+        cri = {
+          enable = cri;
+          runtimes = contract.criRuntimes;
+        };
       };
       microvm = {
         kernel = {

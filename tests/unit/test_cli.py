@@ -87,7 +87,7 @@ def test_spec_comes_from_the_environment_and_work_dir_from_work_dir(
         (["--boot-timeout", "0"], {}, "--boot-timeout must be positive"),
         ([], {"MICROVM_BOOT_TIMEOUT": "soon"}, "--boot-timeout must be a number of seconds"),
         (["--boot-timeout", "nan"], {}, "--boot-timeout must be positive"),
-        ([], {"ENABLE_CRI": "dokcer"}, "ENABLE_CRI: unknown runtime 'dokcer'"),
+        ([], {"ENABLE_CRI": "dokcer"}, "ENABLE_CRI is set but this flavor has no container"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_nothing_created(

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run.spec import KeyProxy, SpecError, load_spec, parse_spec
+from microvm_run.spec import SPEC_V2_CRI_RUNTIMES, KeyProxy, SpecError, load_spec, parse_spec
 
 
 def test_valid_spec_parses_to_typed_values(sample: dict[str, Any]) -> None:
@@ -116,10 +116,59 @@ def test_version_2_without_the_new_tables_has_no_allowlist_or_key_proxies(
     assert parse_spec(sample, Path("/specs/claude.toml")).allow == ()
 
 
-def test_version_3_is_refused(sample: dict[str, Any]) -> None:
-    sample["spec_version"] = 3
+def test_version_4_is_refused(sample: dict[str, Any]) -> None:
+    sample["spec_version"] = 4
     with pytest.raises(SpecError, match="newer than this microvm-run"):
         parse_spec(sample, Path("/specs/claude.toml"))
+
+
+CRI_SHARE = {"tag": "cri", "source": "cri-storage", "mount_point": "/var/lib/containers"}
+
+
+def test_version_3_lists_the_flavors_container_runtimes(sample: dict[str, Any]) -> None:
+    sample["spec_version"] = 3
+    assert parse_spec(sample, Path("/s.toml")).cri_runtimes == ()
+    sample["shares"].append(CRI_SHARE)
+    sample["guest"]["cri_runtimes"] = ["podman", "youki"]
+    assert parse_spec(sample, Path("/s.toml")).cri_runtimes == ("podman", "youki")
+
+
+def test_a_version_2_spec_with_container_storage_has_the_runtimes_of_its_day(
+    sample: dict[str, Any],
+) -> None:
+    sample["spec_version"] = 2
+    assert parse_spec(sample, Path("/s.toml")).cri_runtimes == ()
+    sample["shares"].append(CRI_SHARE)
+    assert parse_spec(sample, Path("/s.toml")).cri_runtimes == SPEC_V2_CRI_RUNTIMES
+    sample["guest"]["cri_runtimes"] = ["docker"]  # not a version 2 key
+    with pytest.raises(SpecError, match="unknown key 'cri_runtimes'"):
+        parse_spec(sample, Path("/s.toml"))
+
+
+@pytest.mark.parametrize(
+    ("runtimes", "message"),
+    [
+        (["Docker"], "invalid name 'Docker'"),
+        (["docker", "docker"], "names a runtime twice"),
+        ("docker", "must be an array of strings"),
+        (["docker", None], "must be an array of strings"),
+    ],
+)
+def test_bad_container_runtime_lists_are_refused(
+    sample: dict[str, Any], runtimes: Any, message: str
+) -> None:
+    sample["spec_version"] = 3
+    sample["shares"].append(CRI_SHARE)
+    sample["guest"]["cri_runtimes"] = runtimes
+    with pytest.raises(SpecError, match=message):
+        parse_spec(sample, Path("/s.toml"))
+
+
+def test_container_runtimes_need_their_storage_share(sample: dict[str, Any]) -> None:
+    sample["spec_version"] = 3
+    sample["guest"]["cri_runtimes"] = ["docker"]
+    with pytest.raises(SpecError, match="needs a share with source 'cri-storage'"):
+        parse_spec(sample, Path("/s.toml"))
 
 
 @pytest.mark.parametrize("header", ["x-api-key", "authorization", "x-goog-api-key"])

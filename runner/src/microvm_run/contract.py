@@ -68,6 +68,8 @@ STATUS_PORT = "org.agent-microvm.status"
 LAUNCH_FW_CFG = "opt/org.agent-microvm/launch"
 CREDENTIAL_FW_CFG_PREFIX = "opt/io.systemd.credentials/"
 GUEST_UID = 1000
+GUEST_HOME = "/home/agent"
+GUEST_WORK_DIR = "/work"
 RUNNER_KERNEL_PARAMS = ("console=hvc0", "panic=-1")
 # Without tsc_early_khz the guest hangs at "Marking TSC unstable" on microvm
 # under TCG (no HPET or PIT to calibrate against).  Under TCG the guest reads

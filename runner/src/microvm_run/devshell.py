@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from microvm_run import consent, process, safefs
+from microvm_run import consent, contract, process, safefs
 
 # The files whose contents decide the dev shell.  Order and names are part of
 # the cache key, so moving content from one file to another changes the key.
@@ -304,7 +304,7 @@ def prepare(
     state_dir: Path,
     allow: bool | str,
     progress: TextIO,
-    guest_home: str = "/home/agent",
+    guest_home: str = contract.GUEST_HOME,
     nix: str = "nix",
     devenv: str = "devenv",
     env: Mapping[str, str] | None = None,

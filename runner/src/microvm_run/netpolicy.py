@@ -33,9 +33,9 @@ class NetMode(StrEnum):
 # default (QEMU user networking, host loopback reachable).  It now means open.
 NET_ALIASES = {"user": NetMode.OPEN}
 
-# QEMU user networking's fixed addresses (the guest configures them itself).
+# QEMU user networking's fixed addresses (the guest configures them itself;
+# lib/contract.nix holds the same values, and make nix-test compares them).
 GUEST_ADDR = "10.0.2.15"
-GATEWAY_ADDR = "10.0.2.2"
 # Where every guest connection goes: a guestfwd address, not a real host.
 EGRESS_ADDR = "10.0.2.100"
 DNS_PORT = 53  # DNS over TCP: every name resolves to EGRESS_ADDR

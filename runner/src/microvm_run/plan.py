@@ -29,8 +29,6 @@ SUPERVISOR_CHOICES = ("auto", *(s.value for s in Supervisor))
 MAX_SOCKET_PATH = 107
 # Passed through from the host so the agent's TUI renders as it does there.
 TERMINAL_VARS = ("TERM", "COLORTERM", "LANG", "LC_ALL")
-# Container runtimes the cri guest module can start (modules/cri.nix).
-CRI_RUNTIMES = ("docker", "podman", "containerd", "crun", "cri-o")
 
 
 class PlanError(ValueError):
@@ -303,16 +301,15 @@ def _choose_supervisor(wanted: str, facts: HostFacts) -> tuple[Supervisor, str]:
 def _cri_runtimes(spec: Spec, raw: str) -> tuple[str, ...]:
     """ENABLE_CRI, checked on the host so a typo never costs a boot."""
     names = tuple(name for name in raw.replace(",", " ").split() if name)
-    unknown = [name for name in names if name not in CRI_RUNTIMES]
-    if unknown:
-        raise PlanError(
-            f"ENABLE_CRI: unknown runtime {unknown[0]!r} (known: {', '.join(CRI_RUNTIMES)})"
-        )
-    if names and spec.share_by_source("cri-storage") is None:
+    if names and not spec.cri_runtimes:
         raise PlanError(
             f"ENABLE_CRI is set but this flavor has no container runtimes; "
             f"use the {spec.agent}-cri flavor"
         )
+    unknown = [name for name in names if name not in spec.cri_runtimes]
+    if unknown:
+        known = ", ".join(spec.cri_runtimes)
+        raise PlanError(f"ENABLE_CRI: unknown runtime {unknown[0]!r} (known: {known})")
     return names
 
 

@@ -5,10 +5,13 @@ NixOS configuration; the runner reads it here and nowhere else.  This module
 is the schema: every key, its type and its meaning, with a version so that a
 spec from a newer generator is refused instead of misread.
 
-Spec version 2 (version 1 is version 2 without ``[network]`` and
-``[[key_proxy]]``, and is still read)::
+Spec version 3 (version 2 is version 3 without ``guest.cri_runtimes``,
+read as SPEC_V2_CRI_RUNTIMES when it has a cri-storage share; version 1 is
+version 2 without ``[network]`` and ``[[key_proxy]]``; both are still read).
+The values both sides check (versions, machines, share sources, key
+headers) are lib/contract.nix's; ``make nix-test`` compares them::
 
-    spec_version = 2
+    spec_version = 3
 
     [agent]
     name = "claude"                      # [a-z][a-z0-9-]{0,31}
@@ -23,6 +26,8 @@ Spec version 2 (version 1 is version 2 without ``[network]`` and
     kernel_params = ["init=/nix/store/.../init"]
     memory_mib = 4096
     vcpus = 4
+    cri_runtimes = ["docker", "podman"]  # ENABLE_CRI's names; [] without
+                                         # container runtimes
 
     [host]
     qemu = "/nix/store/...-qemu/bin/qemu-system-x86_64"
@@ -62,7 +67,7 @@ from typing import Any
 
 from microvm_run.netpolicy import PolicyError, parse_allow
 
-SPEC_VERSION = 2
+SPEC_VERSION = 3
 SUPPORTED_CONTRACTS = (1,)
 MACHINES = ("microvm", "q35")
 
@@ -79,6 +84,11 @@ KEY_HEADERS = ("x-api-key", "authorization", "x-goog-api-key")
 # What lib/spec.nix checks too: a key route's methods and path prefixes.
 KEY_ROUTE_METHOD = re.compile(r"[A-Z]{1,16}")
 KEY_ROUTE_PATH = re.compile(r"(/[A-Za-z0-9._~-]+)+/")
+
+# The container runtimes a version 2 spec with a cri-storage share has (the
+# names modules/cri.nix knew then); later specs list their own.
+SPEC_V2_CRI_RUNTIMES = ("docker", "podman", "containerd", "crun", "cri-o")
+_CRI_RUNTIME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 _AGENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _TAG = re.compile(r"[A-Za-z0-9_-]{1,32}")
@@ -131,6 +141,7 @@ class Spec:
 
     allow: tuple[str, ...] = ()
     key_proxies: tuple[KeyProxy, ...] = ()
+    cri_runtimes: tuple[str, ...] = ()  # what ENABLE_CRI may name
 
     def share_by_source(self, source: str) -> Share | None:
         return next((s for s in self.shares if s.source == source), None)
@@ -179,7 +190,16 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
     _no_unknown(agent, {"name", "command", "api_key_vars"}, f"{where} [agent]")
     _no_unknown(
         guest,
-        {"contract", "machine", "kernel", "initrd", "kernel_params", "memory_mib", "vcpus"},
+        {
+            "contract",
+            "machine",
+            "kernel",
+            "initrd",
+            "kernel_params",
+            "memory_mib",
+            "vcpus",
+            *(["cri_runtimes"] if version >= 3 else []),
+        },
         f"{where} [guest]",
     )
     _no_unknown(host, {"qemu", "virtiofsd"}, f"{where} [host]")
@@ -210,6 +230,7 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
     _check_unique(shares, where)
     allow = _network_allow(data, where)
     key_proxies = _key_proxies(data, key_vars, where)
+    cri_runtimes = _cri_runtimes(guest, version, shares, where)
     return Spec(
         path=path,
         agent=name,
@@ -227,7 +248,25 @@ def parse_spec(data: dict[str, Any], path: Path) -> Spec:
         shares=shares,
         allow=allow,
         key_proxies=key_proxies,
+        cri_runtimes=cri_runtimes,
     )
+
+
+def _cri_runtimes(
+    guest: dict[str, Any], version: int, shares: tuple[Share, ...], where: str
+) -> tuple[str, ...]:
+    has_storage = any(s.source == "cri-storage" for s in shares)
+    if version < 3:
+        return SPEC_V2_CRI_RUNTIMES if has_storage else ()
+    names = _str_list(guest, "cri_runtimes", f"{where} [guest]", default=[])
+    for name in names:
+        if not _CRI_RUNTIME.fullmatch(name):
+            raise SpecError(f"{where}: guest.cri_runtimes has invalid name {name!r}")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: guest.cri_runtimes names a runtime twice")
+    if names and not has_storage:
+        raise SpecError(f"{where}: guest.cri_runtimes needs a share with source 'cri-storage'")
+    return tuple(names)
 
 
 def _network_allow(data: dict[str, Any], where: str) -> tuple[str, ...]:
