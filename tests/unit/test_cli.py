@@ -311,6 +311,57 @@ def test_project_allowlist_file_is_read_from_the_config_dir(
     assert [r["host"] for r in plan["egress"]["rules"]] == ["project.example"]
 
 
+def test_a_bad_line_in_the_project_allowlist_names_the_file_and_line(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
+) -> None:
+    from microvm_run import host  # noqa: PLC0415
+
+    path = host.project_allow_file("claude", work, env)
+    path.parent.mkdir(parents=True)
+    path.write_text("# ours\nproject.example\n\nnot a host\n")
+    argv = ["--spec", str(spec_file), "--work-dir", str(work), "--dry-run"]
+    code, out, err = run(capsys, argv, env)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and f"{path}:4: " in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--accel", "foo"],
+        ["--accel"],
+        ["doctor", "--accel", "foo"],
+        ["ps", "--bogus"],
+        ["review", "--nope"],
+        ["land"],
+    ],
+)
+def test_argparse_errors_are_one_line_and_exit_2_in_every_subcommand(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], argv: list[str]
+) -> None:
+    code, out, err = run(capsys, argv, env)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("microvm-run: "), err
+
+
+@pytest.mark.parametrize("subcommand", [[], ["ps"]])
+def test_ctrl_c_is_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path,
+    monkeypatch: pytest.MonkeyPatch, subcommand: list[str],
+) -> None:  # fmt: skip
+    from microvm_run import host  # noqa: PLC0415
+
+    def interrupted(*_: Any, **__: Any) -> Any:
+        raise KeyboardInterrupt
+
+    # The launch's first host step, and ps's.
+    monkeypatch.setattr(host, "gather", interrupted)
+    monkeypatch.setattr(host, "runtime_base", interrupted)
+    launch = ["--spec", str(spec_file), "--work-dir", str(work), "--dry-run"]
+    code, out, err = run(capsys, subcommand or launch, env)
+    assert (code, out, err) == (130, "", "microvm-run: interrupted\n")
+
+
 def test_publish_forwards_host_ports(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], spec_file: Path, work: Path
 ) -> None:

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from microvm_run import agentgit, contract, host
+from microvm_run import agentgit, contract, host, usage
 from microvm_run.agentgit import GitPlan
 from microvm_run.netpolicy import NET_ALIASES, NetMode
 from microvm_run.plan import (
@@ -83,11 +83,11 @@ def _help(argv: list[str], environ: dict[str, str]) -> int:
     if argv[1:] in (["-h"], ["--help"]):
         argv = argv[:1]
     if len(argv) > 2:
-        return _bad_input(f"help takes at most one subcommand, not {' '.join(argv[1:])!r}")
+        return usage.bad_input(f"help takes at most one subcommand, not {' '.join(argv[1:])!r}")
     if len(argv) == 2:
         word = argv[1]
         if word not in SUBCOMMANDS:
-            return _bad_input(_unknown_word(word))
+            return usage.bad_input(_unknown_word(word))
         if word == "help":
             print(subcommand_list(), end="")
             return 0
@@ -125,17 +125,17 @@ def subcommand_list() -> str:
     return "\n".join(lines) + "\n"
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    # One line, not argparse's usage block: bad input is reported that way.
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    try:
+        return _main(argv, environ)
+    except KeyboardInterrupt:
+        # Ctrl-C before QEMU runs (host checks, git, the dev-shell
+        # evaluation), or in a subcommand: whatever was started is stopped
+        # by then (launch and devshell clean up on the way out).
+        return usage.interrupted()
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     env = dict(os.environ if environ is None else environ)
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in SUBCOMMANDS:
@@ -143,8 +143,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = _parser(env)
     try:
         args, agent_args = _split_words(parser, words)
-    except _UsageError as err:
-        return _bad_input(str(err))
+    except usage.UsageError as err:
+        return usage.bad_input(str(err))
     if args.help:
         parser.print_help()
         return 0
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         facts = replace(facts, git=_plan_git(facts, args.worktree, env))
         plan = build_plan(spec, options, facts)
     except (SpecError, PlanError) as err:
-        return _bad_input(str(err))
+        return usage.bad_input(str(err))
     if args.dry_run:
         if args.json:
             import json  # noqa: PLC0415 - only --json needs it
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _check_dirs(plan)
         _check_not_root(env)
     except PlanError as err:
-        return _bad_input(str(err))
+        return usage.bad_input(str(err))
     from microvm_run import git_cli, launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
 
     too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
@@ -203,21 +203,16 @@ def _split_words(parser: argparse.ArgumentParser, words: list[str]) -> tuple[Any
         ours, agent_args = words, []
     if ours and not ours[0].startswith("-"):
         # Before parsing, so `nosuch --help` is an error too, not the launch help.
-        raise _UsageError(_unknown_word(ours[0]))
+        raise usage.UsageError(_unknown_word(ours[0]))
     args, extra = parser.parse_known_args(ours)
     if extra and extra[0].startswith("-"):
-        raise _UsageError(
+        raise usage.UsageError(
             f"unknown option {extra[0]}: {AGENT_ARGS_RULE} (`-- {' '.join(extra)}`; "
             "`nix run` takes the first -- itself: `nix run FLAKE -- -- ARGS`)"
         )
     if extra:
-        raise _UsageError(_unknown_word(extra[0]))
+        raise usage.UsageError(_unknown_word(extra[0]))
     return args, agent_args
-
-
-def _bad_input(message: str) -> int:
-    print(f"microvm-run: {message}", file=sys.stderr)
-    return contract.EXIT_BAD_INPUT
 
 
 def _unknown_word(word: str) -> str:
@@ -366,7 +361,7 @@ def projects_overlap(one: Path, other: Path) -> bool:
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = usage.Parser(
         prog="microvm-run",
         usage="microvm-run [OPTIONS] [-- AGENT ARGS...]\n       microvm-run SUBCOMMAND [ARGS...]",
         description="Start the agent in a throw-away microVM with WORK_DIR shared at /work.",

@@ -19,9 +19,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn
 
-from microvm_run import agentgit, gitimport, gitprepare, process, state
+from microvm_run import agentgit, gitimport, gitprepare, process, state, usage
 from microvm_run.agentgit import GitError, GitPlan, Meta
 from microvm_run.contract import EXIT_BAD_INPUT
 
@@ -102,17 +101,8 @@ def after_run(session: Session | None, environ: Mapping[str, str]) -> None:
 # -- review and land ---------------------------------------------------------------------
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="microvm-run", description="Review and land the agent's commits.")
+    parser = usage.Parser(prog="microvm-run", description="Review and land the agent's commits.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     review = commands.add_parser(
         "review", help="list the agent's runs, or show one's log, diff stat and diff"
@@ -134,8 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         args = _parser().parse_args(list(argv))
-    except _UsageError as err:
-        return _fail(str(err), EXIT_BAD_INPUT)
+    except usage.UsageError as err:
+        return usage.bad_input(str(err))
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
     try:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from microvm_run import home
+from microvm_run import home, netpolicy
 from microvm_run.plan import HostFacts, PlanError
 from microvm_run.spec import Spec
 
@@ -204,12 +204,12 @@ def read_project_allow(path: Path) -> tuple[str, ...]:
         return ()
     except (OSError, UnicodeDecodeError) as err:
         raise PlanError(f"cannot read the project allowlist {path}: {err}") from None
-    entries = []
-    for line in text.splitlines():
-        entry = line.split("#", 1)[0].strip()
-        if entry:
-            entries.append(entry)
-    return tuple(entries)
+    try:
+        # Checked here, where the file and line are known.
+        netpolicy.parse_allow_file(text, str(path))
+    except netpolicy.PolicyError as err:
+        raise PlanError(str(err)) from None
+    return tuple(entry for _, entry in netpolicy.allow_file_entries(text))
 
 
 def terminal_size() -> tuple[int, int] | None:

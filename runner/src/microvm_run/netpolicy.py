@@ -146,16 +146,25 @@ def parse_allow(entry: str, *, private: bool = False) -> AllowRule:
     return AllowRule(host=name, wildcard=wildcard, port=port, private=private)
 
 
-def parse_allow_file(text: str, source: str) -> list[AllowRule]:
-    """A per-project allowlist file: one entry per line, ``#`` comments."""
-    rules = []
+def allow_file_entries(text: str) -> list[tuple[int, str]]:
+    """A per-project allowlist file's entries with their line numbers:
+    one entry per line, ``#`` comments."""
+    entries = []
     for number, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
         if entry:
-            try:
-                rules.append(parse_allow(entry))
-            except PolicyError as err:
-                raise PolicyError(f"{source}:{number}: {err}") from None
+            entries.append((number, entry))
+    return entries
+
+
+def parse_allow_file(text: str, source: str) -> list[AllowRule]:
+    """A per-project allowlist file's rules; a bad entry names ``source:LINE``."""
+    rules = []
+    for number, entry in allow_file_entries(text):
+        try:
+            rules.append(parse_allow(entry))
+        except PolicyError as err:
+            raise PolicyError(f"{source}:{number}: {err}") from None
     return rules
 
 

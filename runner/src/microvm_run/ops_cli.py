@@ -13,25 +13,12 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import NoReturn
 
-from microvm_run import doctor, git_cli, host, ops
-from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run import doctor, git_cli, host, ops, usage
 from microvm_run.qemu import Accel
 
 SUBCOMMANDS = ("ps", "stop", "gc", "doctor")
 _STOPPED = (ops.POWERED_OFF, ops.TERMINATED, ops.KILLED, ops.NOT_RUNNING)
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    # One line, not argparse's usage block: the rest of microvm-run reports
-    # bad input that way.
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
 
 
 def main(
@@ -48,8 +35,8 @@ def main(
     """
     try:
         args = _parser(environ).parse_args(list(argv))
-    except _UsageError as err:
-        return _bad_input(str(err))
+    except usage.UsageError as err:
+        return usage.bad_input(str(err))
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
     uid = os.getuid()
@@ -63,11 +50,11 @@ def main(
             return _gc(args, base, environ, uid, ask)
         return _doctor(args, environ, boot)
     except ops.OpsError as err:
-        return _bad_input(str(err))
+        return usage.bad_input(str(err))
 
 
 def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = _Parser(prog="microvm-run", description="Manage running microVM instances.")
+    parser = usage.Parser(prog="microvm-run", description="Manage running microVM instances.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ps = commands.add_parser("ps", help="list running instances")
     ps.add_argument("--json", action="store_true", help="print a JSON list")
@@ -99,11 +86,6 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--accel", default=environ.get("MICROVM_ACCEL", "kvm"), choices=[a.value for a in Accel]
     )
     return parser
-
-
-def _bad_input(message: str) -> int:
-    print(f"microvm-run: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 # -- ps ----------------------------------------------------------------------------------
@@ -183,15 +165,17 @@ def _tilde(path: Path, user_home: str | None) -> str:
 
 def _stop(args: argparse.Namespace, base: Path, environ: Mapping[str, str], uid: int) -> int:
     if args.ids and args.all:
-        return _bad_input("stop: name instances or pass --all, not both")
+        return usage.bad_input("stop: name instances or pass --all, not both")
     if not args.ids and not args.all:
-        return _bad_input("stop: name the instances to stop (IDs from microvm-run ps) or --all")
+        return usage.bad_input(
+            "stop: name the instances to stop (IDs from microvm-run ps) or --all"
+        )
     try:
         timeout = float(args.timeout)
     except ValueError:
-        return _bad_input(f"stop: --timeout must be a number of seconds, not {args.timeout!r}")
+        return usage.bad_input(f"stop: --timeout must be a number of seconds, not {args.timeout!r}")
     if not 0 <= timeout < math.inf:  # also refuses nan
-        return _bad_input(f"stop: --timeout must be 0 or more seconds, not {args.timeout}")
+        return usage.bad_input(f"stop: --timeout must be 0 or more seconds, not {args.timeout}")
     results = ops.stop(base, None if args.all else args.ids, timeout, environ, uid=uid)
     if not results:
         print("microvm-run: no running instances", file=sys.stderr)
@@ -217,7 +201,7 @@ def _gc(
 ) -> int:
     if args.prune and not args.yes and ask is None:
         if not sys.stdin.isatty():
-            return _bad_input(
+            return usage.bad_input(
                 "gc --prune asks before deleting each home and needs a terminal; "
                 "pass --yes to delete without asking"
             )
@@ -262,7 +246,7 @@ def _doctor(
     args: argparse.Namespace, environ: Mapping[str, str], boot: doctor.BootFn | None
 ) -> int:
     if args.boot and boot is None:
-        return _bad_input("doctor --boot is not available in this build")
+        return usage.bad_input("doctor --boot is not available in this build")
     checks = []
     for check in doctor.iter_checks(
         environ, spec_path=args.spec, accel=args.accel, boot=boot if args.boot else None

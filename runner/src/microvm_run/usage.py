@@ -1,0 +1,35 @@
+"""One style for what every subcommand tells a user who typed something wrong
+or pressed Ctrl-C: one line on stderr, exit 2 (bad input) or 130 (SIGINT),
+never argparse's usage block or a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from typing import NoReturn
+
+from microvm_run import process
+from microvm_run.contract import EXIT_BAD_INPUT
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message is one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised as UsageError instead of printed."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def bad_input(message: str) -> int:
+    process.log(message)
+    return EXIT_BAD_INPUT
+
+
+def interrupted() -> int:
+    process.log("interrupted")
+    return EXIT_INTERRUPTED
