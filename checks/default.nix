@@ -25,7 +25,8 @@ let
       throw "tests/nix/cases.nix failed: ${lib.concatMapStringsSep ", " (c: c.name) results.failed}";
 
   # Evaluate (not build) a flavor's whole NixOS system and check the values
-  # its spec resolved to (LESSONS #4).
+  # its spec resolved to (resolved values, not declarations: a mkDefault can
+  # lose to a plain value elsewhere).
   evalFlavor =
     name: cri:
     let

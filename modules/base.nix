@@ -515,7 +515,7 @@ in
         # The home is a share from the host; never create or chown it here.
         createHome = false;
         shell = pkgs.bashInteractive;
-        # No password, not in wheel: no way to root (LESSONS #10).
+        # No password, not in wheel, no sudo rules: no way to root.
         hashedPassword = "!";
       };
       security.sudo.enable = lib.mkDefault false;

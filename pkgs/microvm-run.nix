@@ -10,7 +10,8 @@ let
 in
 python3Packages.buildPythonApplication {
   pname = "microvm-run";
-  version = "0.1.0";
+  # The one place the version is written: runner/pyproject.toml.
+  inherit ((lib.importTOML ../runner/pyproject.toml).project) version;
   pyproject = true;
 
   src = fs.toSource {
@@ -28,7 +29,6 @@ python3Packages.buildPythonApplication {
   build-system = [ python3Packages.setuptools ];
   dependencies = [
     python3Packages.plumbum
-    python3Packages.xdg-base-dirs
     python3Packages.tomli-w
   ];
 

@@ -3,7 +3,8 @@
 Run by scripts/eval-modules: reads OUT/<flavor>.json, writes the spec TOML and
 the guest scripts next to it, validates each spec with the runner's schema
 (microvm_run.spec.load_spec) and checks the resolved values the README
-promises (LESSONS #4: test resolved values, not declarations).
+promises: resolved values, not declarations (a mkDefault in one module
+loses to a plain value in another, and only the resolved value shows it).
 """
 
 from __future__ import annotations

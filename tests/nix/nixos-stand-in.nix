@@ -2,7 +2,7 @@
 # microvm.nix's guest modules (its whole nixosModules.microvm list) set or
 # read, so that lib.evalModules can type-check them without nixpkgs.
 #
-# Rule (LESSONS #14): a declaration with a nixpkgs file named above it is as
+# Rule (a stand-in more lenient than NixOS proves nothing): a declaration with a nixpkgs file named above it is as
 # strict as the NixOS one it mirrors: same type, same merge, same checks,
 # same default (docs/nix.md lists the revisions read, the pin's nearest
 # stored versions). The rest (users, fileSystems, environment.etc, the

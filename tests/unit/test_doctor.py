@@ -114,11 +114,11 @@ def test_an_accessible_character_device_is_ok() -> None:
     assert doctor.check_kvm(Path("/dev/null"), "kvm").status == OK
 
 
-def test_run_checks_uses_the_injected_kvm_path(
+def test_the_checks_use_the_injected_kvm_path(
     tmp_path: Path, env: dict[str, str], spec_file: Path, proc_sys: Path
 ) -> None:
     paths = DoctorPaths(kvm=tmp_path / "no-kvm", proc_sys=proc_sys)
-    checks = doctor.run_checks(env, spec_path=str(spec_file), paths=paths, uid=1000)
+    checks = list(doctor.iter_checks(env, spec_path=str(spec_file), paths=paths, uid=1000))
     (kvm,) = by_name(checks, str(tmp_path / "no-kvm"))
     assert kvm.status == FAIL
     assert doctor.exit_status(checks) == 1
@@ -294,18 +294,20 @@ def test_boot_failures(spec_file: Path) -> None:
     assert "skipped" in skipped.detail
 
 
-def test_run_checks_boots_last_and_only_when_asked(
+def test_the_checks_boot_last_and_only_when_asked(
     tmp_path: Path, env: dict[str, str], spec_file: Path, proc_sys: Path
 ) -> None:
     paths = DoctorPaths(kvm=Path("/dev/null"), proc_sys=proc_sys)
-    checks = doctor.run_checks(env, spec_path=str(spec_file), paths=paths, uid=os.getuid())
+    checks = list(doctor.iter_checks(env, spec_path=str(spec_file), paths=paths, uid=os.getuid()))
     assert not by_name(checks, "boot")
     names = [c.name for c in checks]
     assert names[:1] == ["/dev/null"]
     assert "qemu --version" in names
     assert "free space for runtime files" in names
-    booted = doctor.run_checks(
-        env, spec_path=str(spec_file), paths=paths, uid=os.getuid(), boot=lambda *_: 0
+    booted = list(
+        doctor.iter_checks(
+            env, spec_path=str(spec_file), paths=paths, uid=os.getuid(), boot=lambda *_: 0
+        )
     )
     assert booted[-1].name == "boot"
     assert booted[-1].status == OK

@@ -37,10 +37,10 @@ FAKE_VIRTIOFSD = textwrap.dedent(
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(1)
-    if scenario == "die":
-        time.sleep(0.5)
-        sys.exit(1)
     conn, _ = server.accept()
+    if scenario == "die":
+        time.sleep(0.3)
+        sys.exit(1)
     while conn.recv(4096):
         pass
     """

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from microvm_run import home
+from microvm_run.atomic import write_atomic
 
 if TYPE_CHECKING:
     from microvm_run import process
@@ -310,9 +311,7 @@ def rev(project: Path, what: str, environ: Mapping[str, str]) -> str | None:
 
 
 def write_meta(run_dir: Path, meta: Meta) -> None:
-    tmp = run_dir / "meta.json.tmp"
-    tmp.write_text(meta.to_json())
-    tmp.replace(run_dir / "meta.json")
+    write_atomic(run_dir / "meta.json", meta.to_json().encode())
 
 
 def read_meta(run_dir: Path) -> Meta:

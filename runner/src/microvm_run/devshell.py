@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import stat
 import tempfile
 import time
@@ -37,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from microvm_run import consent, contract, process, safefs
+from microvm_run import consent, contract, host, process, safefs
+from microvm_run.atomic import write_atomic
 
 # The files whose contents decide the dev shell.  Order and names are part of
 # the cache key, so moving content from one file to another changes the key.
@@ -90,7 +90,7 @@ GUEST_OWN_VARS = frozenset(
     }
 )  # fmt: skip
 # Search paths the guest's system sets too: the dev shell's entries go first,
-# the guest's stay after them (for PATH: the system part the issue requires).
+# the guest's stay after them (for PATH: the guest's own tools stay reachable).
 PREPENDED_VARS = ("PATH", "XDG_DATA_DIRS", "XDG_CONFIG_DIRS", "TERMINFO_DIRS")
 _SH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -475,7 +475,7 @@ def _evaluate(
     child_env: Mapping[str, str],
     progress: TextIO,
 ) -> float:
-    program = shutil.which(command[0], path=child_env.get("PATH", os.defpath))
+    program = host.which(command[0], child_env)
     if program is None:
         raise _EvaluationFailed(_missing_program_summary(kind, command[0]), "")
     argv = [program, *command[1:]]
@@ -641,26 +641,9 @@ def _temp_file(directory: Path, key: str, suffix: str) -> Iterator[tuple[Path, T
 
 
 def _write_atomically(target: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part.
-
-    The temp file is unique (mkstemp), so concurrent launches never share one;
-    it is fsynced before the rename, so a crash cannot leave an empty entry.
-    """
+    """Readers see the old entry or the whole new one (atomic.write_atomic)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _temp_file(target.parent, target.name, "") as (path, file):
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-        os.replace(path, target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(target, text.encode("utf-8"), shared=True)
 
 
 def _prune(current: CachePaths) -> None:

@@ -49,20 +49,6 @@ class DoctorPaths:
     proc_sys: Path = Path("/proc/sys")
 
 
-def run_checks(
-    environ: Mapping[str, str],
-    *,
-    spec_path: str | None,
-    accel: str = "kvm",
-    boot: BootFn | None = None,
-    uid: int | None = None,
-    paths: DoctorPaths | None = None,
-) -> list[Check]:
-    return list(
-        iter_checks(environ, spec_path=spec_path, accel=accel, boot=boot, uid=uid, paths=paths)
-    )
-
-
 def iter_checks(
     environ: Mapping[str, str],
     *,
@@ -168,7 +154,7 @@ def check_userns(proc_sys: Path, environ: Mapping[str, str], uid: int) -> list[C
                 "sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0",
             )
         )
-    missing = [tool for tool in ("newuidmap", "newgidmap") if _which(tool, environ) is None]
+    missing = [tool for tool in ("newuidmap", "newgidmap") if host.which(tool, environ) is None]
     if missing:
         checks.append(
             Check(
@@ -361,13 +347,5 @@ def _read_int(path: Path) -> int | None:
 def _nearest_existing(path: Path) -> Path | None:
     for candidate in (path, *path.parents):
         if candidate.exists():
-            return candidate
-    return None
-
-
-def _which(program: str, environ: Mapping[str, str]) -> str | None:
-    for entry in environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(entry or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None

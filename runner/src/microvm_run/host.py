@@ -83,11 +83,19 @@ def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -
     return home.agent_home(spec.agent, work_dir, data_home(environ))
 
 
-def data_home(environ: Mapping[str, str]) -> Path:
-    value = environ.get("XDG_DATA_HOME")
+def _xdg(environ: Mapping[str, str], variable: str, *default: str) -> Path:
+    """An XDG base directory from ``environ``: the variable when it is an
+    absolute path, else the spec's default under HOME.  Not xdg-base-dirs:
+    it reads os.environ only, and every lookup here takes the environment
+    it is given (the tests' and the subcommands' own)."""
+    value = environ.get(variable)
     if value and Path(value).is_absolute():
         return Path(value)
-    return Path(environ.get("HOME") or Path.home()) / ".local" / "share"
+    return Path(environ.get("HOME") or Path.home()).joinpath(*default)
+
+
+def data_home(environ: Mapping[str, str]) -> Path:
+    return _xdg(environ, "XDG_DATA_HOME", ".local", "share")
 
 
 def runtime_base(environ: Mapping[str, str], uid: int) -> Path:
@@ -117,7 +125,7 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
     $XDG_RUNTIME_DIR/systemd/private when there is no session bus, so a
     successful connect there is the honest, cheap test (no process started).
     """
-    if not _on_path("systemd-run", environ) or not _on_path("systemctl", environ):
+    if which("systemd-run", environ) is None or which("systemctl", environ) is None:
         return False, "systemd-run/systemctl not on PATH"
     runtime = environ.get("XDG_RUNTIME_DIR")
     if not runtime:
@@ -134,27 +142,29 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
     return True, f"user manager at {private}"
 
 
-def _on_path(program: str, environ: Mapping[str, str]) -> bool:
-    # Not shutil.which: importing shutil costs more than this whole check.
+def which(program: str, environ: Mapping[str, str]) -> str | None:
+    """Where ``environ``'s PATH finds an executable ``program`` (a name with a
+    / is taken as it is), or None.  Not shutil.which: it reads the runner's
+    own PATH unless told, and importing shutil costs more than this."""
+    if os.sep in program:
+        return program if _executable(program) else None
     for entry in environ.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(entry or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return True
-    return False
+        if _executable(candidate):
+            return candidate
+    return None
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
 
 
 def state_home(environ: Mapping[str, str]) -> Path:
-    value = environ.get("XDG_STATE_HOME")
-    if value and Path(value).is_absolute():
-        return Path(value)
-    return Path(environ.get("HOME") or Path.home()) / ".local" / "state"
+    return _xdg(environ, "XDG_STATE_HOME", ".local", "state")
 
 
 def cache_home(environ: Mapping[str, str]) -> Path:
-    value = environ.get("XDG_CACHE_HOME")
-    if value and Path(value).is_absolute():
-        return Path(value)
-    return Path(environ.get("HOME") or Path.home()) / ".cache"
+    return _xdg(environ, "XDG_CACHE_HOME", ".cache")
 
 
 def project_key(work_dir: Path) -> str:
@@ -181,10 +191,7 @@ def cri_storage_dir(agent: str, work_dir: Path, environ: Mapping[str, str]) -> P
 
 
 def config_home(environ: Mapping[str, str]) -> Path:
-    value = environ.get("XDG_CONFIG_HOME")
-    if value and Path(value).is_absolute():
-        return Path(value)
-    return Path(environ.get("HOME") or Path.home()) / ".config"
+    return _xdg(environ, "XDG_CONFIG_HOME", ".config")
 
 
 def project_allow_file(agent: str, work_dir: Path, environ: Mapping[str, str]) -> Path:

@@ -229,25 +229,15 @@ def run(
     argv: Sequence[str],
     *,
     env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
     timeout: float | None = None,
-    stdout: int | IO[Any] | None = None,
-    stderr: int | IO[Any] | None = None,
 ) -> Completed:
-    """Run a program to completion and capture its output (unless redirected)."""
+    """Run a program to completion and capture its output."""
     from plumbum import ProcessTimedOut, local  # noqa: PLC0415 - lazy: keeps --dry-run fast
 
     command = _command(local, argv)
-    kwargs: dict[str, Any] = {}
-    if cwd is not None:
-        kwargs["cwd"] = str(cwd)
-    if stdout is not None:
-        kwargs["stdout"] = stdout
-    if stderr is not None:
-        kwargs["stderr"] = stderr
     try:
         with _exact_env(local, env):
-            code, out, err = command.run(retcode=None, timeout=timeout, **kwargs)
+            code, out, err = command.run(retcode=None, timeout=timeout)
     except OSError as error:
         raise ProcessError(f"cannot run {argv[0]}: {error.strerror}") from None
     except ProcessTimedOut:

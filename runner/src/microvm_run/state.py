@@ -54,6 +54,7 @@ from typing import Any
 import tomli_w
 
 from microvm_run import home
+from microvm_run.atomic import write_atomic
 from microvm_run.netpolicy import NetMode
 from microvm_run.virtiofsd import Supervisor
 
@@ -188,7 +189,7 @@ def write_state(runtime_dir: Path, state: InstanceState) -> None:
     would not read back, so a bug shows up at the writer.
     """
     _validate(state.to_toml(), expected_id=runtime_dir.name)
-    _write_atomic(runtime_dir / STATE_FILE, tomli_w.dumps(state.to_toml()).encode())
+    write_atomic(runtime_dir / STATE_FILE, tomli_w.dumps(state.to_toml()).encode())
 
 
 def read_state(runtime_dir: Path) -> StateRead:
@@ -423,7 +424,7 @@ def write_home_record(agent_home: Path, project: Path, agent: str) -> None:
     if not project.is_absolute():
         raise ValueError(f"project {project} is not absolute")
     data = {"version": HOME_RECORD_VERSION, "agent": agent, "project": str(project)}
-    _write_atomic(home_record_path(agent_home), tomli_w.dumps(data).encode())
+    write_atomic(home_record_path(agent_home), tomli_w.dumps(data).encode())
 
 
 def scan_homes(
@@ -514,33 +515,3 @@ def _read_toml(path: Path) -> dict[str, Any]:
         # tomllib recurses per nesting level: a file of "[[[[..." deep enough
         # exhausts the stack.  Nothing this runner writes nests at all.
         raise StateError(f"{path.name} is nested too deeply to be ours") from None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a 0600 file under a temporary name, fsync, rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    # Left over from a writer that died: ours to replace (O_EXCL below then
-    # guards against anything else appearing in between).
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    # The rename itself survives a crash only once the directory is synced.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from typing import NoReturn
 
-from microvm_run import process
 from microvm_run.contract import EXIT_BAD_INPUT
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT
@@ -26,10 +26,10 @@ class Parser(argparse.ArgumentParser):
 
 
 def bad_input(message: str) -> int:
-    process.log(message)
+    print(f"microvm-run: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
 def interrupted() -> int:
-    process.log("interrupted")
+    print("microvm-run: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
