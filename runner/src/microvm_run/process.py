@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
     from plumbum.commands.base import BoundCommand
@@ -274,7 +274,9 @@ def spawn(
             )
     except OSError as error:
         raise ProcessError(f"cannot start {argv[0]}: {error.strerror}") from None
-    return Child(popen, argv)  # type: ignore[arg-type]  # plumbum's Protocol lacks timeouts
+    # plumbum's PopenWithAddons protocol leaves out wait's and communicate's
+    # timeouts, which its subprocess.Popen has.
+    return Child(cast(_Popen, popen), argv)
 
 
 def _command(local: LocalMachine, argv: Sequence[str]) -> BoundCommand:
