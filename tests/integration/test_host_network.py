@@ -20,6 +20,7 @@ namespaces have no link to anything else.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from microvm_run import netpolicy
 from tests.integration.conftest import REPO
 from tests.support.prereq import require
 
@@ -401,6 +403,18 @@ def test_an_allowlist_vm_reaches_nothing_while_its_proxy_is_down(
     assert topology.listener_log(f"{PUBLIC}_8080") == before
     assert "from-beta" not in topology.listener_log(f"{LAN}_8080")
     assert "from-beta" not in topology.listener_log(f"{gw}_9000")
+
+
+def test_the_rulesets_non_public_ranges_are_the_proxys() -> None:
+    """lib/hostnet.nix's list (rendered) and netpolicy's, compared across the languages."""
+    text = (RENDERED / "ruleset.nft").read_text()
+    match = re.search(r"set nonpublic4 \{.*?elements = \{ ([^}]*) \}", text, flags=re.S)
+    assert match is not None
+    rendered = {ipaddress.ip_network(e.strip()) for e in match.group(1).split(",")}
+    python = {net for net in netpolicy._NOT_PUBLIC if net.version == 4}
+    assert rendered == python
+    assert all(not netpolicy.public_address(str(net.network_address)) for net in rendered)
+    assert netpolicy.public_address(PUBLIC), "the test's public peer must count as public"
 
 
 def test_the_rendered_files_are_committed() -> None:

@@ -232,13 +232,17 @@ class EgressProxy:
         assert listen is not None
         try:
             peer = conn.getpeername()[0]
-            port = _original_port(conn)
         except OSError:
             conn.close()
             return
         if peer != listen.peer:
             conn.close()
             self._record("deny", peer, listen.port, "tcp", "not this proxy's VM")
+            return
+        try:
+            port = _original_port(conn)
+        except OSError:  # not a connection conntrack saw
+            conn.close()
             return
         conn.setblocking(False)
         try:
