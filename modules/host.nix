@@ -444,8 +444,8 @@ in
       evaluatedConfig = cfg.evalGuest [ (guestModule name vm) ];
     }) cfg.vms;
 
-    # The bridge, with systemd-networkd; taps named vm-* join it.
-    networking.useNetworkd = true;
+    # The bridge, with systemd-networkd (for these links only: the rest of
+    # the host's network stays as it is); taps named vm-* join it.
     systemd.network = {
       enable = true;
       netdevs."20-${cfg.bridge.name}".netdevConfig = {

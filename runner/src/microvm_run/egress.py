@@ -66,6 +66,7 @@ MAX_CONNECTIONS = 256
 _CHUNK = 64 * 1024
 # linux/netfilter_ipv4.h: the destination a connection had before NAT.
 _SO_ORIGINAL_DST = 80
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 # Headers that carry credentials or hop-by-hop state; the key proxy drops
 # whatever the guest sent for them before adding the real key.
 _DROPPED_HEADERS = frozenset(
@@ -134,6 +135,8 @@ class EgressProxy:
                 os.chmod(self.config.socket, 0o600)
             else:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # The bridge's address may come up after the service starts.
+                listener.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
                 listener.bind((listen.address, listen.port))
             listener.listen(MAX_CONNECTIONS)
             listener.setblocking(False)
