@@ -83,7 +83,7 @@ let
           guestModules = [ ../../modules/base.nix ];
           flavorModules = agents;
           inherit evalGuest;
-          bridge.externalInterface = "ext0";
+          bridge.externalInterface = nixpkgsLib.mkDefault "ext0";
           vms = if vms == null then testVMs else vms;
         };
       }
