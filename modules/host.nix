@@ -283,6 +283,8 @@ let
     vm:
     pkgs.writeShellScript "agent-microvm-prepare-${vm.name}" ''
       set -eu
+      # microvm.nix empties microvm@'s path (path = mkForce [ ]).
+      PATH=${lib.makeBinPath [ pkgs.coreutils ]}
       dir=${stateDir}/${vm.name}
       install -d -m 0755 "$dir" "$dir/ssh"
       install -d -m 0700 -o ${toString vm.guestConfig.agentVM.persistent.uid} "$dir/home"

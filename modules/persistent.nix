@@ -279,6 +279,7 @@ in
         User = user;
         Group = user;
         ExecStartPre = lib.mkIf (cfg.guestKeyVars != [ ]) "+${pkgs.writeShellScript "agent-microvm-credentials" ''
+          PATH=${lib.makeBinPath [ pkgs.coreutils ]}
           install -d -m 0700 -o ${user} -g ${user} /run/agent-microvm/credentials
           for var in ${lib.escapeShellArgs cfg.guestKeyVars}; do
             if [ -r "$CREDENTIALS_DIRECTORY/$var" ]; then
