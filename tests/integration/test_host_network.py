@@ -70,6 +70,8 @@ class Net:
     host: str
     router: str
     public: str
+    other_vm: str
+    other_vm_address: str
     bridge: str
     gateway: str
     prefix: int
@@ -105,6 +107,9 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
         host=f"amvmH{tag}",
         router=f"amvmR{tag}",
         public=f"amvmP{tag}",
+        other_vm=f"amvmV{tag}",
+        # a host number no VM of the rendered set has
+        other_vm_address=str(ipaddress.ip_interface(network["Address"]).network[250]),
         bridge=netdev["Name"],
         gateway=gateway,
         prefix=int(prefix),
@@ -115,7 +120,7 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
     (net.scratch / "listen").mkdir(parents=True)
     etc = Path("/etc/netns") / net.host
     try:
-        for name in (net.host, net.router, net.public):
+        for name in (net.host, net.router, net.public, net.other_vm):
             sh("ip", "netns", "add", name)
             ns(name, "ip", "link", "set", "lo", "up")
         # H: the bridge as networkd makes it (name and address from the rendered units)
@@ -126,6 +131,14 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
             tap = str(guest["tap"])
             ns(net.host, "ip", "tuntap", "add", "dev", tap, "mode", "tap")
             ns(net.host, "ip", "link", "set", tap, "master", net.bridge, "up")
+        # Another VM on the bridge (a namespace behind a port named like a tap)
+        sh(
+            "ip", "link", "add", "vm-other", "netns", net.host,
+            "type", "veth", "peer", "eth0", "netns", net.other_vm,
+        )  # fmt: skip
+        ns(net.host, "ip", "link", "set", "vm-other", "master", net.bridge, "up")
+        ns(net.other_vm, "ip", "addr", "add", f"{net.other_vm_address}/{prefix}", "dev", "eth0")
+        ns(net.other_vm, "ip", "link", "set", "eth0", "up")
         # H's uplink to R (the LAN), R's to P (the "internet")
         sh(
             "ip",
@@ -169,6 +182,11 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
         ns(net.public, "ip", "route", "add", "default", "via", ROUTER_UP)
         # The module's sysctl and ruleset, as they are
         ns(net.host, "sysctl", "-qw", "net.ipv4.conf.all.forwarding=1")
+        # Bridged frames skip the inet hooks, as on a host without br_netfilter
+        # (where it is loaded, e.g. for Docker, the inet table sees them too):
+        # the bridge table alone must keep the VMs apart.
+        if Path("/proc/sys/net/bridge/bridge-nf-call-iptables").exists():
+            ns(net.host, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0")
         ns(net.host, "nft", "-f", str(RENDERED / "ruleset.nft"))
         # Names the proxy resolves (ip netns exec binds this over /etc/hosts)
         etc.mkdir(parents=True)
@@ -181,6 +199,7 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
         for namespace, addresses in (
             (net.public, [f"{PUBLIC}:8080", f"{PUBLIC}:8081", f"{PUBLIC_DENIED}:8080"]),
             (net.router, [f"{LAN}:8080"]),
+            (net.other_vm, [f"{net.other_vm_address}:8080"]),
             (net.host, [f"{gateway}:9000", f"{HOST_EXT}:9000", "127.0.0.1:9000"]),
         ):
             ready = net.scratch / "listen" / "ready"
@@ -193,7 +212,7 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        for name in (net.host, net.router, net.public):
+        for name in (net.host, net.router, net.public, net.other_vm):
             sh("ip", "netns", "del", name, check=False)
         shutil.rmtree(etc, ignore_errors=True)
 
@@ -309,6 +328,7 @@ def test_an_open_vm_reaches_the_public_peer_and_not_the_host_nor_the_lan(
         [
             _section("public", f"echo hello-from-alpha | nc -w 5 {PUBLIC} 8080"),
             _section("lan", f"echo lan-from-alpha | nc -w 3 {LAN} 8080"),
+            _section("other-vm", f"echo vm-from-alpha | nc -w 3 {topology.other_vm_address} 8080"),
             _section("host-bridge", f"echo host-from-alpha | nc -w 3 {gw} 9000"),
             _section("host-ext", f"echo ext-from-alpha | nc -w 3 {HOST_EXT} 9000"),
             # the proxy ports of the other VM (beta) are not alpha's
@@ -318,8 +338,9 @@ def test_an_open_vm_reaches_the_public_peer_and_not_the_host_nor_the_lan(
     out = boot(topology, guest_build, "alpha", script)
     assert f"answer from {PUBLIC}_8080" in out["public"]
     assert "hello-from-alpha" in topology.listener_log(f"{PUBLIC}_8080")
-    for title in ("lan", "host-bridge", "host-ext", "beta-proxy"):
+    for title in ("lan", "other-vm", "host-bridge", "host-ext", "beta-proxy"):
         assert "answer from" not in out[title], title
+    assert topology.listener_log(f"{topology.other_vm_address}_8080") == ""
     assert "from-alpha" not in topology.listener_log(f"{LAN}_8080")
     assert "from-alpha" not in topology.listener_log(f"{gw}_9000")
     assert "from-alpha" not in topology.listener_log(f"{HOST_EXT}_9000")
