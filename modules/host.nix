@@ -188,7 +188,7 @@ let
     port = vm.proxyPort;
     peer = vm.address;
     inherit (vm) mode allow;
-    log = "/var/log/agent-microvm/${vm.name}-egress.log";
+    log = "/var/log/agent-microvm/${vm.name}/egress.log";
     key_routes = map (r: {
       inherit (r)
         var
@@ -502,7 +502,8 @@ in
             Restart = "always";
             RestartSec = "2s";
             DynamicUser = true;
-            LogsDirectory = "agent-microvm";
+            # One directory per VM: each proxy has a dynamic user of its own.
+            LogsDirectory = "agent-microvm/${vm.name}";
             LogsDirectoryMode = "0750";
             CapabilityBoundingSet = [ "" ];
             AmbientCapabilities = [ "" ];

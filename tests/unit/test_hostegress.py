@@ -27,7 +27,7 @@ def config(**changes: Any) -> dict[str, Any]:
         "peer": "10.77.0.37",
         "mode": "allowlist",
         "allow": ["api.anthropic.com", "allowed.amvm.test:8080"],
-        "log": "/var/log/agent-microvm/beta-egress.log",
+        "log": "/var/log/agent-microvm/beta/egress.log",
         "key_routes": [
             {
                 "var": "ANTHROPIC_API_KEY",
