@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from microvm_run import netpolicy
+from microvm_run.plan import KEY_PLACEHOLDER
 from tests.integration.conftest import REPO
 from tests.support.prereq import require
 
@@ -436,6 +437,20 @@ def test_the_rulesets_non_public_ranges_are_the_proxys() -> None:
     assert rendered == python
     assert all(not netpolicy.public_address(str(net.network_address)) for net in rendered)
     assert netpolicy.public_address(PUBLIC), "the test's public peer must count as public"
+
+
+def test_the_modules_proxy_ports_and_key_url_are_the_runners() -> None:
+    """What modules/host.nix wrote into the guest and the ruleset, against netpolicy/plan."""
+    beta = json.loads((RENDERED / "guests.json").read_text())["beta"]
+    gw = beta["gateway"]
+    prefix = netpolicy.key_route_prefix("ANTHROPIC_API_KEY")
+    assert beta["environment"]["ANTHROPIC_BASE_URL"] == (
+        f"http://{gw}:{netpolicy.KEY_PROXY_PORT}/{prefix}"
+    )
+    assert beta["environment"]["ANTHROPIC_API_KEY"] == KEY_PLACEHOLDER
+    assert beta["environment"]["HTTPS_PROXY"] == f"http://{gw}:{netpolicy.PROXY_PORT}"
+    ruleset = (RENDERED / "ruleset.nft").read_text()
+    assert f"tcp dport {netpolicy.KEY_PROXY_PORT} redirect" in ruleset
 
 
 def test_the_rendered_files_are_committed() -> None:
