@@ -20,12 +20,14 @@ namespaces have no link to anything else.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -313,12 +315,26 @@ def _dns(gateway: str, name: str) -> str:
     return f"printf '{_dns_query(name)}' | nc -w 3 {gateway} 53 | od -An -tx1"
 
 
+def _octal(data: bytes) -> str:
+    """Bytes as printf octal escapes (busybox printf in the guest)."""
+    return "".join(f"\\{byte:03o}" for byte in data)
+
+
+def _client_hello(name: str) -> bytes:
+    """The first bytes a real TLS client sends to ``name``."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
 def _dns_query(name: str) -> str:
     """A DNS-over-TCP query for NAME's A record, as printf octal escapes."""
     question = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
     message = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + question + b"\x00\x01\x00\x01"
-    framed = len(message).to_bytes(2, "big") + message
-    return "".join(f"\\{byte:03o}" for byte in framed)
+    return _octal(len(message).to_bytes(2, "big") + message)
 
 
 def test_an_open_vm_reaches_the_public_peer_and_not_the_host_nor_the_lan(
@@ -366,6 +382,15 @@ def test_an_allowlist_vm_reaches_listed_names_through_the_proxy_with_the_key_inj
         [
             # any destination: the ruleset hands every TCP connection to the proxy
             _section("allowed", f"{_http('allowed.amvm.test:8080')} | nc -w 5 {PUBLIC} 8080"),
+            # TLS, by SNI: the first bytes reach the allowed name only
+            _section(
+                "tls-allowed",
+                f"printf '{_octal(_client_hello('allowed.amvm.test'))}' | nc -w 3 {PUBLIC} 8080",
+            ),
+            _section(
+                "tls-denied",
+                f"printf '{_octal(_client_hello('denied.amvm.test'))}' | nc -w 3 {PUBLIC} 8080",
+            ),
             _section("denied", f"{_http('denied.amvm.test:8080')} | nc -w 5 {PUBLIC_DENIED} 8080"),
             _section("lan", f"{_http(f'{LAN}:8080')} | nc -w 5 {LAN} 8080"),
             _section("host", f"{_http(f'{gw}:9000')} | nc -w 5 {gw} 9000"),
@@ -381,6 +406,10 @@ def test_an_allowlist_vm_reaches_listed_names_through_the_proxy_with_the_key_inj
     )
     out = boot(topology, guest_build, "beta", script)
     assert f"answer from {PUBLIC}_8080" in out["allowed"]
+    # the ClientHello itself reached the allowed name (a TLS record, as logged)
+    assert "\\x16\\x03\\x01" in topology.listener_log(f"{PUBLIC}_8080")
+    assert "answer from" in out["tls-allowed"]
+    assert "answer from" not in out["tls-denied"]
     assert "403" in out["denied"] and "answer from" not in out["denied"]
     assert topology.listener_log(f"{PUBLIC_DENIED}_8080") == ""
     assert "answer from" not in out["lan"] and topology.listener_log(f"{LAN}_8080") == ""
