@@ -520,10 +520,13 @@ in
             ProtectHostname = true;
             ProtectProc = "invisible";
             ProcSubset = "pid";
+            # AF_NETLINK: glibc's getaddrinfo asks the kernel for the
+            # host's address families.
             RestrictAddressFamilies = [
               "AF_INET"
               "AF_INET6"
               "AF_UNIX"
+              "AF_NETLINK"
             ];
             RestrictNamespaces = true;
             RestrictRealtime = true;
