@@ -482,6 +482,25 @@ def test_the_modules_proxy_ports_and_key_url_are_the_runners() -> None:
     assert f"tcp dport {netpolicy.KEY_PROXY_PORT} redirect" in ruleset
 
 
+@pytest.mark.parametrize("vm", ["alpha", "beta"])
+def test_the_proxys_hardened_unit_is_one_systemd_accepts(vm: str, tmp_path: Path) -> None:
+    """`systemd-analyze verify` on the rendered unit (ExecStart swapped for an existing binary)."""
+    analyze = shutil.which("systemd-analyze")
+    require(analyze is not None, "systemd-analyze (systemd, scripts/setup-host)")
+    assert analyze is not None
+    lines = (RENDERED / f"egress-{vm}.service").read_text().splitlines()
+    body = [
+        "ExecStart=/bin/true" if line.startswith("ExecStart=") else line
+        for line in lines
+        if not line.startswith("#")
+    ]
+    unit = tmp_path / f"agent-microvm-egress-{vm}.service"
+    unit.write_text("[Unit]\nDescription=egress proxy\n" + "\n".join(body) + "\n")
+    done = sh(analyze, "verify", str(unit), check=False)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+    assert "DynamicUser=yes" in body and "CapabilityBoundingSet=" in body
+
+
 def test_the_rendered_files_are_committed() -> None:
     """The files these tests load exist (make eval-modules writes and checks them)."""
     for name in ("ruleset.nft", "guests.json", "egress-beta.json", "networkd/20-microbr.network"):
