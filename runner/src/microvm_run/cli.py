@@ -115,10 +115,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "land": Subcommand(
         "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
     ),
-    "attach": Subcommand(
-        "join the agent's session in a VM declared on this NixOS host",
-        _module("microvm_run.attach_cli"),
-    ),
+    "attach": Subcommand("enter a NixOS host's agent VM", _module("microvm_run.attach_cli")),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
