@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm_run import netpolicy
+from microvm_run import hostvms, netpolicy
 from microvm_run.plan import KEY_PLACEHOLDER
 from tests.integration.conftest import REPO
 from tests.support.prereq import require
@@ -499,6 +499,13 @@ def test_the_proxys_hardened_unit_is_one_systemd_accepts(vm: str, tmp_path: Path
     done = sh(analyze, "verify", str(unit), check=False)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
     assert "DynamicUser=yes" in body and "CapabilityBoundingSet=" in body
+
+
+def test_the_registry_the_module_writes_is_the_one_ps_and_attach_read() -> None:
+    vms = hostvms.load(RENDERED / "vms.json")
+    guests = json.loads((RENDERED / "guests.json").read_text())
+    assert {vm.name: vm.address for vm in vms} == {n: g["address"] for n, g in guests.items()}
+    assert all(vm.known_hosts == Path(f"/var/lib/microvms/{vm.name}/ssh/known_hosts") for vm in vms)
 
 
 def test_the_rendered_files_are_committed() -> None:
