@@ -104,7 +104,7 @@ def _help(argv: list[str], environ: dict[str, str]) -> int:
 # A new subcommand in its own module registers here with one line:
 #   "name": Subcommand("what it does", _module("microvm_run.name_cli")),
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "ps": Subcommand("list running instances", _ops),
+    "ps": Subcommand("list running instances (and the VMs declared on a NixOS host)", _ops),
     "stop": Subcommand("power off instances (ID... or --all), then force", _ops),
     "gc": Subcommand("remove what dead instances left; --prune homes of vanished projects", _ops),
     "doctor": Subcommand("check this host (KVM, virtiofsd, qemu, user manager, dirs)", _ops),
@@ -115,6 +115,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "land": Subcommand(
         "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
     ),
+    "attach": Subcommand("enter a NixOS host's agent VM", _module("microvm_run.attach_cli")),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
