@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import host, process, safefs, state
+from microvm_run import host, process, safefs, shareroots, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -99,6 +99,7 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
         try:
             try:
                 create_private_dirs(plan)
+                roots = shareroots.identities(plan, os.getuid())
                 _prepare_runtime_dir(plan, instance)
                 _record(instance)
                 _write_launch_files(plan, environ)
@@ -107,6 +108,7 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
                 _start_daemons(plan, instance, child_env)
                 _record(instance)
                 _wait_for_sockets(instance)
+                _confirm_roots(instance, roots)
                 instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
                 _record(instance)
             except (OSError, process.ProcessError) as err:
@@ -423,6 +425,14 @@ def _wait_for_sockets(instance: Instance) -> None:
                     f"{daemon.plan.socket} within {SOCKET_DEADLINE_S:.0f} s"
                 )
             time.sleep(_POLL_S)
+
+
+def _confirm_roots(instance: Instance, roots: Mapping[Path, shareroots.Identity]) -> None:
+    served = [(d.plan.tag, d.plan.shared_dir, d.pid) for d in instance.daemons]
+    try:
+        shareroots.confirm(served, roots, SOCKET_DEADLINE_S)
+    except shareroots.ShareSwapped as err:
+        raise LaunchError(str(err)) from None
 
 
 # -- supervising --------------------------------------------------------------

@@ -66,6 +66,34 @@ def check_share_root(path: Path, uid: int, mode: int | None = None) -> int:
     return fd
 
 
+def open_resolved_dir(path: Path) -> int:
+    """Open an absolute, already resolved directory with no symlink anywhere.
+
+    ``path`` was resolved (``realpath``) a moment ago, so none of its
+    components is a symlink: one that is now was put there since, by an
+    agent whose share holds that component (a VM on a directory that
+    contains this project).  Every component is opened with ``O_NOFOLLOW``
+    from ``/``, so the fd is the directory at ``path`` itself or an error.
+    """
+    if not path.is_absolute():
+        raise ValueError(f"{path} is not absolute")
+    relative = path.relative_to("/")
+    fd = os.open("/", _DIR_FLAGS)
+    if relative == PurePosixPath("."):
+        return fd
+    try:
+        return open_beneath(fd, relative)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeFile(
+                err.errno,
+                f"{path} changed after it was resolved: a directory on the way is now a symlink",
+            ) from None
+        raise
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def opened_dir(path: Path) -> Iterator[int]:
     """An fd for a directory the runner itself made (its own state dirs)."""
