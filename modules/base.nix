@@ -225,6 +225,7 @@ in
   imports = [
     ./cri.nix
     ./devshell.nix
+    ./persistent.nix
   ];
 
   options.agentVM = {

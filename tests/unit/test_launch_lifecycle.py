@@ -30,13 +30,27 @@ from .conftest import make_facts
 
 FAKE_VIRTIOFSD = textwrap.dedent(
     """
-    import os, socket, sys, time
-    path, scenario, pidfile = sys.argv[1], sys.argv[2], sys.argv[3]
+    import ctypes, os, socket, sys, time
+    path, shared, scenario, pidfile = sys.argv[1:5]
     with open(pidfile, "a") as f:
         f.write(f"{os.getpid()}\\n")
     server = socket.socket(socket.AF_UNIX)
     server.bind(path)
     server.listen(1)
+    # Like --sandbox=namespace: the shared directory becomes its root, which
+    # the runner checks (shareroots.py).  Unprivileged: in a user namespace.
+    try:
+        os.chroot(shared)
+    except PermissionError:
+        uid, gid = os.getuid(), os.getgid()
+        if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x00020000) != 0:
+            sys.exit(f"unshare: {os.strerror(ctypes.get_errno())}")
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                           ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        os.chroot(shared)
+    os.chdir("/")
     conn, _ = server.accept()
     if scenario == "die":
         time.sleep(0.3)
@@ -104,7 +118,10 @@ def _plan(spec: Spec, tmp: Path, qemu: str, virtiofsd: str, boot_timeout_s: floa
     (tmp / "virtiofsd.py").write_text(FAKE_VIRTIOFSD)
     fake = (sys.executable, str(tmp / "virtiofsd.py"))
     daemons = tuple(
-        replace(daemon, argv=(*fake, str(daemon.socket), virtiofsd, str(tmp / "pids")))
+        replace(
+            daemon,
+            argv=(*fake, str(daemon.socket), str(daemon.shared_dir), virtiofsd, str(tmp / "pids")),
+        )
         for daemon in plan.virtiofsd
     )
     qemu_argv = (sys.executable, str(tmp / "qemu.py"), qemu, str(tmp / "pids"), *plan.qemu_argv)

@@ -17,6 +17,7 @@ import enum
 import functools
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,6 +278,22 @@ def spawn(
     # plumbum's PopenWithAddons protocol leaves out wait's and communicate's
     # timeouts, which its subprocess.Popen has.
     return Child(cast(_Popen, popen), argv)
+
+
+def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """Become ``argv`` (an interactive program that owns the terminal: ssh for attach).
+
+    Returns only by raising ProcessError when the program cannot be run.
+    """
+    found = shutil.which(argv[0], path=env.get("PATH"))
+    if found is None:
+        raise ProcessError(f"{argv[0]} not found on PATH")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(found, list(argv), dict(env))
+    except OSError as error:
+        raise ProcessError(f"cannot run {argv[0]}: {error.strerror}") from None
 
 
 def _command(local: LocalMachine, argv: Sequence[str]) -> BoundCommand:
