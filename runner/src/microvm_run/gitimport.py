@@ -223,9 +223,10 @@ def finish_shared(plan: GitPlan, imported: Imported) -> None:
     """
     if plan.mode != "shared":
         return
-    import shutil  # noqa: PLC0415 - keeps --dry-run's imports small
 
-    shutil.rmtree(plan.run_dir if imported.commits == 0 else plan.agent_git, ignore_errors=True)
+    from microvm_run.ops import remove_tree  # noqa: PLC0415 - iterative: the guest sets the depth
+
+    remove_tree(plan.run_dir if imported.commits == 0 else plan.agent_git)
 
 
 def summary(imported: Imported) -> str:
