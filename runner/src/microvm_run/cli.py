@@ -115,6 +115,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "land": Subcommand(
         "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
     ),
+    "new": Subcommand(
+        "write a new agent VM: a flavor for this project, or --host-config DIR",
+        _module("microvm_run.new_cli"),
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
