@@ -119,6 +119,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "write a new agent VM: a flavor for this project, or --host-config DIR",
         _module("microvm_run.new_cli"),
     ),
+    "check": Subcommand(
+        "evaluate every agent VM of a flake (nix-eval-jobs): evaluates, valid spec, cache",
+        _module("microvm_run.check_cli"),
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 

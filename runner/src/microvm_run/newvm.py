@@ -314,7 +314,7 @@ def _with_entry(managed: Managed, name: str, body: str) -> str:
 # -- rendering ------------------------------------------------------------------------------
 
 
-def _nix_string(value: str) -> str:
+def nix_string(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
     return f'"{escaped}"'
 
@@ -341,7 +341,7 @@ HOST_HEADER = f"""\
 def render_flavor(req: Request, packages: tuple[str, ...]) -> str:
     out = [
         f"  {req.name} = agent-microvm.lib.mkAgentVM {{",
-        f"    agent = {_nix_string(req.agent)};",
+        f"    agent = {nix_string(req.agent)};",
     ]
     if req.cri:
         out.append("    cri = true;")
@@ -362,7 +362,7 @@ def render_flake(flake_url: str) -> str:
     return f"""\
 # Made by `microvm-run new`: this project's agent VMs are in agent.nix.
 {{
-  inputs.agent-microvm.url = {_nix_string(flake_url)};
+  inputs.agent-microvm.url = {nix_string(flake_url)};
 
   outputs =
     {{ agent-microvm, ... }}:
@@ -384,11 +384,11 @@ def render_host_vm(
     flavor = f"{req.agent}-cri" if req.cri else req.agent
     out = [
         f"  {HOST_VMS_OPTION}.{req.name} = {{",
-        f"    {o['flavor']} = {_nix_string(flavor)};",
-        f"    {o['workspace']} = {_nix_string(str(workspace))};",
-        f"    {o['state_dir']} = {_nix_string(str(state_dir))};",
-        f"    {o['address']} = {_nix_string(str(address))};",
-        f"    {o['mac']} = {_nix_string(mac_for(address))};",
+        f"    {o['flavor']} = {nix_string(flavor)};",
+        f"    {o['workspace']} = {nix_string(str(workspace))};",
+        f"    {o['state_dir']} = {nix_string(str(state_dir))};",
+        f"    {o['address']} = {nix_string(str(address))};",
+        f"    {o['mac']} = {nix_string(mac_for(address))};",
     ]
     if packages:
         out += [f"    {o['packages']} = [", *_package_list(packages, "    "), "    ];"]
@@ -506,7 +506,7 @@ def _flavor_extras(
     elif f"import ./{FLAVOR_FILE}" not in seen.flake:
         notes.append(
             f"{flake_path} is yours and was left alone: add the input "
-            f"agent-microvm.url = {_nix_string(req.flake_url)}; and the output "
+            f"agent-microvm.url = {nix_string(req.flake_url)}; and the output "
             f"packages.{FLAKE_SYSTEM} = import ./{FLAVOR_FILE} {{ inherit agent-microvm; }};"
         )
     if seen.git and changes:

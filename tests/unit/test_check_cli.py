@@ -1,0 +1,92 @@
+"""`microvm-run check`: verdicts from jobs (pure), and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from microvm_run import check_cli
+from microvm_run.evaljobs import Derivation, Failure
+
+from .conftest import SAMPLE
+from .test_cli import run
+
+
+def vm(attr: str, spec: object, **kw: object) -> Derivation:
+    return Derivation(
+        attr, (attr,), f"{attr}-microvm", "x86_64-linux", f"/nix/store/x-{attr}.drv",
+        extra={"agentVM": True, "spec": spec}, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_verdicts_say_which_vm_evaluates_and_has_a_valid_spec() -> None:
+    bad = json.loads(json.dumps(SAMPLE))
+    del bad["guest"]["memory_mib"]
+    tool = Derivation("tool", ("tool",), "tool", "x86_64-linux", "/d", extra={"agentVM": False})
+    report = check_cli.judge(
+        [vm("good", SAMPLE), vm("bad", bad), Failure("broken", ("broken",), "error: boom"), tool],
+        "test",
+    )
+    verdicts = {v.attr: v for v in report.verdicts}
+    assert verdicts["good"].ok and verdicts["good"].detail.startswith("claude, 4096 MiB, 4 vCPU")
+    assert not verdicts["bad"].ok and "memory_mib" in verdicts["bad"].detail
+    assert not verdicts["broken"].ok and verdicts["broken"].stage == "eval"
+    assert verdicts["broken"].detail == "boom"
+    assert report.skipped == ("tool",)
+    assert not report.fine
+    assert check_cli.judge([vm("good", SAMPLE)], "t").fine
+
+
+def test_no_agent_vm_at_all_is_not_fine() -> None:
+    tool = Derivation("tool", ("tool",), "tool", "x86_64-linux", "/d", extra={"agentVM": False})
+    assert not check_cli.judge([tool], "t").fine
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check", ".", "--file", "x.nix"],
+        ["check", "--file", "/nonexistent.nix"],
+        ["check", "--workers", "0"],
+        ["check", "--bogus"],
+        ["check", "--arg", "-x", "1"],
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], argv: list[str]
+) -> None:
+    code, out, err = run(capsys, argv, env)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("microvm-run check: ")
+
+
+def test_dry_run_shows_the_nix_eval_jobs_command(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    env |= {"MICROVM_RUN_NIX_EVAL_JOBS": "/opt/nej"}
+    code, out, _ = run(capsys, ["check", "/p", "--check-cache-status", "--dry-run"], env)
+    assert code == 0
+    assert out.startswith("/opt/nej --workers ")
+    assert out.rstrip().endswith("--flake '/p#packages.x86_64-linux'")
+    code, out, _ = run(capsys, ["check", "/p#checks", "--no-eval-jobs", "--dry-run"], env)
+    assert out.startswith("nix --extra-experimental-features")
+    assert "'/p#checks' --apply builtins.attrNames" in out
+
+
+def test_without_any_nix_check_says_so_and_fails(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    env |= {"PATH": str(tmp_path), "MICROVM_RUN_NIX": str(tmp_path / "no-nix")}
+    code, _, err = run(capsys, ["check", str(tmp_path)], env)
+    assert code == 1
+    assert "nix-eval-jobs not found: evaluating with nix eval" in err
+    assert "cannot run" in err or "not found" in err.splitlines()[-1]
