@@ -123,6 +123,10 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "evaluate every agent VM of a flake (nix-eval-jobs): evaluates, valid spec, cache",
         _module("microvm_run.check_cli"),
     ),
+    "skill": Subcommand(
+        "install the create-agent-vm skill for an agent (skill install --agent claude)",
+        _module("microvm_run.skill_cli"),
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
