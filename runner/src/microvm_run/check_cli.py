@@ -104,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object per VM")
     p.add_argument("--dry-run", action="store_true", help="print the commands; evaluate nothing")
+    p.add_argument(
+        "--save-output",
+        metavar="FILE",
+        help="write nix-eval-jobs' JSON lines to FILE, sorted by attribute (make eval-modules)",
+    )
     return p
 
 
@@ -136,7 +141,12 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         if eval_jobs is not None:
             report = check_with_eval_jobs(
-                eval_jobs, target, env, workers=workers, cache=args.check_cache_status
+                eval_jobs,
+                target,
+                env,
+                workers=workers,
+                cache=args.check_cache_status,
+                save=Path(args.save_output) if args.save_output else None,
             )
         else:
             why = "--no-eval-jobs" if args.no_eval_jobs else "nix-eval-jobs not found"
@@ -191,7 +201,13 @@ def _shell_word(word: str) -> str:
 
 
 def check_with_eval_jobs(
-    binary: str, target: Target, env: Mapping[str, str], *, workers: int, cache: bool
+    binary: str,
+    target: Target,
+    env: Mapping[str, str],
+    *,
+    workers: int,
+    cache: bool,
+    save: Path | None = None,
 ) -> Report:
     with tempfile.TemporaryDirectory(prefix="microvm-run-check-") as roots:
         argv = evaljobs.eval_jobs_argv(
@@ -207,6 +223,9 @@ def check_with_eval_jobs(
         raise CheckError(str(err)) from None
     if done.returncode != 0 and not jobs:
         raise CheckError(f"nix-eval-jobs failed on {target.describe()}: {_last_error(done.stderr)}")
+    if save is not None:
+        lines = sorted((line for line in done.stdout.splitlines() if line.strip()), key=_attr_of)
+        save.write_text("".join(f"{line}\n" for line in lines))
     return judge(jobs, f"nix-eval-jobs, {workers} workers")
 
 
@@ -231,6 +250,10 @@ def check_with_nix_eval(nix: str, target: Target, env: Mapping[str, str]) -> Rep
         if job is not None:
             jobs.append(job)
     return judge(jobs, "nix eval, one at a time")
+
+
+def _attr_of(line: str) -> str:
+    return str(json.loads(line).get("attr", ""))
 
 
 def _last_error(stderr: str) -> str:
@@ -278,11 +301,13 @@ def _spec_verdict(job: Derivation, raw: object) -> Verdict:
 
 
 def _brief_error(error: str) -> str:
-    """Nix's error message: the lines that say what, without the trace around it."""
-    lines = [line.rstrip() for line in error.strip().splitlines() if line.strip()]
-    said = [line.strip() for line in lines if line.lstrip().startswith("error:")]
-    tail = said[-1] if said else (lines[-1] if lines else "evaluation failed")
-    return tail.removeprefix("error:").strip() or "evaluation failed"
+    """Nix's error on one line: from its last `error:` on, without the trace before it."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    said = lines[starts[-1] :] if starts else lines[-1:]
+    said = [line for line in said if not line.startswith("(use '--show-trace'")]
+    text = " ".join(said).removeprefix("error:").strip()
+    return (text[:300] + "...") if len(text) > 300 else (text or "evaluation failed")
 
 
 # -- reporting ------------------------------------------------------------------------------
