@@ -182,3 +182,26 @@ def test_check_of_a_flake_with_the_fallback(
     assert err.splitlines()[-1].startswith(
         f"microvm-run check: nix eval failed on path:{tmp_path}/none"
     )
+
+
+def test_a_refusal_after_a_clone_leaves_the_workspace_as_it_was(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], tmp_path: Path
+) -> None:
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    (origin / "go.mod").write_text("module x\n")
+    git = ["git", "-C", str(origin), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git[:3], "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    config, state = tmp_path / "etc-nixos", tmp_path / "state"
+    config.mkdir()
+    argv = ["new", "web", "--host-config", str(config), "--state-root", str(state)]
+    assert run(capsys, argv, env)[0] == 0  # the entry, with no packages, and an empty workspace
+    before = (config / "agent-vms.nix").read_text()
+    # The clone's go.mod would change the entry: refused, and the clone is undone.
+    code, _, err = run(capsys, [*argv, "--clone", str(origin)], env)
+    assert code == 1
+    assert "--replace" in err
+    assert list((state / "workspaces" / "web").iterdir()) == []
+    assert (config / "agent-vms.nix").read_text() == before

@@ -280,6 +280,7 @@ def carry_out(req: Request, plan: Plan, environ: Mapping[str, str]) -> Plan:
     """Do the plan: directories and the clone first, then (after detection in a fresh clone)
     the files. A failure removes the directories this run made."""
     made: list[Path] = []
+    cloned: Path | None = None
     try:
         for action in plan.actions:
             if isinstance(action, MakeDir):
@@ -287,6 +288,7 @@ def carry_out(req: Request, plan: Plan, environ: Mapping[str, str]) -> Plan:
         clone = next((a for a in plan.actions if isinstance(a, Clone)), None)
         if clone is not None:
             _clone(clone, environ)
+            cloned = clone.dest
             # What the clone holds decides the packages: plan again on it.
             replanned = newvm.plan_new(replace(req, clone=None), observe(req))
             plan = replace(
@@ -296,10 +298,21 @@ def carry_out(req: Request, plan: Plan, environ: Mapping[str, str]) -> Plan:
             if isinstance(action, WriteFile):
                 _write(action)
     except BaseException:
+        if cloned is not None and cloned not in made:
+            # It was an empty workspace before the clone: make it one again.
+            for entry in os.listdir(cloned):
+                _remove(cloned / entry)
         for path in reversed(made):
             shutil.rmtree(path, ignore_errors=True)
         raise
     return plan
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _make_dir(action: MakeDir, made: list[Path]) -> None:
