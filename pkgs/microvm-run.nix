@@ -23,6 +23,8 @@ python3Packages.buildPythonApplication {
       ../lib/agents.nix
       ../tests/__init__.py
       ../tests/unit
+      # nix-eval-jobs' recorded output, which tests/unit/test_check_cli.py parses.
+      ../tests/fixtures/check/eval-jobs-flavors.jsonl
       ../tests/support
       ../pytest.ini
     ];

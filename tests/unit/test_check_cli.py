@@ -1,4 +1,10 @@
-"""`microvm-run check`: verdicts from jobs (pure), and bad input."""
+"""`microvm-run check`: verdicts from jobs (pure), bad input, and nix-eval-jobs' recorded output.
+
+tests/fixtures/check/eval-jobs-flavors.jsonl is what the real nix-eval-jobs (v2.26.0)
+printed for our six flavors evaluated against microvm.nix's real modules, and one that
+trips an assertion (tests/nix/check-flavors.nix); `make eval-modules` records it again
+and fails when it drifts.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from microvm_run import check_cli
+from microvm_run import check_cli, evaljobs
 from microvm_run.evaljobs import Derivation, Failure
 
 from .conftest import SAMPLE
 from .test_cli import run
+
+RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "check" / "eval-jobs-flavors.jsonl"
+FLAVORS = {"claude", "claude-cri", "codex", "codex-cri", "gemini", "gemini-cri"}
 
 
 def vm(attr: str, spec: object, **kw: object) -> Derivation:
@@ -43,6 +52,46 @@ def test_verdicts_say_which_vm_evaluates_and_has_a_valid_spec() -> None:
 def test_no_agent_vm_at_all_is_not_fine() -> None:
     tool = Derivation("tool", ("tool",), "tool", "x86_64-linux", "/d", extra={"agentVM": False})
     assert not check_cli.judge([tool], "t").fine
+
+
+def test_the_recorded_nix_eval_jobs_output_parses_and_every_flavor_is_fine() -> None:
+    jobs = evaljobs.parse_output(RECORDED.read_text())
+    report = check_cli.judge(jobs, "recorded")
+    verdicts = {v.attr: v for v in report.verdicts}
+    assert set(verdicts) == FLAVORS | {"broken"}
+    for name in FLAVORS:
+        v = verdicts[name]
+        assert v.ok, v
+        assert v.cache == "notBuilt"  # a stand-in flavor is never built
+        assert v.drv_path.startswith("/nix/store/") and v.drv_path.endswith(f"{name}-microvm.drv")
+        assert v.detail.startswith(name.removesuffix("-cri") + ", ")
+        assert ("cri-storage" in v.detail) == name.endswith("-cri")
+        assert ("8192 MiB" in v.detail) == name.endswith("-cri")
+    assert not report.fine
+
+
+def test_the_recorded_failure_is_the_assertion_on_one_line() -> None:
+    jobs = evaljobs.parse_output(RECORDED.read_text())
+    failures = [j for j in jobs if isinstance(j, Failure)]
+    assert [f.attr for f in failures] == ["broken"]
+    broken = next(v for v in check_cli.judge(jobs, "recorded").verdicts if v.attr == "broken")
+    assert broken.stage == "eval"
+    assert broken.detail.startswith("assertions failed: agent-microvm: add shares through")
+    assert "\n" not in broken.detail
+
+
+def test_the_recorded_output_shows_how_check_reports_it(capsys: pytest.CaptureFixture[str]) -> None:
+    report = check_cli.judge(evaljobs.parse_output(RECORDED.read_text()), "nix-eval-jobs")
+    check_cli.show(report, evaljobs.Target(flake=".#packages.x86_64-linux"), as_json=False)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("FAIL broken      does not evaluate: assertions failed:")
+    assert out[1] == (
+        "ok   claude      claude, 4096 MiB, 4 vCPU, microvm, shares nix-store,work,home; "
+        "will be built"
+    )
+    assert out[-1] == (
+        "check: 7 agent VMs in .#packages.x86_64-linux: 6 fine, 1 not (nix-eval-jobs)"
+    )
 
 
 @pytest.fixture

@@ -341,8 +341,11 @@ def show(report: Report, target: Target, *, as_json: bool) -> None:
 
 
 def _cache_text(v: Verdict) -> str:
+    """nix-eval-jobs' cache status: what the first start of the VM builds or fetches."""
     if v.cache is None:
         return ""
-    if v.cache == "notBuilt":
-        return f"; to build: {v.to_build}, to fetch: {v.to_fetch}"
-    return f"; {v.cache}"
+    said = {"local": "in the store", "cached": "will be fetched", "notBuilt": "will be built"}
+    counts = [
+        f"{n} {what}" for n, what in ((v.to_build, "to build"), (v.to_fetch, "to fetch")) if n
+    ]
+    return f"; {said.get(v.cache, v.cache)}" + (f" ({', '.join(counts)})" if counts else "")
