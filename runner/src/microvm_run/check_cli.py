@@ -226,7 +226,7 @@ def check_with_eval_jobs(
     if save is not None:
         lines = sorted((line for line in done.stdout.splitlines() if line.strip()), key=_attr_of)
         save.write_text("".join(f"{line}\n" for line in lines))
-    return judge(jobs, f"nix-eval-jobs, {workers} workers")
+    return judge(jobs, f"nix-eval-jobs, {workers} worker{'s' if workers != 1 else ''}")
 
 
 def check_with_nix_eval(nix: str, target: Target, env: Mapping[str, str]) -> Report:
