@@ -221,6 +221,7 @@ in
   imports = [
     ./cri.nix
     ./devshell.nix
+    ./persistent.nix
   ];
 
   options.agentVM = {
