@@ -23,6 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 VMS = REPO / "tests" / "fixtures" / "check" / "vms.nix"
 
 
+def host_roots(state: Path) -> list[str]:
+    return ["--workspace-root", str(state / "workspaces"), "--user", "alice"]
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     require(shutil.which("nix") is not None, "nix (Debian: nix-bin)")
@@ -116,7 +120,15 @@ def test_a_host_vm_is_cloned_detected_and_its_module_evaluates(
     subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
     config, state = tmp_path / "etc-nixos", tmp_path / "state"
     config.mkdir()
-    argv = ["new", "web", "--host-config", str(config), "--state-root", str(state)]
+    argv = [
+        "new",
+        "web",
+        "--host-config",
+        str(config),
+        "--state-root",
+        str(state / "vms"),
+        *host_roots(state),
+    ]
     code, out, err = run(capsys, [*argv, "--clone", str(origin)], env)
     assert code == 0, err
     assert f"cloned {origin} into {state}/workspaces/web" in out
@@ -129,10 +141,10 @@ def test_a_host_vm_is_cloned_detected_and_its_module_evaluates(
     assert got == {
         "flavor": "claude",
         "workspace": f"{state}/workspaces/web",
-        "stateDir": f"{state}/vms/web",
-        "address": "10.100.0.2",
-        "mac": "02:00:0a:64:00:02",
-        "extraPackages": ["pkg:rustc", "pkg:cargo"],
+        "user": "alice",
+        "address": "10.77.0.2",
+        "mac": "02:00:0a:4d:00:02",
+        "packages": ["pkg:rustc", "pkg:cargo"],
     }
 
 
@@ -196,7 +208,15 @@ def test_a_refusal_after_a_clone_leaves_the_workspace_as_it_was(
     subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
     config, state = tmp_path / "etc-nixos", tmp_path / "state"
     config.mkdir()
-    argv = ["new", "web", "--host-config", str(config), "--state-root", str(state)]
+    argv = [
+        "new",
+        "web",
+        "--host-config",
+        str(config),
+        "--state-root",
+        str(state / "vms"),
+        *host_roots(state),
+    ]
     assert run(capsys, argv, env)[0] == 0  # the entry, with no packages, and an empty workspace
     before = (config / "agent-vms.nix").read_text()
     # The clone's go.mod would change the entry: refused, and the clone is undone.

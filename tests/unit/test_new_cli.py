@@ -23,6 +23,10 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return found
 
 
+def host_roots(state: Path) -> list[str]:
+    return ["--workspace-root", str(state / "workspaces"), "--user", "alice"]
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return {"HOME": str(tmp_path / "home"), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
@@ -72,7 +76,7 @@ def test_work_dir_comes_from_the_environment(
         ["new", "web", "--vcpus", "0"],
         ["new", "web", "--package", "go;rm"],
         ["new", "web", "--clone", "https://x/y"],
-        ["new", "web", "--address", "10.100.0.9"],
+        ["new", "web", "--address", "10.77.0.9"],
         ["new", "web", "--bogus"],
         ["new"],
     ],
@@ -148,21 +152,39 @@ def test_new_host_vm_writes_the_module_and_makes_its_dirs(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], hostdirs: tuple[Path, Path]
 ) -> None:
     config, state = hostdirs
-    argv = ["new", "web", "--host-config", str(config), "--state-root", str(state)]
+    argv = [
+        "new",
+        "web",
+        "--host-config",
+        str(config),
+        "--state-root",
+        str(state / "vms"),
+        *host_roots(state),
+    ]
     code, out, err = run(capsys, [*argv, "--package", "git"], env)
     assert (code, err) == (0, "")
-    assert "address: 10.100.0.2" in out
+    assert "address: 10.77.0.2" in out
     text = (config / newvm.HOST_FILE).read_text()
-    assert 'address = "10.100.0.2";' in text
+    assert 'address = "10.77.0.2";' in text
     assert (state / "vms" / "web").stat().st_mode & 0o777 == 0o700
     assert (state / "workspaces" / "web").is_dir()
     code, out, _ = run(capsys, [*argv, "--package", "git"], env)
     assert code == 0 and "nothing to do" in out
     code, out, _ = run(
-        capsys, ["new", "api", "--host-config", str(config), "--state-root", str(state)], env
+        capsys,
+        [
+            "new",
+            "api",
+            "--host-config",
+            str(config),
+            "--state-root",
+            str(state / "vms"),
+            *host_roots(state),
+        ],
+        env,
     )
     assert code == 0
-    assert "address: 10.100.0.3" in out
+    assert "address: 10.77.0.3" in out
     assert set(newvm.parse_managed((config / newvm.HOST_FILE).read_text(), config).entries) == {
         "web",
         "api",
@@ -172,10 +194,10 @@ def test_new_host_vm_writes_the_module_and_makes_its_dirs(
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--address", "10.100.0.1"],
+        ["--address", "10.77.0.1"],
         ["--address", "10.200.0.2"],
         ["--address", "ten"],
-        ["--subnet", "10.100.0.0/33"],
+        ["--subnet", "10.77.0.0/33"],
         ["--state-root", "relative"],
         ["--clone", "--upload-pack=x"],
     ],
@@ -189,7 +211,16 @@ def test_bad_host_input_is_exit_2_and_writes_nothing(
 ) -> None:
     config, state = hostdirs
     before = snapshot(tmp_path)
-    argv = ["new", "web", "--host-config", str(config), "--state-root", str(state), *extra]
+    argv = [
+        "new",
+        "web",
+        "--host-config",
+        str(config),
+        "--state-root",
+        str(state / "vms"),
+        *host_roots(state),
+        *extra,
+    ]
     code, out, err = run(capsys, argv, env)
     assert code == 2, err
     assert out == "" and err.count("\n") == 1
@@ -209,7 +240,15 @@ def test_a_failed_clone_leaves_nothing_behind(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], hostdirs: tuple[Path, Path]
 ) -> None:
     config, state = hostdirs
-    argv = ["new", "web", "--host-config", str(config), "--state-root", str(state)]
+    argv = [
+        "new",
+        "web",
+        "--host-config",
+        str(config),
+        "--state-root",
+        str(state / "vms"),
+        *host_roots(state),
+    ]
     code, _, err = run(capsys, [*argv, "--clone", str(config / "no-such-repo")], env)
     assert code == 1
     assert "git clone" in err

@@ -31,6 +31,8 @@ def flavor(name: str = "web", **kw: object) -> Request:
 
 def host(name: str = "web", **kw: object) -> Request:
     kw.setdefault("state_root", Path("/srv/vms"))
+    kw.setdefault("workspace_root", Path("/srv/ws"))
+    kw.setdefault("user", "alice")
     return Request(name=name, mode="host", host_config=HOST, **kw)  # type: ignore[arg-type]
 
 
@@ -187,21 +189,21 @@ def test_a_host_vm_gets_the_first_free_address_a_derived_mac_and_its_dirs() -> N
     text = written(plan, HOST / "agent-vms.nix")
     assert "{ pkgs, ... }:" in text
     assert "services.agent-microvm.vms.web = {" in text
-    assert 'address = "10.100.0.2";' in text
-    assert 'mac = "02:00:0a:64:00:02";' in text
-    assert 'workspace = "/srv/vms/workspaces/web";' in text
-    assert 'stateDir = "/srv/vms/vms/web";' in text
-    assert "extraPackages = [\n      pkgs.git\n    ];" in text
+    assert 'address = "10.77.0.2";' in text
+    assert 'mac = "02:00:0a:4d:00:02";' in text
+    assert 'workspace = "/srv/ws/web";' in text
+    assert 'user = "alice";' in text
+    assert "packages = [\n      pkgs.git\n    ];" in text
     assert [a for a in plan.actions if isinstance(a, MakeDir)] == [
-        MakeDir(Path("/srv/vms/vms/web"), 0o700),
-        MakeDir(Path("/srv/vms/workspaces/web"), 0o755),
+        MakeDir(Path("/srv/vms/web"), 0o700),
+        MakeDir(Path("/srv/ws/web"), 0o755),
     ]
-    assert plan.address == "10.100.0.2"
+    assert plan.address == "10.77.0.2"
 
 
 def test_host_option_names_come_from_the_one_table() -> None:
     text = written(
-        plan_new(host(memory_mib=2048, vcpus=2, packages=("go",)), Observed(None)),
+        plan_new(host(memory_mib=2048, vcpus=2, cri=True, packages=("go",)), Observed(None)),
         HOST / "agent-vms.nix",
     )
     for option in newvm.HOST_VM_OPTIONS.values():
@@ -210,24 +212,24 @@ def test_host_option_names_come_from_the_one_table() -> None:
 
 def test_addresses_skip_used_ones_and_an_entry_keeps_its_own() -> None:
     text = written(plan_new(host("a"), Observed(None)), HOST / "agent-vms.nix")
-    text = text.replace(newvm.TAIL, f'# by hand: address = "10.100.0.3";\n  {newvm.TAIL}')
+    text = text.replace(newvm.TAIL, f'# by hand: address = "10.77.0.3";\n  {newvm.TAIL}')
     b = plan_new(host("b"), Observed(text))
-    assert b.address == "10.100.0.4"
+    assert b.address == "10.77.0.4"
     text_b = written(b, HOST / "agent-vms.nix")
-    assert plan_new(host("a"), Observed(text_b)).address == "10.100.0.2"
+    assert plan_new(host("a"), Observed(text_b)).address == "10.77.0.2"
     assert plan_new(host("a"), Observed(text_b)).actions == (
-        MakeDir(Path("/srv/vms/vms/a"), 0o700),
-        MakeDir(Path("/srv/vms/workspaces/a"), 0o755),
+        MakeDir(Path("/srv/vms/a"), 0o700),
+        MakeDir(Path("/srv/ws/a"), 0o755),
     )
 
 
 @pytest.mark.parametrize(
     ("address", "match"),
     [
-        ("10.100.1.2", "not in the subnet"),
-        ("10.100.0.0", "not a host"),
-        ("10.100.0.255", "not a host"),
-        ("10.100.0.1", "the host's own"),
+        ("10.77.1.2", "not in the subnet"),
+        ("10.77.0.0", "not a host"),
+        ("10.77.0.255", "not a host"),
+        ("10.77.0.1", "the host's own"),
     ],
 )
 def test_bad_addresses_are_refused(address: str, match: str) -> None:
@@ -238,7 +240,7 @@ def test_bad_addresses_are_refused(address: str, match: str) -> None:
 def test_an_address_in_use_by_another_vm_is_refused() -> None:
     text = written(plan_new(host("a"), Observed(None)), HOST / "agent-vms.nix")
     with pytest.raises(NewError, match="already used"):
-        plan_new(host("b", address=ipaddress.IPv4Address("10.100.0.2")), Observed(text))
+        plan_new(host("b", address=ipaddress.IPv4Address("10.77.0.2")), Observed(text))
 
 
 def test_a_full_subnet_is_refused() -> None:
@@ -251,8 +253,8 @@ def test_a_full_subnet_is_refused() -> None:
 def test_clone_goes_into_an_empty_workspace_only() -> None:
     url = "https://example.org/x.git"
     plan = plan_new(host(clone=url), Observed(None))
-    assert Clone(url, Path("/srv/vms/workspaces/web")) in plan.actions
-    ws = frozenset({Path("/srv/vms/workspaces/web"), Path("/srv/vms/vms/web")})
+    assert Clone(url, Path("/srv/ws/web")) in plan.actions
+    ws = frozenset({Path("/srv/ws/web"), Path("/srv/vms/web")})
     with pytest.raises(NewRefused, match="not empty"):
         plan_new(host(clone=url), Observed(None, existing_dirs=ws, workspace_empty=False))
     again = plan_new(
@@ -260,6 +262,12 @@ def test_clone_goes_into_an_empty_workspace_only() -> None:
         Observed(None, existing_dirs=ws, workspace_empty=False, workspace_origin=url),
     )
     assert not any(isinstance(a, Clone) for a in again.actions)
+
+
+@pytest.mark.parametrize("user", ["", "Alice", "al ice", "-x", "a" * 40])
+def test_bad_users_are_refused(user: str) -> None:
+    with pytest.raises(NewError, match="--user"):
+        plan_new(host(user=user), Observed(None))
 
 
 @pytest.mark.parametrize("url", ["-uhttps://x", "", "https://x/y z", "x\ny", "a;b"])

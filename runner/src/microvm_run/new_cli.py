@@ -12,6 +12,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 import stat
@@ -87,15 +88,20 @@ def parser() -> argparse.ArgumentParser:
     )
     host = p.add_argument_group("a VM declared on a NixOS host")
     host.add_argument("--host-config", metavar="DIR", help="the host's configuration directory")
+    host.add_argument("--user", help="the host user the VM works for ($SUDO_USER or you)")
     host.add_argument(
         "--state-root",
         default=str(newvm.DEFAULT_STATE_ROOT),
         metavar="DIR",
-        help=f"holds vms/NAME and workspaces/NAME ({newvm.DEFAULT_STATE_ROOT})",
+        help=f"microvm.nix's state dir: NAME's is STATE_ROOT/NAME ({newvm.DEFAULT_STATE_ROOT})",
     )
     host.add_argument(
-        "--workspace", metavar="DIR", help="the VM's /work (STATE_ROOT/workspaces/NAME)"
+        "--workspace-root",
+        default=str(newvm.DEFAULT_WORKSPACE_ROOT),
+        metavar="DIR",
+        help=f"where workspaces go ({newvm.DEFAULT_WORKSPACE_ROOT})",
     )
+    host.add_argument("--workspace", metavar="DIR", help="the VM's /work (WORKSPACE_ROOT/NAME)")
     host.add_argument("--subnet", default=str(newvm.DEFAULT_SUBNET), help="the VMs' network")
     host.add_argument("--address", help="the VM's address (default: the next free one)")
     host.add_argument("--clone", metavar="URL", help="git clone URL into the empty workspace")
@@ -170,20 +176,31 @@ def _request(args: argparse.Namespace, environ: Mapping[str, str]) -> Request:
     except ValueError:
         raise NewError(f"bad --address {args.address!r}: not an IPv4 address") from None
     state_root = Path(args.state_root).expanduser()
+    workspace_root = Path(args.workspace_root).expanduser()
     workspace = Path(args.workspace).expanduser() if args.workspace else None
-    for flag, path in (("--state-root", state_root), ("--workspace", workspace)):
+    paths = (("--state-root", state_root), ("--workspace-root", workspace_root))
+    for flag, path in (*paths, ("--workspace", workspace)):
         if path is not None and not path.is_absolute():
             raise NewError(f"{flag} {path} must be an absolute path")
     return Request(
         mode="host",
         host_config=host_config.resolve(),
+        user=args.user or environ.get("SUDO_USER") or environ.get("USER") or _me(),
         state_root=state_root,
+        workspace_root=workspace_root,
         workspace=workspace,
         subnet=subnet,
         address=address,
         clone=args.clone,
         **common,
     )
+
+
+def _me() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return ""
 
 
 # -- observing ------------------------------------------------------------------------------
@@ -285,6 +302,8 @@ def carry_out(req: Request, plan: Plan, environ: Mapping[str, str]) -> Plan:
         for action in plan.actions:
             if isinstance(action, MakeDir):
                 _make_dir(action, made)
+                if req.mode == "host" and action.path == newvm.host_dirs(req)[0]:
+                    _give_to(action.path, req.user)
         clone = next((a for a in plan.actions if isinstance(a, Clone)), None)
         if clone is not None:
             _clone(clone, environ)
@@ -306,6 +325,17 @@ def carry_out(req: Request, plan: Plan, environ: Mapping[str, str]) -> Plan:
             shutil.rmtree(path, ignore_errors=True)
         raise
     return plan
+
+
+def _give_to(path: Path, user: str) -> None:
+    """A workspace made as root goes to the VM's user: its agent has that user's uid."""
+    if os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return
+    os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
 
 
 def _remove(path: Path) -> None:

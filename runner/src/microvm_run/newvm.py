@@ -38,22 +38,26 @@ FLAVOR_FILE = "agent.nix"
 FLAKE_FILE = "flake.nix"
 HOST_FILE = "agent-vms.nix"
 
-# The host module of host-declared VMs (services.agent-microvm.vms.<name>): the
-# option path and each option's name, written once here. Keys are what `new`
-# knows; values are the option names in the host module.
+# The host module of host-declared VMs (modules/host.nix,
+# services.agent-microvm.vms.<name>): the option path and each option's name,
+# written once here. Keys are what `new` knows; values are the module's names.
 HOST_VMS_OPTION = "services.agent-microvm.vms"
 HOST_VM_OPTIONS: Mapping[str, str] = {
     "flavor": "flavor",
     "workspace": "workspace",
-    "state_dir": "stateDir",
+    "user": "user",
     "address": "address",
     "mac": "mac",
-    "packages": "extraPackages",
-    "memory_mib": "memoryMiB",
-    "vcpus": "vcpus",
+    "packages": "packages",
+    "modules": "modules",
+    "memory_mib": "resources.memoryMiB",
+    "vcpus": "resources.vcpus",
 }
-DEFAULT_SUBNET = ipaddress.IPv4Network("10.100.0.0/24")
-DEFAULT_STATE_ROOT = Path("/var/lib/agent-microvm")
+# The module's bridge (bridge.address 10.77.0.1, bridge.prefixLength 24).
+DEFAULT_SUBNET = ipaddress.IPv4Network("10.77.0.0/24")
+# microvm.nix's microvm.stateDir: the module keeps each VM's state in STATE_ROOT/NAME.
+DEFAULT_STATE_ROOT = Path("/var/lib/microvms")
+DEFAULT_WORKSPACE_ROOT = Path("/var/lib/agent-microvm/workspaces")
 
 # Project files -> the guest packages (nixpkgs attribute paths) they call for.
 DETECTORS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -73,6 +77,7 @@ _NAME_RE = re.compile(r"[a-z](?:[a-z0-9-]{0,30}[a-z0-9])?")
 _NIX_IDENT = r"[A-Za-z_][A-Za-z0-9_'-]*"
 _PACKAGE_RE = re.compile(rf"{_NIX_IDENT}(?:\.{_NIX_IDENT})*")
 _CLONE_RE = re.compile(r"[A-Za-z0-9@:/._~+%-]+")
+_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 Mode = Literal["flavor", "host"]
 
@@ -101,7 +106,9 @@ class Request:
     flake_url: str = DEFAULT_FLAKE_URL
     # host mode
     host_config: Path = Path()
+    user: str = ""
     state_root: Path = DEFAULT_STATE_ROOT
+    workspace_root: Path = DEFAULT_WORKSPACE_ROOT
     workspace: Path | None = None
     subnet: ipaddress.IPv4Network = DEFAULT_SUBNET
     address: ipaddress.IPv4Address | None = None
@@ -194,6 +201,8 @@ def check_request(req: Request) -> None:
     if req.clone is not None:
         check_clone_url(req.clone)
     if req.mode == "host":
+        if not _USER_RE.fullmatch(req.user):
+            raise NewError(f"bad --user {req.user!r}: the host user the VM works for")
         if req.subnet.prefixlen > 30:
             raise NewError(f"--subnet {req.subnet}: too small for a host and a VM")
         if req.address is not None:
@@ -374,19 +383,14 @@ def render_flake(flake_url: str) -> str:
 
 
 def render_host_vm(
-    req: Request,
-    packages: tuple[str, ...],
-    address: ipaddress.IPv4Address,
-    workspace: Path,
-    state_dir: Path,
+    req: Request, packages: tuple[str, ...], address: ipaddress.IPv4Address, workspace: Path
 ) -> str:
     o = HOST_VM_OPTIONS
-    flavor = f"{req.agent}-cri" if req.cri else req.agent
     out = [
         f"  {HOST_VMS_OPTION}.{req.name} = {{",
-        f"    {o['flavor']} = {nix_string(flavor)};",
+        f"    {o['flavor']} = {nix_string(req.agent)};",
         f"    {o['workspace']} = {nix_string(str(workspace))};",
-        f"    {o['state_dir']} = {nix_string(str(state_dir))};",
+        f"    {o['user']} = {nix_string(req.user)};",
         f"    {o['address']} = {nix_string(str(address))};",
         f"    {o['mac']} = {nix_string(mac_for(address))};",
     ]
@@ -396,6 +400,8 @@ def render_host_vm(
         out.append(f"    {o['memory_mib']} = {req.memory_mib};")
     if req.vcpus is not None:
         out.append(f"    {o['vcpus']} = {req.vcpus};")
+    if req.cri:
+        out += [f"    {o['modules']} = [ {{ agentVM.cri.enable = true; }} ];"]
     out.append("  };")
     return "\n".join(out) + "\n"
 
@@ -409,8 +415,8 @@ def managed_path(req: Request) -> Path:
 
 def host_dirs(req: Request) -> tuple[Path, Path]:
     """(workspace, state dir) of a host-declared VM."""
-    workspace = req.workspace or req.state_root / "workspaces" / req.name
-    return workspace, req.state_root / "vms" / req.name
+    workspace = req.workspace or req.workspace_root / req.name
+    return workspace, req.state_root / req.name
 
 
 def used_addresses(text: str | None) -> set[ipaddress.IPv4Address]:
@@ -454,8 +460,8 @@ def plan_new(req: Request, seen: Observed) -> Plan:
         body = render_flavor(req, packages)
     else:
         address = pick_address(req, managed, seen.managed)
-        workspace, state_dir = host_dirs(req)
-        body = render_host_vm(req, packages, address, workspace, state_dir)
+        workspace, _ = host_dirs(req)
+        body = render_host_vm(req, packages, address, workspace)
 
     actions: list[Action] = []
     changes: list[str] = []
