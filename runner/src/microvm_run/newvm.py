@@ -537,6 +537,7 @@ def _host_extras(
             actions.append(Clone(req.clone, workspace))
             changes.append(f"cloned {req.clone} into {workspace}")
     return [
-        f"microvm-run check FLAKE#ATTR   (this host's flake, once it imports {HOST_FILE})",
-        "nixos-rebuild build  (then switch)",
+        f"nixos-rebuild dry-build   (once your configuration imports {HOST_FILE}: "
+        "evaluates the host and its VMs, builds nothing)",
+        f"nixos-rebuild switch, then: microvm-run attach {req.name}",
     ]
