@@ -37,7 +37,7 @@ def env(tmp_path: Path) -> dict[str, str]:
         "HOME": str(home),
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         # The fallback is what CI has; nix-eval-jobs is never picked up by accident.
-        "MICROVM_RUN_NIX_EVAL_JOBS": "",
+        "MICROVM_RUN_NIX_EVAL_JOBS": str(tmp_path / "no-nix-eval-jobs"),
         **NIX_TEST_ENV,
     }
 

@@ -119,16 +119,23 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_dry_run_shows_the_nix_eval_jobs_command(
-    capsys: pytest.CaptureFixture[str], env: dict[str, str]
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], tmp_path: Path
 ) -> None:
-    env |= {"MICROVM_RUN_NIX_EVAL_JOBS": "/opt/nej"}
+    nej = tmp_path / "nej"
+    nej.write_text("")
+    nej.chmod(0o755)
+    env |= {"MICROVM_RUN_NIX_EVAL_JOBS": str(nej)}
     code, out, _ = run(capsys, ["check", "/p", "--check-cache-status", "--dry-run"], env)
     assert code == 0
-    assert out.startswith("/opt/nej --workers ")
+    assert out.startswith(f"{nej} --workers ")
     assert out.rstrip().endswith("--flake '/p#packages.x86_64-linux'")
     code, out, _ = run(capsys, ["check", "/p#checks", "--no-eval-jobs", "--dry-run"], env)
     assert out.startswith("nix --extra-experimental-features")
     assert "'/p#checks' --apply builtins.attrNames" in out
+    # A MICROVM_RUN_NIX_EVAL_JOBS that is no program counts as none.
+    env |= {"MICROVM_RUN_NIX_EVAL_JOBS": str(tmp_path / "missing")}
+    code, out, _ = run(capsys, ["check", "/p", "--dry-run"], env)
+    assert out.startswith("nix --extra-experimental-features")
 
 
 def test_without_any_nix_check_says_so_and_fails(

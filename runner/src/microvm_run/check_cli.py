@@ -185,9 +185,10 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def find_eval_jobs(environ: Mapping[str, str]) -> str | None:
+    """MICROVM_RUN_NIX_EVAL_JOBS if it is a program, else nix-eval-jobs on PATH, else None."""
     explicit = environ.get("MICROVM_RUN_NIX_EVAL_JOBS")
     if explicit:
-        return explicit
+        return explicit if os.access(explicit, os.X_OK) and os.path.isfile(explicit) else None
     return shutil.which("nix-eval-jobs", path=environ.get("PATH", os.defpath))
 
 
