@@ -154,6 +154,8 @@
               pkgs.shellcheck
               pkgs.qemu_kvm
               pkgs.virtiofsd
+              # microvm-run check evaluates every agent VM with it.
+              pkgs.nix-eval-jobs
             ];
           };
         }

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -568,3 +569,45 @@ def test_land_refuses_a_nested_repository_the_agent_committed(
     assert git_cli.main(["land", plan.name, "--work-dir", str(repo)], git_env) != 0
     assert "land refuses it" in capsys.readouterr().err
     assert _git(repo, "rev-parse", "HEAD", env=git_env) == head
+
+
+@needs_git
+def test_a_git_dir_an_agent_made_below_its_project_is_not_trusted_either(
+    tmp_path: Path, git_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    outer = tmp_path / "proj"
+    outer.mkdir()
+    state_home = Path(git_env["XDG_STATE_HOME"])
+    assert git_cli.before_run(None, git_env, project=outer) is None  # an agent ran on proj
+    sub = outer / "tools"
+    sub.mkdir()
+    _git(sub, "init", "-q", "-b", "main", env=git_env)  # the agent's repository
+    assert agentgit.plan_git(sub, state_home, worktree=None, instance_id="cafe0003") is None
+    assert git_cli.main(["review", "--work-dir", str(sub)], git_env) == 2
+    assert "may be the agent's" in capsys.readouterr().err
+    # --trust-git: this run plans it, and from then on it is the user's ...
+    time.sleep(0.05)  # file times are coarse
+    plan = agentgit.plan_git(sub, state_home, worktree=None, instance_id="cafe0003", trust_git=True)
+    assert plan is not None
+    session = git_cli.before_run(plan, git_env, project=sub)
+    assert session is not None
+    os.close(session.lock_fd)
+    assert not agentgit.git_untrusted(state_home, sub)
+    # ... until an agent runs on the directory above it again.
+    time.sleep(0.05)
+    git_cli.before_run(None, git_env, project=outer)
+    assert agentgit.git_untrusted(state_home, sub)
+
+
+@needs_git
+def test_a_guest_deep_tree_in_the_agents_git_dir_is_removed_without_recursion(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    plan, meta = _prepared(repo, git_env)
+    deep = plan.agent_git
+    for _ in range(1200):  # deeper than Python's recursion limit
+        deep = deep / "x"
+        deep.mkdir()
+    imported = gitimport.import_commits(plan, meta, git_env)
+    gitimport.finish_shared(plan, imported)  # must not raise RecursionError
+    assert not plan.run_dir.exists()

@@ -672,3 +672,14 @@ def test_projects_that_contain_each_other_overlap(tmp_path: Path) -> None:
     assert projects_overlap(project, tmp_path / "src")  # a VM on a parent
     assert not projects_overlap(project, sibling)
     assert not projects_overlap(project, tmp_path / "src" / "proj-2")
+
+
+def test_an_agent_home_inside_the_project_is_bad_input(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    spec = _runnable_spec(tmp_path)
+    argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
+    code, _, err = run(capsys, argv, {**env, "AGENT_HOME": str(work / ".agent" / "home")})
+    assert code == 2 and err.count("\n") == 1
+    assert "lies inside the project" in err
+    assert not (work / ".agent").exists()

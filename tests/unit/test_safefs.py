@@ -321,3 +321,12 @@ def test_a_resolved_path_opens_only_if_no_component_became_a_symlink(tmp_path: P
         safefs.open_resolved_dir(project)
     with pytest.raises(ValueError):
         safefs.open_resolved_dir(Path("relative"))
+
+
+def test_a_directory_with_more_names_than_the_cap_is_refused_not_listed(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"f{i}").write_text("")
+    with safefs.opened_dir(tmp_path) as fd:
+        assert sorted(safefs.names_in(fd, limit=5)) == [f"f{i}" for i in range(5)]
+        with pytest.raises(safefs.UnsafeFile, match="more than 4 entries"):
+            safefs.names_in(fd, limit=4)

@@ -24,6 +24,7 @@ configuration, a hook or a path that host git follows.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import stat
 from collections.abc import Mapping
@@ -118,7 +119,7 @@ def project_dir(state_home: Path, project: Path) -> Path:
 
 
 def exposed_marker(state_home: Path, project: Path) -> Path:
-    """Present once an agent ran on ``project`` with its ``.git`` not hidden.
+    """Touched when an agent ran on ``project`` with its ``.git`` not hidden.
 
     With no ``.git`` (an agent may ``git init``) or inside another
     repository (it may make one), whatever ``.git`` appears later may be the
@@ -128,10 +129,48 @@ def exposed_marker(state_home: Path, project: Path) -> Path:
     return project_dir(state_home, project) / "agent-could-write-git"
 
 
-def mark_exposed(state_home: Path, project: Path) -> None:
-    marker = exposed_marker(state_home, project)
-    marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    marker.touch(mode=0o600)
+def below_marker(state_home: Path, project: Path) -> Path:
+    """Touched at every run on ``project``: a ``.git`` below it may be an agent's."""
+    return project_dir(state_home, project) / "agent-could-write-below"
+
+
+def trust_record(state_home: Path, project: Path) -> Path:
+    """Touched by --trust-git: the user checked ``project``'s ``.git`` then."""
+    return project_dir(state_home, project) / "git-trusted"
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600)  # an existing one gets the time now
+
+
+def mark_run(state_home: Path, project: Path, *, git_hidden: bool) -> None:
+    """Record that an agent ran on ``project`` (and could write below it)."""
+    _touch(below_marker(state_home, project))
+    if not git_hidden:
+        _touch(exposed_marker(state_home, project))
+
+
+def trust(state_home: Path, project: Path) -> None:
+    _touch(trust_record(state_home, project))
+
+
+def git_untrusted(state_home: Path, project: Path) -> bool:
+    """May ``project/.git`` be an agent's?  Yes if, since the user last said
+    --trust-git, an agent ran on the project with its .git not hidden, or on
+    any directory above it (whose share held this .git)."""
+    markers = [exposed_marker(state_home, project)]
+    markers += [below_marker(state_home, parent) for parent in project.parents]
+    newest = 0
+    for marker in markers:
+        with contextlib.suppress(OSError):
+            newest = max(newest, marker.stat().st_mtime_ns)
+    if newest == 0:
+        return False
+    try:
+        return trust_record(state_home, project).stat().st_mtime_ns <= newest
+    except OSError:
+        return True
 
 
 def plan_git(
@@ -154,7 +193,7 @@ def plan_git(
         if worktree:
             raise ValueError(f"--worktree needs a git repository; {project} has no .git") from None
         return None
-    if not trust_git and exposed_marker(state_home, project).exists():
+    if not trust_git and git_untrusted(state_home, project):
         if worktree:
             raise ValueError(f"--worktree: {untrusted_git_line(project)}")
         return None
@@ -284,6 +323,7 @@ def make_dirs(plan: GitPlan) -> None:
 # to the user's repository (the guest can no longer write it).
 HARDENING = (
     "-c", "core.hooksPath=/dev/null",
+    "-c", "core.alternateRefsCommand=",
     "-c", "core.fsmonitor=false",
     "-c", "protocol.allow=never",
     "-c", "protocol.file.allow=always",

@@ -114,6 +114,18 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "land": Subcommand(
         "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
     ),
+    "new": Subcommand(
+        "write a new agent VM: a flavor for this project, or --host-config DIR",
+        _module("microvm_run.new_cli"),
+    ),
+    "check": Subcommand(
+        "evaluate every agent VM of a flake (nix-eval-jobs): evaluates, valid spec, cache",
+        _module("microvm_run.check_cli"),
+    ),
+    "skill": Subcommand(
+        "install the create-agent-vm skill for an agent (skill install --agent claude)",
+        _module("microvm_run.skill_cli"),
+    ),
     "attach": Subcommand("enter a NixOS host's agent VM", _module("microvm_run.attach_cli")),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +22,7 @@ from pathlib import Path
 from microvm_run import agentgit, gitimport, gitprepare, process, safefs, state, usage
 from microvm_run.agentgit import GitError, GitPlan, Meta
 from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run.ops import remove_tree  # iterative: the guest sets the depth
 
 __all__ = ["GitError", "after_run", "before_run", "main", "prune"]
 
@@ -56,19 +56,19 @@ def before_run(
                 "not see: the agent has no git here (run from the repository's top level)"
             )
         # Whatever .git the agent leaves here is the agent's from now on.
-        try:
-            agentgit.mark_exposed(_state_home(environ), project)
-        except OSError as err:
-            raise GitError(f"cannot record that the agent may write {project}: {err}") from None
+        _mark_run(environ, project, git_hidden=False)
         return None
-    # Planned with the marker present: the user said --trust-git.
-    agentgit.exposed_marker(_state_home(environ), plan.project).unlink(missing_ok=True)
     if plan.mode == "gitfile":
         process.log(
             f"{plan.user_git} is a file (a linked worktree or submodule): the guest sees it "
             "read-only and gets no git; run from the main checkout, or use --worktree NAME there"
         )
+        _mark_run(environ, plan.project, git_hidden=True)
         return None
+    # Planned though marked: the user said --trust-git.  Then this run too.
+    if agentgit.git_untrusted(_state_home(environ), plan.project):
+        agentgit.trust(_state_home(environ), plan.project)
+    _mark_run(environ, plan.project, git_hidden=True)
     try:
         agentgit.make_dirs(plan)
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
@@ -85,7 +85,7 @@ def before_run(
     except (GitError, OSError) as err:
         os.close(lock_fd)
         if plan.mode == "shared":
-            shutil.rmtree(plan.run_dir, ignore_errors=True)
+            remove_tree(plan.run_dir)
         raise GitError(f"preparing the agent's git: {err}") from None
     assert meta is not None
     return Session(plan, meta, lock_fd)
@@ -167,7 +167,16 @@ def _project(raw: str | None, environ: Mapping[str, str]) -> Path:
     path = Path(raw or environ.get("WORK_DIR") or os.getcwd()).expanduser().resolve()
     if not (path / ".git").is_dir():
         raise ValueError(f"{path} is not the main checkout of a git repository")
+    if agentgit.git_untrusted(_state_home(environ), path):
+        raise ValueError(agentgit.untrusted_git_line(path))
     return path
+
+
+def _mark_run(environ: Mapping[str, str], project: Path, *, git_hidden: bool) -> None:
+    try:
+        agentgit.mark_run(_state_home(environ), project, git_hidden=git_hidden)
+    except OSError as err:
+        raise GitError(f"cannot record the run on {project}: {err}") from None
 
 
 def _state_home(environ: Mapping[str, str]) -> Path:
@@ -462,7 +471,7 @@ def prune(environ: Mapping[str, str], *, explicit: Sequence[str] = ()) -> list[s
                 removed.append(f"kept {meta.mode} run {meta.name}: in use by a running instance")
                 continue
             if why:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                remove_tree(run_dir)
                 removed.append(f"removed {meta.mode} run {meta.name} of {meta.project} ({why})")
         if project_dir.is_dir() and not any(project_dir.iterdir()):
             project_dir.rmdir()

@@ -407,7 +407,9 @@ def gc(
         report.actions.append(Action(verdict.entry.id, f"stale: {verdict.reason}"))
         report.actions += collect(verdict.entry, environ, manager)
 
-    in_use = {v.entry.state.agent_home for v in report.live if v.entry.state is not None}
+    # Resolved on both sides: a launch plans its home through the resolved
+    # data home, this scan goes through the configured one.
+    in_use = {_resolved(v.entry.state.agent_home) for v in report.live if v.entry.state is not None}
     records = state.scan_homes(host.data_home(environ), project_exists)
     for record, said in home_verdicts(records, in_use):
         gone = f"project {record.project} is gone"
@@ -441,7 +443,7 @@ def home_verdicts(
             continue
         elif record.project_exists is None:
             said.append((record, f"cannot tell whether {record.project} exists, left alone"))
-        elif record.path in in_use:
+        elif _resolved(record.path) in in_use or record.path in in_use:
             why = f"project {record.project} is gone but a running instance uses it"
             said.append((record, f"{why}, left alone"))
         elif outer := _containing_project(record.project, projects):
@@ -452,6 +454,13 @@ def home_verdicts(
         else:
             said.append((record, PRUNABLE))
     return said
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
 
 
 def _containing_project(project: Path, projects: Collection[Path]) -> Path | None:

@@ -31,6 +31,22 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
+# The most entries one directory may list: the guest chooses how many there
+# are, and the names are held in the runner's memory (~100 MiB at this cap).
+MAX_ENTRIES = 1 << 20
+
+
+def names_in(fd: int, limit: int = MAX_ENTRIES) -> list[str]:
+    """The names in the directory ``fd``, at most ``limit`` (else UnsafeFile)."""
+    names: list[str] = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if len(names) >= limit:
+                raise UnsafeFile(errno.EFBIG, f"more than {limit} entries in one directory")
+            names.append(entry.name)
+    return names
+
+
 def shown(name: str | Path) -> str:
     """A name the guest chose, safe to print: every byte outside printable
     ASCII escaped, so it can send nothing to the user's terminal."""
@@ -263,7 +279,7 @@ def strip_unsafe_modes(root: Path, uid: int) -> ModeRepair:
     try:
         # The root's own mode is the caller's: the mode it had at launch.
         try:
-            names = sorted(os.listdir(current), reverse=True)
+            names = sorted(names_in(current), reverse=True)
         except OSError as err:
             repair.failed.append(f".: {err.strerror or err}")
             names = []
@@ -370,10 +386,13 @@ def _listing(fd: int, relative: str) -> tuple[tuple[str, ...], list[str], tuple[
     in reverse order, for popping; and the symlinks."""
     try:
         with os.scandir(fd) as entries:
-            listed = [
-                (entry.name, entry.is_dir(follow_symlinks=False), entry.is_symlink())
-                for entry in entries
-            ]
+            listed: list[tuple[str, bool, bool]] = []
+            for entry in entries:
+                if len(listed) >= MAX_ENTRIES:
+                    raise UnsafeFile(
+                        errno.EFBIG, f"more than {MAX_ENTRIES} entries in one directory"
+                    )
+                listed.append((entry.name, entry.is_dir(follow_symlinks=False), entry.is_symlink()))
     except OSError as err:
         raise UnsafeFile(err.errno, f"cannot read {shown(relative)}: {err.strerror}") from None
     listed.sort()
@@ -469,7 +488,7 @@ def _enter_dir(fd: int, relative: str, repair: ModeRepair) -> list[str] | None:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & _UNSAFE_WRITE:
             os.fchmod(fd, mode & ~_UNSAFE_WRITE)
-        return sorted(os.listdir(fd), reverse=True)
+        return sorted(names_in(fd), reverse=True)
     except OSError as err:
         repair.failed.append(f"{relative}: {err.strerror or err}")
         return None

@@ -44,7 +44,8 @@ def identities(plan: LaunchPlan, uid: int) -> dict[Path, Identity]:
     found: dict[Path, Identity] = {}
     for daemon in plan.virtiofsd:
         root = daemon.shared_dir
-        if root == plan.work_dir:
+        if root in (plan.work_dir, plan.agent_home):
+            # Both resolved when planned: no symlink may be on the way now.
             fd = safefs.open_resolved_dir(root)
         elif root in owned:
             fd = safefs.check_share_root(root, uid)
