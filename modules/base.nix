@@ -78,12 +78,22 @@ let
       echo "agent-microvm: cannot open the status port ${statusPort}" >&2
       exit 1 # no status line: the runner reports a guest failure
     fi
-    # `size ROWS COLS` from the host: the agent's terminal follows the
-    # host's (TIOCSWINSZ sends the agent SIGWINCH).
+    # From the host: `size ROWS COLS`, so the agent's terminal follows the
+    # host's (TIOCSWINSZ sends the agent SIGWINCH); `denied TEXT`, a refusal
+    # of the egress proxy, appended to ${runDir}/denied for the agent to read
+    # (only root writes it).
+    mkdir -p ${runDir}
+    install -m 0644 /dev/null ${runDir}/denied
     (
-      while read -r word rows cols _; do
-        case "$word $rows $cols" in
-          "size "[0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+      while read -r word rest; do
+        case "$word" in
+          size)
+            read -r rows cols _ <<<"$rest"
+            case "$rows $cols" in
+              [0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+            esac
+            ;;
+          denied) printf '%s\n' "$rest" >>${runDir}/denied ;;
         esac
       done <&3
     ) &
@@ -98,7 +108,6 @@ let
         "start this VM with microvm-run" >&2
       exit 1 # no status line: the runner reports a guest failure
     fi
-    mkdir -p ${runDir}
     install -m 0640 -o root -g ${user} ${launchFwCfg} ${runDir}/launch
 
     # The uplink is static but comes up asynchronously: the agent starts

@@ -10,6 +10,7 @@ parent-death signal, so even a SIGKILLed runner leaves no VM running.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import functools
@@ -28,12 +29,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import host, process, safefs, state
+from microvm_run import denials, host, process, safefs, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
     GuestStatus,
 )
+from microvm_run.netpolicy import Refusal
 from microvm_run.plan import LaunchPlan, VirtiofsdPlan
 
 SOCKET_DEADLINE_S = 10.0
@@ -86,6 +88,13 @@ class Instance:
     signum: int | None = None
     cleaning: bool = False
     work_mode: int | None = None  # the project dir's mode before the guest ran
+    # Refusals from the egress thread, handled on the main thread: the
+    # thread appends and writes a byte to wake_w, which wakes the watcher.
+    refusals: collections.deque[Refusal] = field(default_factory=collections.deque)
+    wake_r: int = -1
+    wake_w: int = -1
+    denials: denials.Denials | None = None
+    to_guest: list[str] = field(default_factory=list)  # status lines waiting for `ready`
 
 
 def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
@@ -293,7 +302,15 @@ def _start_egress(plan: LaunchPlan, instance: Instance, environ: Mapping[str, st
     from microvm_run.egress import EgressError, EgressProxy  # noqa: PLC0415 - not for --net none
 
     keys = {route.var: environ.get(route.var, "") for route in plan.egress.key_routes}
-    instance.egress = EgressProxy(plan.egress, keys)
+    instance.denials = denials.Denials(plan.runtime_dir)
+    instance.wake_r, instance.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def refused(refusal: Refusal) -> None:  # on the egress thread
+        instance.refusals.append(refusal)
+        with contextlib.suppress(OSError):
+            os.write(instance.wake_w, b"!")
+
+    instance.egress = EgressProxy(plan.egress, keys, on_refusal=refused)
     try:
         instance.egress.start()
     except EgressError as err:
@@ -449,6 +466,9 @@ class _Watcher:
         self.poller.register(self.listener, selectors.EVENT_READ, "listener")
         for daemon in instance.daemons:
             self.poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
+        if instance.wake_r >= 0:
+            self.poller.register(instance.wake_r, selectors.EVENT_READ, "wake")
+            _handle_refusals(instance)  # any from before QEMU started
         self.conn: socket.socket | None = None
         self.status = GuestStatus()
         self.buffer = b""
@@ -485,6 +505,10 @@ class _Watcher:
                     self._accept()
                 elif key.data == "status":
                     self._read_status(until_eof=False)
+                elif key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        os.read(self.instance.wake_r, 4096)
+                    _handle_refusals(self.instance)
                 elif isinstance(key.data, Daemon):
                     self.poller.unregister(key.fileobj)
                     # QEMU ending disconnects virtiofsd, which then exits; its
@@ -546,6 +570,9 @@ class _Watcher:
             self.instance.guest_ready = True
             # The size may have changed while the guest booted.
             send_terminal_size(self.instance)
+            waiting, self.instance.to_guest = self.instance.to_guest, []
+            for line in waiting:
+                send_to_guest(self.instance, line)
 
     def _fail(self, message: str, code: int) -> None:
         if self.failure is None:
@@ -580,6 +607,25 @@ class _Watcher:
         os.close(self.qemu_pidfd)
         if self.conn is not None:
             self.conn.close()
+
+
+def _handle_refusals(instance: Instance) -> None:
+    """Tell the guest (and the runtime dir's denied file) what was refused."""
+    while instance.refusals:
+        refusal = instance.refusals.popleft()
+        line = instance.denials.add(refusal) if instance.denials is not None else None
+        if line is not None:
+            send_to_guest(instance, f"denied {line}")
+
+
+def send_to_guest(instance: Instance, line: str) -> None:
+    """One status line to the guest; held back until it has reported ``ready``."""
+    conn = instance.status_conn
+    if conn is None or not instance.guest_ready:
+        instance.to_guest.append(line)
+        return
+    with contextlib.suppress(OSError):
+        conn.send(f"{line}\n".encode("ascii", "replace"))
 
 
 def send_terminal_size(instance: Instance) -> None:
@@ -622,6 +668,9 @@ def _cleanup(instance: Instance, environ: Mapping[str, str]) -> None:
         steps.append(instance.listener.close)
     if instance.egress is not None:
         steps.append(lambda: _stop_egress(instance))
+    for fd in (instance.wake_r, instance.wake_w):
+        if fd >= 0:
+            steps.append(functools.partial(os.close, fd))
     steps += [
         functools.partial(_stop_daemon, daemon, environ, qemu_ran=instance.qemu is not None)
         for daemon in instance.daemons

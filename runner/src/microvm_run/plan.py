@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microvm_run import contract, home, netpolicy, qemu, virtiofsd
+from microvm_run import contract, home, live, netpolicy, qemu, virtiofsd
 from microvm_run.agentgit import GitPlan
 from microvm_run.netpolicy import NET_ALIASES, NET_MODES, EgressConfig, KeyRoute, PolicyError
 from microvm_run.spec import Share, Spec
@@ -368,6 +368,7 @@ def _egress(
         log=facts.egress_log,
         instance_id=facts.instance_id,
         key_routes=routes,
+        live_allow=runtime_dir / live.LIVE_FILE,
     )
 
 
