@@ -11,10 +11,20 @@ from __future__ import annotations
 import re
 import shlex
 import struct
+import subprocess
+import time
+from pathlib import Path
 
 from tests.integration import test_network
-from tests.integration.conftest import VM
-from tests.integration.test_network import DENIED, EGRESS, Upstream, _dns_query, _egress_log
+from tests.integration.conftest import VM, VM_TIMEOUT_S
+from tests.integration.test_network import (
+    ALLOWED,
+    DENIED,
+    EGRESS,
+    Upstream,
+    _dns_query,
+    _egress_log,
+)
 
 upstreams = test_network.upstreams  # the fixture: servers behind the test names
 
@@ -77,3 +87,113 @@ def test_a_refused_host_is_explained_to_the_guest_tool_and_in_a_file_the_agent_r
         expected,
     ]
     assert (work / "write").read_text().strip() != "0"
+
+
+def _instance_id(vm: VM) -> str:
+    assert vm.runtime_dir is not None
+    (only,) = [p.name for p in (vm.runtime_dir / "microvm-run").iterdir() if p.is_dir()]
+    return only
+
+
+def _wait_for(path: Path, running: subprocess.Popen[str], what: str) -> None:
+    deadline = time.monotonic() + VM_TIMEOUT_S
+    while not path.exists():
+        assert running.poll() is None, running.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def _get(host: str, port: int, out: str) -> str:
+    request = f"GET http://{host}:{port}/ HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+    return f"printf {shlex.quote(request)} | nc -w 5 {EGRESS} 3128 > {out}"
+
+
+def test_allow_on_a_running_instance_admits_the_next_request_and_denied_lists_refusals(
+    vm: VM, upstreams: dict[str, Upstream]
+) -> None:
+    port = upstreams[DENIED].port  # the same port on both names
+    work = vm.project()
+    script = "; ".join(
+        [
+            _get(DENIED, port, "/work/before"),
+            "touch /work/asked",
+            "while [ ! -e /work/go ]; do sleep 0.2; done",
+            _get(DENIED, port, "/work/after"),
+            _get(ALLOWED, port, "/work/once-1"),
+            _get(ALLOWED, port, "/work/once-2"),
+        ]
+    )
+    running = vm.start(work, script, "--net", "allowlist")
+    try:
+        _wait_for(work / "asked", running, "the guest never made its first request")
+        instance = _instance_id(vm)
+        listed = vm.ops("denied", instance[:4])
+        bad = [
+            vm.ops("allow", instance, "not a host!"),
+            vm.ops("allow", "ffffffff", DENIED),
+            vm.ops("allow", instance, DENIED, "--once", "--project"),
+        ]
+        allowed = [
+            vm.ops("allow", instance, f"{DENIED}:{port}", "--private"),
+            vm.ops("allow", instance, f"{ALLOWED}:{port}", "--private", "--once"),
+            vm.ops("allow", instance, "pkg.example", "--project"),
+        ]
+        (work / "go").touch()
+        _, err = running.communicate(timeout=VM_TIMEOUT_S)
+    finally:
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 0, err
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        f"microvm-run refused {DENIED}:{port}: not in the allowlist (--net allowlist); "
+        f"to allow it, on the host: microvm-run allow {instance} {DENIED}:{port}"
+    ]
+    assert [r.returncode for r in bad] == [2, 2, 2], [r.stderr for r in bad]
+    assert all(r.stderr.count("\n") == 1 for r in bad)
+    assert [r.returncode for r in allowed] == [0, 0, 0], [r.stderr for r in allowed]
+    assert "403" in (work / "before").read_text()
+    assert "answer from 127.0.0.3" in (work / "after").read_text()
+    assert "answer from 127.0.0.2" in (work / "once-1").read_text()
+    assert "not in the allowlist" in (work / "once-2").read_text()
+    assert [r.count(b"GET") for r in upstreams[ALLOWED].received] == [1]
+    from microvm_run import host  # noqa: PLC0415
+
+    saved = host.project_allow_file("testagent", work, vm.env())
+    assert saved.read_text() == "pkg.example\n"
+    assert "and for later launches" in allowed[2].stdout
+    plan = vm.ops(
+        "--spec", str(vm.spec), "--work-dir", str(work), "--net", "allowlist", "--dry-run"
+    )
+    assert "allowlist: pkg.example" in plan.stdout, plan.stderr
+
+
+def _dns_answers(data: bytes) -> list[int]:
+    """The rcode of each length-prefixed DNS answer in ``data``."""
+    rcodes = []
+    while len(data) >= 2:
+        (size,) = struct.unpack("!H", data[:2])
+        message, data = data[2 : 2 + size], data[2 + size :]
+        rcodes.append(struct.unpack("!H", message[2:4])[0] & 0xF)
+    return rcodes
+
+
+def test_a_preset_admits_exactly_its_hosts(vm: VM) -> None:
+    # Names only: an admitted name resolves to the proxy, a refused one is
+    # NXDOMAIN, and nothing leaves this machine.
+    names = ["index.crates.io", "static.crates.io", "registry.npmjs.org", "evil.crates.io"]
+    work = vm.project()
+    (work / "Cargo.lock").write_text("# not read by the runner\n")
+    (work / "queries").write_bytes(
+        b"".join(_dns_query(name.encode(), i) for i, name in enumerate(names))
+    )
+    script = f"nc -w 2 {EGRESS} 53 < /work/queries > /work/answers"
+    result = vm.run(work, script, "--net", "allowlist", "--allow-preset", "auto")
+    assert result.returncode == 0, result.stderr
+    assert _dns_answers((work / "answers").read_bytes()) == [0, 0, 3, 3]
+    plan = vm.ops(
+        "--spec", str(vm.spec), "--work-dir", str(work), "--net", "allowlist", "--dry-run"
+    )
+    assert (
+        "preset cargo (Cargo.lock): index.crates.io, static.crates.io -- not applied" in plan.stdout
+    )

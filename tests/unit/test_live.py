@@ -59,7 +59,7 @@ def test_a_refusal_names_the_host_the_mode_and_the_command() -> None:
     assert _refusal(8443, FIX_ALLOW).text().endswith("allow cafe0001 pkg.example:8443")
     assert _refusal(53, FIX_ALLOW).text().startswith("microvm-run refused pkg.example: ")
     private = _refusal(443, FIX_PRIVATE, "resolves to non-public address 10.0.0.1").text()
-    assert private.endswith("start the VM with --allow-private pkg.example:443")
+    assert "microvm-run allow cafe0001 pkg.example:443 --private (or start with" in private
     assert "to allow it" not in _refusal(443, None, "connection failed").text()
 
 

@@ -115,6 +115,13 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "land": Subcommand(
         "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
     ),
+    "allow": Subcommand(
+        "let a running instance reach a host (--once, --project)", _module("microvm_run.allow_cli")
+    ),
+    "denied": Subcommand(
+        "what a running instance was refused, and how to allow it",
+        _module("microvm_run.denied_cli"),
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
@@ -401,6 +408,14 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="with --net allowlist: also allow HOST (*.suffix and HOST:PORT work); repeatable",
     )
     add(
+        "--allow-preset",
+        metavar="NAME",
+        action="append",
+        default=_words(env.get("MICROVM_ALLOW_PRESET", "")),
+        help="with --net allowlist: also allow an ecosystem's package hosts "
+        "(npm, cargo, go, python, nix), or auto: those the project's lockfiles name; repeatable",
+    )
+    add(
         "--allow-private",
         metavar="HOST",
         action="append",
@@ -492,6 +507,7 @@ def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
         net=args.net,
         allow=tuple(args.allow),
         allow_private=tuple(args.allow_private),
+        allow_presets=tuple(args.allow_preset),
         ports=tuple(args.publish),
         inject_keys=args.inject_keys,
         supervisor=args.supervisor,
@@ -615,6 +631,10 @@ def _describe(plan: LaunchPlan) -> str:
         )
         if plan.egress.mode == "allowlist":
             lines.append(f"  allowlist: {rules}")
+            for use in plan.presets:
+                found = f" ({use.found})" if use.found else ""
+                how = "" if use.applied else f" -- not applied: --allow-preset {use.name} or auto"
+                lines.append(f"  preset {use.name}{found}: {', '.join(use.hosts)}{how}")
         else:
             inward = [str(rule) for rule in plan.egress.rules if rule.private]
             if inward:

@@ -276,7 +276,7 @@ class EgressProxy:
             or any(
                 rule.matches(name, rule.port or netpolicy.TLS_PORT) for rule in self.config.rules
             )
-            or self._live.permits(name, None, take=False)
+            or self._live.permits(name, None, take=False) is not None
         ):
             return netpolicy.EGRESS_ADDR
         self._deny(name, netpolicy.DNS_PORT, "dns", "not in the allowlist", FIX_ALLOW)
@@ -454,13 +454,15 @@ class EgressProxy:
         if not netpolicy.valid_hostname(host):
             raise self._deny(host, port, via, "not a host name")
         rules = self.config.rules
-        if (
-            self.config.mode == "allowlist"
-            and not netpolicy.permitted(rules, host, port)
-            and not self._live.permits(host, port, take=True)
-        ):
-            raise self._deny(host, port, via, "not in the allowlist", FIX_ALLOW)
-        inward = netpolicy.private_permitted(rules, host, port)
+        live_rule = None
+        if self.config.mode == "open" or not netpolicy.permitted(rules, host, port):
+            # Spends a once rule only where no launch rule admits the name.
+            live_rule = self._live.permits(host, port, take=True)
+            if self.config.mode == "allowlist" and live_rule is None:
+                raise self._deny(host, port, via, "not in the allowlist", FIX_ALLOW)
+        inward = netpolicy.private_permitted(rules, host, port) or (
+            live_rule is not None and live_rule.private
+        )
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(

@@ -1,8 +1,10 @@
 """Rules added to a running instance: ``microvm-run allow ID HOST[:PORT] [--once]``.
 
 The file ``<runtime dir>/allow`` (0600, in the instance's 0700 runtime dir,
-outside every share) holds one rule per line, ``HOST[:PORT]`` for the rest
-of the instance's life or ``once HOST[:PORT]`` for one connection.  Only
+outside every share) holds one rule per line: ``[once] [private] HOST[:PORT]``.
+Without ``once`` a rule holds for the rest of the instance's life, with it
+for one connection; ``private`` admits the name where it resolves to
+loopback or the LAN, as ``--allow-private`` does at launch.  Only
 ``microvm-run allow`` appends to it; the egress proxy re-reads it when its
 size or modification time changes, so a rule applies to the next
 connection, with no signal and no socket to the runner.
@@ -20,12 +22,16 @@ from microvm_run.netpolicy import AllowRule
 
 LIVE_FILE = "allow"
 ONCE = "once"
+PRIVATE = "private"
 MAX_LIVE_BYTES = 256 * 1024  # the proxy reads no more than this
 
 
 def render(rule: AllowRule, *, once: bool) -> str:
     """One line of the live file for ``rule``."""
-    return f"{ONCE} {rule}\n" if once else f"{rule}\n"
+    name = f"*.{rule.host}" if rule.wildcard else rule.host
+    entry = name if rule.port is None else f"{name}:{rule.port}"
+    words = [ONCE] * once + [PRIVATE] * rule.private + [entry]
+    return " ".join(words) + "\n"
 
 
 def append(runtime_dir: Path, rule: AllowRule, *, once: bool) -> Path:
@@ -44,17 +50,16 @@ def parse(text: str) -> tuple[tuple[AllowRule, ...], tuple[AllowRule, ...]]:
     lasting: list[AllowRule] = []
     once: list[AllowRule] = []
     for line in text.splitlines():
-        words = line.split()
-        if not words:
+        *flags, entry = line.split() or [""]
+        if (
+            not entry
+            or any(f not in (ONCE, PRIVATE) for f in flags)
+            or len(set(flags)) < len(flags)
+        ):
             continue
-        if len(words) == 1:
-            target = lasting
-        elif len(words) == 2 and words[0] == ONCE:
-            target = once
-        else:
-            continue
+        target = once if ONCE in flags else lasting
         with contextlib.suppress(netpolicy.PolicyError):
-            target.append(netpolicy.parse_allow(words[-1]))
+            target.append(netpolicy.parse_allow(entry, private=PRIVATE in flags))
     return tuple(lasting), tuple(once)
 
 
@@ -86,20 +91,21 @@ class LiveRules:
         self._seen = seen
         self.lasting, self._once = parse(text)
 
-    def permits(self, host: str, port: int | None, *, take: bool) -> bool:
-        """A live rule admits host:port (port None: the rule's own, for DNS);
-        ``take`` spends a matching once rule."""
+    def permits(self, host: str, port: int | None, *, take: bool) -> AllowRule | None:
+        """The live rule that admits host:port (port None: the rule's own, for
+        DNS), or None; ``take`` spends a matching once rule."""
         self.refresh()
         host = netpolicy.normalise_host(host)
 
         def admits(rule: AllowRule) -> bool:
             return rule.matches(host, port if port is not None else rule.port or netpolicy.TLS_PORT)
 
-        if any(admits(rule) for rule in self.lasting):
-            return True
+        for rule in self.lasting:
+            if admits(rule):
+                return rule
         for index, rule in enumerate(self._once):
             if index not in self._used and admits(rule):
                 if take:
                     self._used.add(index)
-                return True
-        return False
+                return rule
+        return None

@@ -323,5 +323,9 @@ class Refusal:
             command = f"microvm-run allow {self.instance_id} {self.entry()}"
             line += f"; to allow it, on the host: {command}"
         elif self.fix == FIX_PRIVATE:
-            line += f"; to allow it, start the VM with --allow-private {self.host}:{self.port}"
+            target = f"{self.host}:{self.port}"
+            command = f"microvm-run allow {self.instance_id} {target} --private"
+            line += (
+                f"; to allow it, on the host: {command} (or start with --allow-private {target})"
+            )
         return line

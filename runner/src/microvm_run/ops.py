@@ -269,6 +269,19 @@ def select(entries: Sequence[Entry], wanted: Sequence[str] | None, alive: Alive)
     return chosen
 
 
+def running(base: Path, token: str, *, uid: int, alive: Alive = state.is_alive) -> Entry:
+    """The running instance ``token`` names (an id or a unique prefix), or OpsError."""
+    problem = state.base_problem(base, uid)
+    if problem:
+        raise OpsError(problem)
+    (entry,) = select(state.scan(base), [token], alive)
+    if entry.state is None:
+        raise OpsError(f"instance {entry.id}: {entry.problem}")
+    if not alive(entry.state.runner_pid, entry.state.runner_start):
+        raise OpsError(f"instance {entry.id} is not running (microvm-run ps lists those that are)")
+    return entry
+
+
 def stop(
     base: Path,
     wanted: Sequence[str] | None,
