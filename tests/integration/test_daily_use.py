@@ -8,6 +8,7 @@ denied.amvm.test -> 127.0.0.3.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import struct
@@ -25,6 +26,7 @@ from tests.integration.test_network import (
     _dns_query,
     _egress_log,
 )
+from tests.support.terminal import start_on_pty
 
 upstreams = test_network.upstreams  # the fixture: servers behind the test names
 
@@ -197,3 +199,153 @@ def test_a_preset_admits_exactly_its_hosts(vm: VM) -> None:
     assert (
         "preset cargo (Cargo.lock): index.crates.io, static.crates.io -- not applied" in plan.stdout
     )
+
+
+# -- the terminal -------------------------------------------------------------------------
+
+TERMINAL = {
+    "TERM": "xterm-256color",
+    "TERM_PROGRAM": "iTerm.app",
+    "TERM_PROGRAM_VERSION": "3.5.0",
+    "LC_TERMINAL": "iTerm2",
+    "LC_TERMINAL_VERSION": "3.5.0",
+}
+
+
+def test_the_terminal_variables_reach_the_agent_and_ctrl_z_does_not_freeze_it(vm: VM) -> None:
+    work = vm.project()
+    script = "; ".join(
+        [
+            "env > /work/env",
+            "touch /work/wait-z",
+            "while [ ! -e /work/z-sent ]; do sleep 0.2; done",
+            # ^Z in a cooked terminal: SIGTSTP to an orphaned group stops nothing.
+            "sleep 1; echo alive > /work/after-tstp",
+            # What a TUI's suspend key does: stop itself, wait for `fg`.
+            "kill -STOP $$",
+            "echo resumed > /work/after-stop",
+        ]
+    )
+    running, master = start_on_pty(
+        vm.as_user(vm.argv(work, script)), vm.env(**TERMINAL), rows=24, cols=80
+    )
+    try:
+        _wait_for(work / "wait-z", running, "the agent never started")
+        os.write(master, b"\x1a")
+        (work / "z-sent").touch()
+        _, err = running.communicate(timeout=VM_TIMEOUT_S)
+    finally:
+        if running.poll() is None:
+            running.kill()
+        os.close(master)
+    assert running.returncode == 0, err
+    env = (work / "env").read_text().splitlines()
+    for name, value in TERMINAL.items():
+        assert f"{name}={value}" in env
+    assert (work / "after-tstp").read_text() == "alive\n"
+    assert (work / "after-stop").read_text() == "resumed\n"
+
+
+def test_shift_enter_reaches_a_program_in_the_guest_through_tmux(vm: VM) -> None:
+    work = vm.project()
+    # The program asks for extended keys (xterm modifyOtherKeys 1), as a TUI
+    # does, then reads raw bytes: tmux on the host must see the request
+    # through the VM's console and encode Shift+Enter for it.
+    script = "; ".join(
+        [
+            "stty raw -echo",
+            "printf '\\033[>4;1m'",
+            "touch /work/reading",
+            "dd bs=1 count=10 of=/work/keys 2>/dev/null",
+            "stty sane",
+        ]
+    )
+    socket_name = f"amvm-{os.getpid()}"
+    tmux = ["tmux", "-L", socket_name, "-f", "/dev/null"]
+    command = shlex.join(vm.argv(work, script))
+    env = vm.env(TERM="xterm-256color")
+    started = subprocess.run(
+        vm.as_user([*tmux, "new-session", "-d", "-x", "100", "-y", "30", f"{command}; sleep 30"]),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert started.returncode == 0, started.stderr
+    try:
+        subprocess.run(
+            vm.as_user([*tmux, "set-option", "-g", "extended-keys", "on"]), env=env, check=True
+        )
+        deadline = time.monotonic() + VM_TIMEOUT_S
+        while not (work / "reading").exists():
+            assert time.monotonic() < deadline, "the guest program never started"
+            time.sleep(0.2)
+        time.sleep(1)  # the request reaches tmux through the console
+        subprocess.run(vm.as_user([*tmux, "send-keys", "S-Enter"]), env=env, check=True)
+        while not (work / "keys").exists() or len((work / "keys").read_bytes()) < 10:
+            assert time.monotonic() < deadline, (
+                (work / "keys").read_bytes() if (work / "keys").exists() else "no keys"
+            )
+            subprocess.run(vm.as_user([*tmux, "send-keys", "S-Enter"]), env=env, check=True)
+            time.sleep(1)
+    finally:
+        subprocess.run(vm.as_user([*tmux, "kill-server"]), env=env, check=False)
+    keys = (work / "keys").read_bytes()
+    assert keys.startswith(b"\x1b[27;2;13~") or keys.startswith(b"\x1b[13;2u"), keys
+
+
+# -- notifications ------------------------------------------------------------------------
+
+
+def test_the_agent_needs_you_reaches_the_runner_as_one_line_without_a_desktop(vm: VM) -> None:
+    work = vm.project()
+    script = "; ".join(
+        [
+            "agent-microvm-notify 'waiting for your answer'",
+            # A loop does not flood the user: the rest within 2 s is dropped.
+            "agent-microvm-notify again; agent-microvm-notify and again",
+            "sleep 3",
+            # The guest chose the text: no byte of it drives the terminal.
+            "agent-microvm-notify \"$(printf 'bell\\007 title\\033]0;pwned')\"",
+            "sleep 1",
+            # The agent reaches the host only through the FIFO, not the status port.
+            "ls -l /proc/self/fd/ > /work/fds",
+        ]
+    )
+    result = vm.run(work, script, "--net", "none")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "needs you" in line]
+    assert len(lines) == 2, result.stderr
+    assert re.fullmatch(
+        r"microvm-run: testagent \([0-9a-f]{8}\) needs you: waiting for your answer", lines[0]
+    )
+    assert lines[1].endswith("needs you: bell title]0;pwned")
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+    assert "virtio-ports" not in (work / "fds").read_text()
+    assert "notify" not in (work / "fds").read_text()
+
+
+def test_on_a_desktop_the_notification_goes_to_notify_send(vm: VM) -> None:
+    work = vm.project()
+    tools = work.parent / "bin"
+    tools.mkdir()
+    record = work.parent / "notify-send.argv"
+    (tools / "notify-send").write_text(
+        f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > {record}\n'
+    )
+    (tools / "notify-send").chmod(0o755)
+    os.chown(work.parent, vm.user.uid, vm.user.gid)
+    result = vm.run(
+        work,
+        "agent-microvm-notify 'Claude Code needs your input'",
+        "--net",
+        "none",
+        PATH=f"{tools}:/usr/bin:/bin",
+        DISPLAY=":99",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "needs you" not in result.stderr
+    argv = record.read_text().splitlines()
+    assert argv[0] == "--app-name=microvm-run"
+    assert re.fullmatch(r"testagent \([0-9a-f]{8}\)", argv[1])
+    assert argv[2:] == ["Claude Code needs your input"]

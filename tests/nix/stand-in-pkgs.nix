@@ -112,6 +112,11 @@ let
         mkFake name {
           text = "#!/bin/sh\n${text}";
         };
+      writeShellScriptBin =
+        name: text:
+        mkFake name {
+          text = "#!/bin/sh\n${text}";
+        };
     };
 in
 pkgs

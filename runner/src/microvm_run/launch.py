@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import denials, host, process, safefs, state
+from microvm_run import denials, host, notify, process, safefs, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -95,10 +95,12 @@ class Instance:
     wake_w: int = -1
     denials: denials.Denials | None = None
     to_guest: list[str] = field(default_factory=list)  # status lines waiting for `ready`
+    notifier: notify.Notifier | None = None  # the guest's `notify TEXT` lines
 
 
 def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
     instance = Instance(plan)
+    instance.notifier = notify.Notifier(plan.agent, plan.instance_id, environ)
     # The keys go to the guest through credential files or stay with the
     # key proxy: no child (QEMU, virtiofsd, systemctl) gets them in its
     # environment.
@@ -564,7 +566,11 @@ class _Watcher:
             lines.append(self.buffer)
         was_ready = self.status.ready
         for line in lines:
-            self.status = self.status.feed(line.decode(errors="replace"))
+            text = line.decode(errors="replace")
+            word, _, rest = text.partition(" ")
+            if word == "notify" and self.instance.notifier is not None:
+                self.instance.notifier(rest)
+            self.status = self.status.feed(text)
         if self.status.ready and not was_ready:
             _remove_credentials(self.instance.plan)
             self.instance.guest_ready = True

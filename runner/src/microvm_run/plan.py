@@ -26,8 +26,20 @@ KEY_PLACEHOLDER = "microvm-run-placeholder"
 SUPERVISORS = ("auto", "systemd", "child")
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
-# Passed through from the host so the agent's TUI renders as it does there.
-TERMINAL_VARS = ("TERM", "COLORTERM", "LANG", "LC_ALL")
+# Passed through from the host so the agent's TUI renders and reads keys as
+# it does there: TERM_PROGRAM and LC_TERMINAL (with their versions) are how
+# TUIs tell which terminal speaks which keyboard protocol (Shift+Enter as
+# CSI-u or modifyOtherKeys; LC_TERMINAL passes ssh's default AcceptEnv LC_*).
+TERMINAL_VARS = (
+    "TERM",
+    "COLORTERM",
+    "LANG",
+    "LC_ALL",
+    "TERM_PROGRAM",
+    "TERM_PROGRAM_VERSION",
+    "LC_TERMINAL",
+    "LC_TERMINAL_VERSION",
+)
 # Container runtimes the cri guest module can start (modules/cri.nix).
 CRI_RUNTIMES = ("docker", "podman", "containerd", "crun", "cri-o")
 
