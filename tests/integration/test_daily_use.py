@@ -8,6 +8,7 @@ denied.amvm.test -> 127.0.0.3.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -16,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.integration import test_network
+from tests.integration import test_git, test_network
 from tests.integration.conftest import VM, VM_TIMEOUT_S
 from tests.integration.test_network import (
     ALLOWED,
@@ -349,3 +350,77 @@ def test_on_a_desktop_the_notification_goes_to_notify_send(vm: VM) -> None:
     assert argv[0] == "--app-name=microvm-run"
     assert re.fullmatch(r"testagent \([0-9a-f]{8}\)", argv[1])
     assert argv[2:] == ["Claude Code needs your input"]
+
+
+# -- the instance log ---------------------------------------------------------------------
+
+key_proxy_spec = test_network.key_proxy_spec  # the fixture: a key route to ALLOWED
+
+
+def test_logs_of_a_finished_instance_tell_its_run_until_gc(
+    vm: VM, upstreams: dict[str, Upstream], key_proxy_spec: Path
+) -> None:
+    vm.spec = key_proxy_spec
+    port = upstreams[DENIED].port
+    project = test_git._repo(vm)
+    canary = "canary-" + os.urandom(8).hex()
+    script = "; ".join(
+        [
+            'wget -Y off -q -O /work/answer --header "Authorization: Bearer '
+            '$TESTAGENT_API_KEY" "$TESTAGENT_BASE_URL/messages"',
+            f"printf 'CONNECT {DENIED}:{port} HTTP/1.1\\r\\n\\r\\n' | nc -w 5 {EGRESS} 3128",
+            "agent-microvm-notify 'done, please review'",
+            "cd /work && echo two >> app.txt && git commit -q -am 'agent: two'",
+            "exit 3",
+        ]
+    )
+    result = vm.run(project, script, "--net", "allowlist", TESTAGENT_API_KEY=canary)
+    assert result.returncode == 3, result.stderr
+    listed = vm.ops("logs", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [r for r in json.loads(listed.stdout) if r["project"] == str(project)]
+    assert row["exit"] == 3
+    instance = row["id"]
+
+    shown = vm.ops("logs", instance[:5], "--json")
+    assert shown.returncode == 0, shown.stderr
+    events = [json.loads(line) for line in shown.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "stop", kinds
+    by_kind = {e["event"]: e for e in events}
+    start = by_kind["start"]
+    assert (start["agent"], start["net"], start["key_proxy"]) == (
+        "testagent",
+        "allowlist",
+        ["TESTAGENT_API_KEY"],
+    )
+    assert start["branch"].startswith("agent/")
+    refused = by_kind["refused"]
+    assert (refused["host"], refused["port"], refused["why"]) == (
+        DENIED,
+        port,
+        "not in the allowlist",
+    )
+    assert by_kind["notify"]["text"] == "done, please review"
+    egress = by_kind["egress"]
+    use = egress["key_proxy"]["TESTAGENT_API_KEY"]
+    assert use["requests"] == 1 and use["bytes_up"] > 0 and use["bytes_down"] > 0, use
+    assert egress["allowed"] == {f"{ALLOWED}:{port}": 1}
+    assert egress["denied"] == {f"{DENIED}:{port}": 1}
+    assert by_kind["git"]["commits"] == 1 and by_kind["git"]["branch"] == start["branch"]
+    assert by_kind["stop"]["exit"] == 3
+
+    human = vm.ops("logs", instance)
+    assert human.returncode == 0, human.stderr
+    assert len(human.stdout.splitlines()) == len(events)
+    assert "stop" in human.stdout.splitlines()[-1] and "exit=3" in human.stdout
+
+    path = vm.user.home / ".local/state/microvm-run/instances" / f"{instance}.jsonl"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert canary.encode() not in path.read_bytes()
+
+    cleaned = vm.ops("gc")
+    assert f"{instance}: removed log" in cleaned.stdout, cleaned.stdout
+    assert not path.exists()
+    gone = vm.ops("logs", instance)
+    assert gone.returncode == 2 and gone.stderr.count("\n") == 1

@@ -8,6 +8,7 @@ import importlib
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -122,6 +123,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "what a running instance was refused, and how to allow it",
         _module("microvm_run.denied_cli"),
     ),
+    "logs": Subcommand(
+        "an instance's log (--follow, --json); the list without ID", _module("microvm_run.logs_cli")
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
@@ -193,13 +197,33 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if devshell_file is not None:
             plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
         session = git_cli.before_run(plan.git, env, project=plan.work_dir)
-        try:
-            return launch.launch(plan, env)
-        finally:
-            git_cli.after_run(session, env)
     except (launch.LaunchError, git_cli.GitError) as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
+    return _launch_logged(plan, env, session)
+
+
+def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> int:
+    """Launch, import the agent's commits, and keep the instance's log (instancelog.py)."""
+    from microvm_run import git_cli, instancelog, launch  # noqa: PLC0415
+
+    log = instancelog.InstanceLog(instancelog.log_path(env, plan.instance_id))
+    log.open()
+    started = time.monotonic()
+    code = contract.EXIT_NO_STATUS
+    error = ""
+    try:
+        code = launch.launch(plan, env, log)
+    except launch.LaunchError as err:
+        error = str(err)
+        print(f"microvm-run: {err}", file=sys.stderr)
+    finally:
+        imported = git_cli.after_run(session, env)
+        if imported is not None:
+            log.event("git", branch=imported.branch, commits=imported.commits, head=imported.head)
+        log.event("stop", exit=code, seconds=round(time.monotonic() - started, 1), error=error)
+        log.close()
+    return code
 
 
 def _split_words(parser: argparse.ArgumentParser, words: list[str]) -> tuple[Any, list[str]]:

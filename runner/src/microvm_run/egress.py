@@ -105,6 +105,8 @@ class EgressProxy:
         # Called on the loop thread for each refusal a rule could lift.
         self._on_refusal = on_refusal
         self._live = live.LiveRules(config.live_allow)
+        # Per key variable: [requests, bytes to the upstream, bytes back].
+        self.key_use: dict[str, list[int]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -123,6 +125,10 @@ class EgressProxy:
     @property
     def allowed(self) -> int:
         return self._log.allowed
+
+    @property
+    def allowed_hosts(self) -> Counter[str]:
+        return self._log.allowed_hosts
 
     def start(self) -> None:
         try:
@@ -433,6 +439,8 @@ class EgressProxy:
             return
         self._record("allow", host, port, via)
         first = sniff.render_head(head, target, headers)
+        meter = self.key_use.setdefault(route.var, [0, 0, 0])
+        meter[0] += 1
         leaked = await _exchange(
             reader,
             writer,
@@ -441,6 +449,7 @@ class EgressProxy:
             data[head.length :],
             framing=framing,
             secret=key,
+            meter=meter,
         )
         if leaked:
             self._record("deny", host, port, via, "the response contained the key: cut off")
@@ -629,8 +638,11 @@ async def _exchange(
     *,
     framing: sniff.BodyFraming,
     secret: str | None = None,
+    meter: list[int] | None = None,
 ) -> bool:
     """One request upstream and its response back; True if the response held ``secret``.
+
+    ``meter`` (requests, bytes up, bytes down) gets the bytes of both ways added.
 
     The guest's bytes after the request's body are read and dropped, never
     forwarded: a pipelined request would otherwise reach the upstream
@@ -638,10 +650,14 @@ async def _exchange(
     connection before it has read the response.)
     """
     up_reader, up_writer = upstream
+    meter = meter if meter is not None else [0, 0, 0]
     up_writer.write(head)
-    sender = asyncio.ensure_future(_send_body_then_drop(reader, up_writer, buffered, framing))
+    meter[1] += len(head)
+    sender = asyncio.ensure_future(
+        _send_body_then_drop(reader, up_writer, buffered, framing, meter)
+    )
     try:
-        return await _copy_response(up_reader, writer, secret.encode() if secret else b"")
+        return await _copy_response(up_reader, writer, secret.encode() if secret else b"", meter)
     finally:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -654,9 +670,10 @@ async def _send_body_then_drop(
     sink: asyncio.StreamWriter,
     buffered: bytes,
     framing: sniff.BodyFraming,
+    meter: list[int],
 ) -> None:
     try:
-        await _send_body(reader, sink, buffered, framing)
+        await _send_body(reader, sink, buffered, framing, meter)
     except (ValueError, asyncio.IncompleteReadError, OSError):
         sink.transport.abort()  # a broken body: the response copy ends too
         return
@@ -669,12 +686,14 @@ async def _send_body(
     sink: asyncio.StreamWriter,
     buffered: bytes,
     framing: sniff.BodyFraming,
+    meter: list[int],
 ) -> None:
     if not framing.chunked:
         left = framing.length
         piece = buffered[:left]
         while True:
             sink.write(piece)
+            meter[1] += len(piece)
             await sink.drain()
             left -= len(piece)
             if left <= 0:
@@ -687,6 +706,7 @@ async def _send_body(
     while True:
         end = scanner.feed(piece)
         sink.write(piece if end is None else piece[:end])
+        meter[1] += len(piece) if end is None else end
         await sink.drain()
         if end is not None:
             return
@@ -696,12 +716,13 @@ async def _send_body(
 
 
 async def _copy_response(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes, meter: list[int]
 ) -> bool:
     """Copy to EOF; with a secret, hold back a possible prefix of it and stop if it shows."""
     hold = max(len(secret) - 1, 0)
     tail = b""
     while chunk := await source.read(_CHUNK):
+        meter[2] += len(chunk)
         window = tail + chunk
         if secret and secret in window:
             sink.transport.abort()

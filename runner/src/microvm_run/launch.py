@@ -29,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import denials, host, notify, process, safefs, state
+from microvm_run import denials, host, instancelog, notify, process, safefs, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -96,11 +96,19 @@ class Instance:
     denials: denials.Denials | None = None
     to_guest: list[str] = field(default_factory=list)  # status lines waiting for `ready`
     notifier: notify.Notifier | None = None  # the guest's `notify TEXT` lines
+    log: instancelog.InstanceLog | None = None  # `microvm-run logs`
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.event(kind, **fields)
 
 
-def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
-    instance = Instance(plan)
+def launch(
+    plan: LaunchPlan, environ: Mapping[str, str], log: instancelog.InstanceLog | None = None
+) -> int:
+    instance = Instance(plan, log=log)
     instance.notifier = notify.Notifier(plan.agent, plan.instance_id, environ)
+    instance.event("start", **instancelog.plan_summary(plan))
     # The keys go to the guest through credential files or stay with the
     # key proxy: no child (QEMU, virtiofsd, systemctl) gets them in its
     # environment.
@@ -320,10 +328,23 @@ def _start_egress(plan: LaunchPlan, instance: Instance, environ: Mapping[str, st
 
 
 def _stop_egress(instance: Instance) -> None:
-    instance.egress.stop()
-    summary = instance.egress.summary()
+    egress = instance.egress
+    egress.stop()
+    summary = egress.summary()
     if summary:
         process.log(summary)
+    top = instancelog.MAX_HOSTS
+    instance.event(
+        "egress",
+        allowed=dict(egress.allowed_hosts.most_common(top)),
+        allowed_total=egress.allowed,
+        denied=dict(egress.denied.most_common(top)),
+        denied_total=sum(egress.denied.values()),
+        key_proxy={
+            var: {"requests": use[0], "bytes_up": use[1], "bytes_down": use[2]}
+            for var, use in egress.key_use.items()
+        },
+    )
 
 
 # -- virtiofsd ----------------------------------------------------------------
@@ -569,7 +590,9 @@ class _Watcher:
             text = line.decode(errors="replace")
             word, _, rest = text.partition(" ")
             if word == "notify" and self.instance.notifier is not None:
-                self.instance.notifier(rest)
+                shown = self.instance.notifier(rest)
+                if shown is not None:
+                    self.instance.event("notify", text=shown)
             self.status = self.status.feed(text)
         if self.status.ready and not was_ready:
             _remove_credentials(self.instance.plan)
@@ -622,6 +645,9 @@ def _handle_refusals(instance: Instance) -> None:
         line = instance.denials.add(refusal) if instance.denials is not None else None
         if line is not None:
             send_to_guest(instance, f"denied {line}")
+            instance.event(
+                "refused", host=refusal.host, port=refusal.port, why=refusal.why, fix=refusal.fix
+            )
 
 
 def send_to_guest(instance: Instance, line: str) -> None:

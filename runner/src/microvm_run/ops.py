@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from microvm_run import host, process, safefs, state
+from microvm_run import host, instancelog, process, safefs, state
 from microvm_run.state import Entry, HomeRecord, InstanceState
 
 # A runtime dir without a readable state this young may be a launch that has
@@ -438,6 +438,19 @@ def gc(
     for verdict in dead:
         report.actions.append(Action(verdict.entry.id, f"stale: {verdict.reason}"))
         report.actions += collect(verdict.entry, environ, manager)
+
+    # Logs of instances that no longer run (instancelog.py): kept until now.
+    live_ids = {v.entry.id for v in report.live}
+    for path in instancelog.listing(environ):
+        instance_id = path.name.removesuffix(instancelog.SUFFIX)
+        if instance_id not in live_ids:
+            try:
+                path.unlink()
+                report.actions.append(Action(instance_id, f"removed log {path}"))
+            except OSError as err:
+                report.actions.append(
+                    Action(instance_id, f"could not remove {path}: {err}", ok=False)
+                )
 
     in_use = {v.entry.state.agent_home for v in report.live if v.entry.state is not None}
     records = state.scan_homes(host.data_home(environ), project_exists)
