@@ -419,6 +419,10 @@ def test_logs_of_a_finished_instance_tell_its_run_until_gc(
     assert path.stat().st_mode & 0o777 == 0o600
     assert canary.encode() not in path.read_bytes()
 
+    afterwards = vm.ops("denied", instance)
+    assert afterwards.returncode == 0, afterwards.stderr
+    assert afterwards.stdout.startswith(f"microvm-run refused {DENIED}:{port}: not in the allow")
+
     cleaned = vm.ops("gc")
     assert f"{instance}: removed log" in cleaned.stdout, cleaned.stdout
     assert not path.exists()

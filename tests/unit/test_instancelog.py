@@ -68,3 +68,24 @@ def test_logs_prints_one_line_per_event_and_lists_without_an_id(
     assert "a1" in capsys.readouterr().out
     assert logs_cli.main(["logs", "--follow"], env) == 2
     assert logs_cli.main(["logs", "zz"], env) == 2
+
+
+def test_denied_on_a_finished_instance_reads_its_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from microvm_run import denied_cli  # noqa: PLC0415
+
+    env = {**_env(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    _write(
+        env,
+        "cafe0001",
+        ("start", {"net": "allowlist"}),
+        ("refused", {"host": "pkg.example", "port": 443, "why": "not in the allowlist",
+                     "fix": "allow"}),
+    )  # fmt: skip
+    assert denied_cli.main(["denied", "cafe"], env) == 0
+    assert capsys.readouterr().out == (
+        "microvm-run refused pkg.example:443: not in the allowlist (--net allowlist); "
+        "to allow it, on the host: microvm-run allow cafe0001 pkg.example\n"
+    )
+    assert denied_cli.main(["denied", "beef"], env) == 2
