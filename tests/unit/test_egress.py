@@ -786,7 +786,9 @@ def test_summary_counts_and_caps_the_denied_hosts(
     summary = proxy.summary()
     assert summary is not None
     assert summary.startswith(f"egress denied 9 connection(s): a.example:{server.port} (3x), ")
-    assert summary.endswith(f" and 2 more; see {proxy.config.log}")
+    assert summary.endswith(
+        f" and 2 more; microvm-run logs cafe0001 (each decision: {proxy.config.log})"
+    )
     assert summary.count("(1x)") == 4
     assert "\n" not in summary
 

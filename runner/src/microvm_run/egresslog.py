@@ -105,7 +105,10 @@ class EgressLog:
         tail = f" and {more} more" if more > 0 else ""
         if self.denied_others:
             tail += f" and {self.denied_others} to further names"
-        return f"egress denied {total} connection(s): {shown}{tail}; see {self.path}"
+        return (
+            f"egress denied {total} connection(s): {shown}{tail}; "
+            f"microvm-run logs {self.instance_id} (each decision: {self.path})"
+        )
 
     # -- bounds ------------------------------------------------------------------
 
