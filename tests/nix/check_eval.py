@@ -240,6 +240,13 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
         )
     else:
         expect(data["claudeSettings"] is None, f"{agent} has claude's managed settings")
+    if agent == "codex":
+        command = data["agentVM"]["agent"]["command"]
+        notify = command[command.index("-c") + 1] if "-c" in command else ""
+        expect(
+            notify.startswith('notify=["agent-microvm-notify",'),
+            f"codex's turn-complete notification: {command}",
+        )
 
     # The flavor's allowlist and key proxy route reach the spec.
     want_proxy = EXPECTED_KEY_PROXY[agent]
