@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,22 @@ def test_denied_on_a_finished_instance_reads_its_log(
         "to allow it, on the host: microvm-run allow cafe0001 pkg.example\n"
     )
     assert denied_cli.main(["denied", "beef"], env) == 2
+
+
+def test_gc_keeps_a_young_log_without_stop_and_removes_finished_ones(tmp_path: Path) -> None:
+    from microvm_run import ops  # noqa: PLC0415
+
+    env = {**_env(tmp_path), "XDG_RUNTIME_DIR": str(tmp_path / "run"), "PATH": "/usr/bin:/bin"}
+    (tmp_path / "run").mkdir(mode=0o700)
+    starting = _write(env, "a1", ("start", {}))
+    finished = _write(env, "b2", ("start", {}), ("stop", {"exit": 0}))
+    report = ops.gc(
+        tmp_path / "run" / "microvm-run",
+        env,
+        prune=False,
+        confirm=lambda _q: False,
+        uid=os.getuid(),
+        project_exists=lambda _p: True,
+    )
+    assert starting.exists() and not finished.exists()
+    assert any(a.what.startswith("removed log") for a in report.actions)

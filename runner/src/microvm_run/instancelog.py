@@ -142,6 +142,13 @@ def read_lines(path: Path, offset: int = 0) -> tuple[list[str], int]:
     return data[:end].decode("utf-8", "replace").splitlines(), offset + end
 
 
+def stopped(path: Path) -> bool:
+    """Does the log end with its ``stop`` event?"""
+    lines = read_lines(path)[0]
+    record = parse(lines[-1]) if lines else None
+    return record is not None and record.get("event") == "stop"
+
+
 def parse(line: str) -> dict[str, Any] | None:
     try:
         record = json.loads(line)

@@ -440,9 +440,13 @@ def gc(
         report.actions += collect(verdict.entry, environ, manager)
 
     # Logs of instances that no longer run (instancelog.py): kept until now.
+    # A young one may belong to a launch that has not made its runtime dir yet.
     live_ids = {v.entry.id for v in report.live}
     for path in instancelog.listing(environ):
         instance_id = path.name.removesuffix(instancelog.SUFFIX)
+        with contextlib.suppress(OSError):
+            if clock - path.stat().st_mtime < YOUNG_S and not instancelog.stopped(path):
+                continue
         if instance_id not in live_ids:
             try:
                 path.unlink()
