@@ -10,7 +10,7 @@ VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Python that ruff checks: the packages, and the scripts without a .py name.
-LINT_PATHS := runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit \
+LINT_PATHS := runner tests tests/guest-systemd/render tests/host-network/render bench/runner_overhead bench/devshell_hit \
   bench/idle_memory bench/relay_memory bench/share_restore bench/git_status
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh

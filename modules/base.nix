@@ -280,6 +280,7 @@ in
   imports = [
     ./cri.nix
     ./devshell.nix
+    ./persistent.nix
   ];
 
   options.agentVM = {

@@ -59,6 +59,9 @@ let
     "runc"
     "socat"
     "systemd"
+    "tmux"
+    "openssh"
+    "microvm-run"
     "util-linux"
     "virtiofsd"
   ];
@@ -107,12 +110,15 @@ let
       # microvm.nix's store-disk.nix: the closure's registration for the
       # guest's Nix database (microvm.registerClosure).
       closureInfo = { rootPaths }: mkFake "closure-info" { inherit rootPaths; };
-      writeShellScript =
+      # microvm.nix's lib/runner.nix: the runner package with its passthru
+      # (the host module reads registerWithMachined, supportsNotifySocket).
+      runCommand = name: attrs: script: mkFake name ((attrs.passthru or { }) // { inherit script; });
+      writeShellScriptBin =
         name: text:
         mkFake name {
           text = "#!/bin/sh\n${text}";
         };
-      writeShellScriptBin =
+      writeShellScript =
         name: text:
         mkFake name {
           text = "#!/bin/sh\n${text}";

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run.cli import SUBCOMMANDS, main, projects_overlap, subcommand_list
+from microvm_run.cli import SUBCOMMANDS, main, subcommand_list
+from microvm_run.evalguard import projects_overlap
 
 from .conftest import SAMPLE
 

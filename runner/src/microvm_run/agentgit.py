@@ -116,16 +116,46 @@ def project_dir(state_home: Path, project: Path) -> Path:
     )
 
 
+def exposed_marker(state_home: Path, project: Path) -> Path:
+    """Present once an agent ran on ``project`` with its ``.git`` not hidden.
+
+    With no ``.git`` (an agent may ``git init``) or inside another
+    repository (it may make one), whatever ``.git`` appears later may be the
+    agent's: its config, hooks and alternates would run when the runner's
+    git reads it.  Kept in the runner's state, out of the guest's reach.
+    """
+    return project_dir(state_home, project) / "agent-could-write-git"
+
+
+def mark_exposed(state_home: Path, project: Path) -> None:
+    marker = exposed_marker(state_home, project)
+    marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    marker.touch(mode=0o600)
+
+
 def plan_git(
-    project: Path, state_home: Path, *, worktree: str | None, instance_id: str
+    project: Path,
+    state_home: Path,
+    *,
+    worktree: str | None,
+    instance_id: str,
+    trust_git: bool = False,
 ) -> GitPlan | None:
-    """The git part of a launch, from what ``<project>/.git`` is (lstat only)."""
+    """The git part of a launch, from what ``<project>/.git`` is (lstat only).
+
+    None: the runner runs no git on the project (there is none, or the
+    ``.git`` there may be an agent's and the user has not said it is theirs).
+    """
     user_git = project / ".git"
     try:
         info = user_git.lstat()
     except FileNotFoundError:
         if worktree:
             raise ValueError(f"--worktree needs a git repository; {project} has no .git") from None
+        return None
+    if not trust_git and exposed_marker(state_home, project).exists():
+        if worktree:
+            raise ValueError(f"--worktree: {untrusted_git_line(project)}")
         return None
     if stat.S_ISREG(info.st_mode):
         if worktree:
@@ -160,6 +190,15 @@ def plan_git(
             ("--bind", agent_git, share_root / ".git"),
             ("--ro-bind", user_git / "objects", share_root / ".git" / USER_OBJECTS),
         ),
+    )
+
+
+def untrusted_git_line(project: Path) -> str:
+    return (
+        f"{project}/.git appeared after an agent could write the project, so it may be the "
+        "agent's: the runner runs no git on it (no agent branch, nothing imported). If it is "
+        "yours, check its config, hooks/, info/ and objects/info/alternates, then run with "
+        "--trust-git"
     )
 
 

@@ -481,6 +481,7 @@ def home_verdicts(
     is certainly gone, is ever PRUNABLE.
     """
     said = []
+    projects = {r.project for r in records if r.matches and r.project is not None}
     for record in records:
         if not record.matches or record.project is None:
             why = f" ({record.problem})" if record.problem else ""
@@ -492,9 +493,20 @@ def home_verdicts(
         elif record.path in in_use:
             why = f"project {record.project} is gone but a running instance uses it"
             said.append((record, f"{why}, left alone"))
+        elif outer := _containing_project(record.project, projects):
+            # An agent on the outer project could have moved this one away
+            # (or renamed it): gone from its path is not gone.
+            why = f"project {record.project} is gone from its path, but it lay inside {outer}"
+            said.append((record, f"{why}, where an agent could have moved it; left alone"))
         else:
             said.append((record, PRUNABLE))
     return said
+
+
+def _containing_project(project: Path, projects: Collection[Path]) -> Path | None:
+    """The nearest other project with a home that contains ``project``."""
+    outer = [p for p in projects if p != project and project.is_relative_to(p)]
+    return max(outer, key=lambda p: len(p.parts)) if outer else None
 
 
 def _delete_home(record: HomeRecord, environ: Mapping[str, str]) -> HomeAction:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +109,22 @@ def spawn(
             )
     except OSError as error:
         raise ProcessError(f"cannot start {argv[0]}: {error.strerror}") from None
+
+
+def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """Become ``argv`` (an interactive program that owns the terminal: ssh for attach).
+
+    Returns only by raising ProcessError when the program cannot be run.
+    """
+    found = shutil.which(argv[0], path=env.get("PATH"))
+    if found is None:
+        raise ProcessError(f"{argv[0]} not found on PATH")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(found, list(argv), dict(env))
+    except OSError as error:
+        raise ProcessError(f"cannot run {argv[0]}: {error.strerror}") from None
 
 
 def _command(local: Any, argv: Sequence[str]) -> Any:
