@@ -82,12 +82,22 @@ let
       echo "agent-microvm: cannot open the status port ${statusPort}" >&2
       exit 1 # no status line: the runner reports a guest failure
     fi
-    # `size ROWS COLS` from the host: the agent's terminal follows the
-    # host's (TIOCSWINSZ sends the agent SIGWINCH).
+    # From the host: `size ROWS COLS`, so the agent's terminal follows the
+    # host's (TIOCSWINSZ sends the agent SIGWINCH); `denied TEXT`, a refusal
+    # of the egress proxy, appended to ${runDir}/denied for the agent to read
+    # (only root writes it).
+    mkdir -p ${runDir}
+    install -m 0644 /dev/null ${runDir}/denied
     (
-      while read -r word rows cols _; do
-        case "$word $rows $cols" in
-          "size "[0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+      while read -r word rest; do
+        case "$word" in
+          size)
+            read -r rows cols _ <<<"$rest"
+            case "$rows $cols" in
+              [0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+            esac
+            ;;
+          denied) printf '%s\n' "$rest" >>${runDir}/denied ;;
         esac
       done <&3
     ) &
@@ -102,7 +112,6 @@ let
         "start this VM with microvm-run" >&2
       exit 1 # no status line: the runner reports a guest failure
     fi
-    mkdir -p ${runDir}
     install -m 0640 -o root -g ${user} ${launchFwCfg} ${runDir}/launch
 
     # The uplink is static but comes up asynchronously: the agent starts
@@ -117,6 +126,19 @@ let
       fi
     fi
 
+    # "The agent needs you": the agent writes a line to the FIFO ${runDir}/notify
+    # (agent-microvm-notify does; the claude flavor's hooks call it), and
+    # it goes to the host as `notify TEXT`. Held open read-write here, so a
+    # writer never blocks and the reader never sees end of file.
+    mkfifo -m 0620 ${runDir}/notify
+    chown root:${user} ${runDir}/notify
+    exec 4<>${runDir}/notify
+    (
+      while read -r line <&4; do
+        report "notify $(printf '%s' "$line" | tr -cd '\040-\176' | cut -c1-200)"
+      done
+    ) &
+
     ${cfg.launch.rootPreStart}
 
     # API keys: systemd imported them as credentials; they reach the agent as
@@ -127,17 +149,54 @@ let
       fi
     done
 
+    # Ctrl+Z: a TUI that suspends itself (SIGSTOP) would wait for a shell's
+    # `fg` that the VM does not have, and the session would freeze. So a
+    # stopped agent is resumed (SIGCONT to its process group) within half a
+    # second, with one line on its terminal. (SIGTSTP from the terminal
+    # stops nothing: the agent's process group is orphaned.)
+    resume_stopped() {
+      local pid stat
+      while [ ! -s ${runDir}/agent.pid ]; do sleep 0.2; done
+      read -r pid <${runDir}/agent.pid
+      while read -r stat 2>/dev/null <"/proc/$pid/stat"; do
+        # shellcheck disable=SC2086 # the fields after "(comm) ": state ppid pgrp ...
+        set -- ''${stat##*) }
+        case "$1" in
+          Z | X) break ;;
+          T)
+            [ "$3" -gt 1 ] && kill -CONT -- -"$3" 2>/dev/null
+            echo "agent-microvm: the agent stopped itself (Ctrl+Z?) and the VM has no shell" \
+              "to resume it from: resumed it" >&2
+            ;;
+        esac
+        sleep 0.5
+      done
+    }
+
     # Ctrl-C on the console belongs to the agent; a handled (not ignored)
     # signal is reset in the child, so the agent still receives it.
     trap : INT QUIT
     report ready
-    setpriv --reuid=${toString uid} --regid=${toString uid} --init-groups \
-      --inh-caps=-all --bounding-set=-all ${session}
+    resume_stopped &
+    (
+      read -r self _ </proc/self/stat
+      echo "$self" >${runDir}/agent.pid
+      # Not the status port (3) nor the notification FIFO (4): the agent
+      # speaks to the host only through agent-microvm-notify.
+      exec setpriv --reuid=${toString uid} --regid=${toString uid} --init-groups \
+        --inh-caps=-all --bounding-set=-all ${session} 3>&- 4>&-
+    )
     status=$?
     report "exit $status"
     exit 0
   '';
   launcher = pkgs.writeShellScript "agent-microvm-launcher" launcherText;
+
+  # agent-microvm-notify [MESSAGE]: "the agent needs you", to the host (its
+  # first argument only: codex-style callers append a JSON payload).
+  notifyCommand = pkgs.writeShellScriptBin "agent-microvm-notify" ''
+    printf '%s\n' "''${1:-the agent needs you}" >${runDir}/notify
+  '';
 
   registration = pkgs.closureInfo { rootPaths = [ config.system.build.toplevel ]; };
   registerStore = pkgs.writeShellScript "agent-microvm-register-store" ''
@@ -531,6 +590,7 @@ in
         pkgs.git
         pkgs.cacert
         pkgs.curl
+        notifyCommand
       ];
 
       # nixpkgs.config is not a submodule (nixos/modules/misc/nixpkgs.nix):

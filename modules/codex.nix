@@ -12,6 +12,12 @@ in
     command = lib.mkDefault [
       "codex"
       "--dangerously-bypass-approvals-and-sandbox"
+      # "The agent needs you" when a turn ends: Codex runs `notify` with the
+      # event's JSON appended, which agent-microvm-notify ignores
+      # (modules/base.nix). Checked with codex-cli 0.171.0: `-c notify=...`
+      # takes a TOML list and refuses other types.
+      "-c"
+      ''notify=["agent-microvm-notify","Codex is done and waits for you"]''
     ];
     apiKeyVars = [ "OPENAI_API_KEY" ];
     configDir = ".codex";

@@ -165,6 +165,42 @@ def test_stop_powers_the_guest_off_through_its_power_button(sd_vm: VM) -> None:
     assert _files_containing(work, KEY.encode()) == []
 
 
+def test_the_launcher_tells_refusals_passes_notifications_and_resumes_a_stopped_agent(
+    sd_vm: VM,
+) -> None:
+    """#19 in the NixOS launcher: /run/agent-microvm/denied, the notify FIFO, Ctrl+Z."""
+    work = sd_vm.project()
+    # A refused CONNECT: the proxy decides before any lookup.
+    (work / "connect.sh").write_text(
+        "exec 5<>/dev/tcp/10.0.2.100/3128\n"
+        "printf 'CONNECT nothing.example:443 HTTP/1.1\\r\\n\\r\\n' >&5\n"
+        "timeout 20 cat <&5\n"
+    )
+    script = "; ".join(
+        [
+            "bash /work/connect.sh > /work/connect",
+            "for i in $(seq 100); do [ -s /run/agent-microvm/denied ] && break; sleep 0.2; done",
+            "cat /run/agent-microvm/denied > /work/denied",
+            "echo 'waiting for you' > /run/agent-microvm/notify",
+            "ls -l /proc/self/fd/ > /work/fds",
+            # What a TUI's suspend key does: stop itself and wait for `fg`.
+            "kill -STOP $$",
+            "echo resumed > /work/resumed",
+            "sleep 1",
+        ]
+    )
+    result = sd_vm.run(work, script, "--net", "allowlist")
+    assert result.returncode == 0, result.stderr
+    assert "HTTP/1.1 403" in (work / "connect").read_text()
+    (line,) = (work / "denied").read_text().splitlines()
+    assert line.startswith("microvm-run refused nothing.example:443: not in the allowlist")
+    assert "microvm-run allow " in line
+    assert "needs you: waiting for you" in result.stderr
+    assert (work / "resumed").read_text() == "resumed\n"
+    fds = (work / "fds").read_text()
+    assert "virtio-ports" not in fds and "notify" not in fds
+
+
 @pytest.mark.parametrize("status", [0, 3])
 def test_every_boot_reports_the_status(sd_vm: VM, status: int) -> None:
     """Repeated boots with the console and status devices arriving late: no status lost."""

@@ -226,6 +226,29 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
         f"/etc/resolv.conf is {net['resolvConf']!r}",
     )
 
+    # "The agent needs you": every guest has the command; claude's hooks call it.
+    expect("agent-microvm-notify" in data["systemPackages"], "no agent-microvm-notify")
+    if agent == "claude":
+        hooks = json.loads(data["claudeSettings"] or "{}").get("hooks", {})
+        commands = {
+            event: [h["command"] for entry in entries for h in entry["hooks"]]
+            for event, entries in hooks.items()
+        }
+        expect(
+            sorted(commands) == ["Notification", "Stop"]
+            and all(c[0].startswith("agent-microvm-notify ") for c in commands.values()),
+            f"claude's notification hooks: {commands}",
+        )
+    else:
+        expect(data["claudeSettings"] is None, f"{agent} has claude's managed settings")
+    if agent == "codex":
+        command = data["agentVM"]["agent"]["command"]
+        notify = command[command.index("-c") + 1] if "-c" in command else ""
+        expect(
+            notify.startswith('notify=["agent-microvm-notify",'),
+            f"codex's turn-complete notification: {command}",
+        )
+
     # The flavor's allowlist and key proxy route reach the spec.
     want_proxy = EXPECTED_KEY_PROXY[agent]
     expect(

@@ -85,7 +85,11 @@ else
       kernelParams = config.boot.kernelParams;
       nixpkgsConfig = config.nixpkgs.config;
       users = builtins.attrNames config.users.users;
+      etc = builtins.attrNames config.environment.etc;
     };
+    # Claude Code's managed settings (the notification hooks), if any.
+    claudeSettings = config.environment.etc."claude-code/managed-settings.json".text or null;
+    systemPackages = map nixpkgsLib.getName config.environment.systemPackages;
     microvm = {
       inherit (mv)
         hypervisor

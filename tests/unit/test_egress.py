@@ -224,7 +224,8 @@ def test_allowlist_refuses_an_unlisted_name_with_403_and_a_log_line(
     request = b"GET / HTTP/1.1\r\nHost: blocked.example.org\r\n\r\n"
     response = exchange(proxy, server.port, request)
     assert status(response) == 403
-    assert b"blocked.example.org: not in the allowlist" in response
+    assert b"refused blocked.example.org:%d: not in the allowlist" % server.port in response
+    assert b"(--net allowlist); to allow it, on the host: microvm-run allow" in response
     text = wait_for_log(proxy, "deny")
     assert f"deny blocked.example.org:{server.port} via http (not in the allowlist)" in text
     assert server.received == []
@@ -785,7 +786,9 @@ def test_summary_counts_and_caps_the_denied_hosts(
     summary = proxy.summary()
     assert summary is not None
     assert summary.startswith(f"egress denied 9 connection(s): a.example:{server.port} (3x), ")
-    assert summary.endswith(f" and 2 more; see {proxy.config.log}")
+    assert summary.endswith(
+        f" and 2 more; microvm-run logs cafe0001 (each decision: {proxy.config.log})"
+    )
     assert summary.count("(1x)") == 4
     assert "\n" not in summary
 

@@ -8,6 +8,7 @@ import importlib
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,6 +128,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _module("microvm_run.skill_cli"),
     ),
     "attach": Subcommand("enter a NixOS host's agent VM", _module("microvm_run.attach_cli")),
+    "allow": Subcommand(
+        "let a running instance reach a host (--once, --project)", _module("microvm_run.allow_cli")
+    ),
+    "denied": Subcommand(
+        "what a running instance was refused, and how to allow it",
+        _module("microvm_run.denied_cli"),
+    ),
+    "logs": Subcommand(
+        "an instance's log (--follow, --json); the list without ID", _module("microvm_run.logs_cli")
+    ),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
@@ -198,13 +209,33 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         if devshell_file is not None:
             plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
         session = git_cli.before_run(plan.git, env, project=plan.work_dir)
-        try:
-            return launch.launch(plan, env)
-        finally:
-            git_cli.after_run(session, env)
     except (launch.LaunchError, git_cli.GitError) as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
+    return _launch_logged(plan, env, session)
+
+
+def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> int:
+    """Launch, import the agent's commits, and keep the instance's log (instancelog.py)."""
+    from microvm_run import git_cli, instancelog, launch  # noqa: PLC0415
+
+    log = instancelog.InstanceLog(instancelog.log_path(env, plan.instance_id))
+    log.open()
+    started = time.monotonic()
+    code = contract.EXIT_NO_STATUS
+    error = ""
+    try:
+        code = launch.launch(plan, env, log)
+    except launch.LaunchError as err:
+        error = str(err)
+        print(f"microvm-run: {err}", file=sys.stderr)
+    finally:
+        imported = git_cli.after_run(session, env)
+        if imported is not None:
+            log.event("git", branch=imported.branch, commits=imported.commits, head=imported.head)
+        log.event("stop", exit=code, seconds=round(time.monotonic() - started, 1), error=error)
+        log.close()
+    return code
 
 
 def _split_words(parser: argparse.ArgumentParser, words: list[str]) -> tuple[Any, list[str]]:
@@ -414,6 +445,14 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="with --net allowlist: also allow HOST (*.suffix and HOST:PORT work); repeatable",
     )
     add(
+        "--allow-preset",
+        metavar="NAME",
+        action="append",
+        default=_words(env.get("MICROVM_ALLOW_PRESET", "")),
+        help="with --net allowlist: also allow an ecosystem's package hosts "
+        "(npm, cargo, go, python, nix), or auto: those the project's lockfiles name; repeatable",
+    )
+    add(
         "--allow-private",
         metavar="HOST",
         action="append",
@@ -511,6 +550,7 @@ def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
         net=args.net,
         allow=tuple(args.allow),
         allow_private=tuple(args.allow_private),
+        allow_presets=tuple(args.allow_preset),
         ports=tuple(args.publish),
         inject_keys=args.inject_keys,
         supervisor=args.supervisor,
@@ -634,6 +674,10 @@ def _describe(plan: LaunchPlan) -> str:
         )
         if plan.egress.mode == "allowlist":
             lines.append(f"  allowlist: {rules}")
+            for use in plan.presets:
+                found = f" ({use.found})" if use.found else ""
+                how = "" if use.applied else f" -- not applied: --allow-preset {use.name} or auto"
+                lines.append(f"  preset {use.name}{found}: {', '.join(use.hosts)}{how}")
         else:
             inward = [str(rule) for rule in plan.egress.rules if rule.private]
             if inward:

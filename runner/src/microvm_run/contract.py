@@ -55,6 +55,24 @@ Status, virtio-serial port ``org.agent-microvm.status``
     terminal) is the size to set before the command starts.  QEMU ending
     without an ``exit`` line is a guest failure (panic, crash, killed),
     never a success.
+
+    The host also writes ``denied TEXT`` (after ``ready``): a refusal of the
+    egress proxy, one line of printable ASCII saying which host, under which
+    mode, and the command that allows it (denials.py).  The guest's root
+    side appends TEXT to ``/run/agent-microvm/denied`` (root's, readable by
+    the agent).  The guest may write ``notify TEXT`` any time after
+    ``ready``: "the agent needs you" (notify.py).  Its agent asks for it by
+    writing a line to the FIFO ``/run/agent-microvm/notify`` (the command
+    ``agent-microvm-notify [MESSAGE]`` does); the root side passes it on,
+    printable ASCII only, at most 200 characters.  The agent never holds the
+    status port itself.
+
+Ctrl+Z
+    The agent's process group is orphaned (no job-control shell above it),
+    so the terminal's SIGTSTP stops nothing; an agent that stops itself
+    (SIGSTOP, as a TUI's suspend key does) is resumed by the guest's root
+    side within a second, with one line on the terminal: there is no
+    shell in the VM to ``fg`` it from.
 """
 
 from __future__ import annotations

@@ -48,12 +48,12 @@ import ssl
 import struct
 import threading
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
-from microvm_run import netpolicy, sniff
+from microvm_run import live, netpolicy, sniff
 from microvm_run.egresslog import EgressLog, printable
-from microvm_run.netpolicy import EgressConfig, KeyRoute
+from microvm_run.netpolicy import FIX_ALLOW, FIX_PRIVATE, EgressConfig, KeyRoute, Refusal
 
 __all__ = ["EgressConfig", "EgressError", "EgressProxy", "KeyRoute"]
 
@@ -93,15 +93,29 @@ class EgressError(RuntimeError):
 
 
 class Denied(Exception):
-    """A connection the policy refuses; the message names the host."""
+    """A connection the proxy refuses; the refusal names the host and the fix."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.why)
+        self.refusal = refusal
 
 
 class EgressProxy:
     """Owns the loop thread; start() before QEMU, stop() in cleanup."""
 
-    def __init__(self, config: EgressConfig, keys: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        config: EgressConfig,
+        keys: Mapping[str, str],
+        on_refusal: Callable[[Refusal], None] | None = None,
+    ) -> None:
         self.config = config
         self._keys = dict(keys)  # values: never logged, never in a plan
+        # Called on the loop thread for each refusal a rule could lift.
+        self._on_refusal = on_refusal
+        self._live = live.LiveRules(config.live_allow)
+        # Per key variable: [requests, bytes to the upstream, bytes back].
+        self.key_use: dict[str, list[int]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -120,6 +134,10 @@ class EgressProxy:
     @property
     def allowed(self) -> int:
         return self._log.allowed
+
+    @property
+    def allowed_hosts(self) -> Counter[str]:
+        return self._log.allowed_hosts
 
     def start(self) -> None:
         listen = self.config.listen
@@ -208,6 +226,22 @@ class EgressProxy:
     def _record(self, verdict: str, host: str, port: int, via: str, why: str = "") -> None:
         self._log.record(verdict, host, port, via, why)
 
+    def _deny(self, host: str, port: int, via: str, why: str, fix: str | None = None) -> Denied:
+        """Log a refusal, tell the runner about it if a rule could lift it."""
+        self._record("deny", host, port, via, why)
+        refusal = Refusal(
+            host=printable(host),
+            port=port,
+            why=why,
+            fix=fix,
+            mode=self.config.mode,
+            instance_id=self.config.instance_id,
+        )
+        if fix is not None and self._on_refusal is not None:
+            with contextlib.suppress(Exception):
+                self._on_refusal(refusal)
+        return Denied(refusal)
+
     async def _accept(self, conn: socket.socket) -> None:
         """Take the guest's socket from relay.py, then serve it."""
         with conn:
@@ -293,11 +327,16 @@ class EgressProxy:
             await writer.drain()
 
     def _dns_address(self, name: str) -> str | None:
-        if self.config.mode == "open" or any(
-            rule.matches(name, rule.port or netpolicy.TLS_PORT) for rule in self.config.rules
+        """The answer address for a name the policy may admit; None (NXDOMAIN, at once) if not."""
+        if (
+            self.config.mode == "open"
+            or any(
+                rule.matches(name, rule.port or netpolicy.TLS_PORT) for rule in self.config.rules
+            )
+            or self._live.permits(name, None, take=False) is not None
         ):
             return self.config.answer_addr
-        self._record("deny", name, netpolicy.DNS_PORT, "dns", "not in the allowlist")
+        self._deny(name, netpolicy.DNS_PORT, "dns", "not in the allowlist", FIX_ALLOW)
         return None
 
     # -- the three ways out --------------------------------------------------------
@@ -342,8 +381,8 @@ class EgressProxy:
                 return
             try:
                 upstream = await self._open(*target, "connect")
-            except Denied as why:
-                await _refuse_http(writer, target[0], str(why))
+            except Denied as denied:
+                await _refuse_http(writer, target[0], str(denied), text=denied.refusal.text())
                 return
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             await _splice(reader, writer, upstream, data[head.length :])
@@ -398,8 +437,8 @@ class EgressProxy:
             return
         try:
             upstream = await self._open(host, port, via)
-        except Denied as why:
-            await _refuse_http(writer, host, str(why))
+        except Denied as denied:
+            await _refuse_http(writer, host, str(denied), text=denied.refusal.text())
             return
         headers = [(k, v) for k, v in head.headers if k.lower() not in _HOP_HEADERS]
         headers.append(("Connection", "close"))
@@ -451,6 +490,8 @@ class EgressProxy:
             return
         self._record("allow", host, port, via)
         first = sniff.render_head(head, target, headers)
+        meter = self.key_use.setdefault(route.var, [0, 0, 0])
+        meter[0] += 1
         leaked = await _exchange(
             reader,
             writer,
@@ -459,6 +500,7 @@ class EgressProxy:
             data[head.length :],
             framing=framing,
             secret=key,
+            meter=meter,
         )
         if leaked:
             self._record("deny", host, port, via, "the response contained the key: cut off")
@@ -470,21 +512,24 @@ class EgressProxy:
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         host = netpolicy.normalise_host(host)
         if not netpolicy.valid_hostname(host):
-            self._record("deny", host, port, via, "not a host name")
-            raise Denied("not a host name")
+            raise self._deny(host, port, via, "not a host name")
         rules = self.config.rules
-        if self.config.mode == "allowlist" and not netpolicy.permitted(rules, host, port):
-            self._record("deny", host, port, via, "not in the allowlist")
-            raise Denied("not in the allowlist")
-        inward = netpolicy.private_permitted(rules, host, port)
+        live_rule = None
+        if self.config.mode == "open" or not netpolicy.permitted(rules, host, port):
+            # Spends a once rule only where no launch rule admits the name.
+            live_rule = self._live.permits(host, port, take=True)
+            if self.config.mode == "allowlist" and live_rule is None:
+                raise self._deny(host, port, via, "not in the allowlist", FIX_ALLOW)
+        inward = netpolicy.private_permitted(rules, host, port) or (
+            live_rule is not None and live_rule.private
+        )
         loop = asyncio.get_running_loop()
         try:
             infos = await asyncio.wait_for(
                 loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT_S
             )
         except (OSError, TimeoutError) as err:
-            self._record("deny", host, port, via, f"does not resolve: {err}")
-            raise Denied("does not resolve") from None
+            raise self._deny(host, port, via, f"does not resolve: {err}") from None
         addresses = [str(info[4][0]) for info in infos]
         if not inward:
             # Every address, in every mode: a public name that resolves (or
@@ -492,13 +537,12 @@ class EgressProxy:
             private = [a for a in addresses if not netpolicy.public_address(a)]
             if private:
                 why = f"resolves to non-public address {private[0]}"
-                self._record("deny", host, port, via, why)
-                raise Denied(f"{why} (--allow-private {host}:{port} admits it)")
+                raise self._deny(host, port, via, why, FIX_PRIVATE)
             own = [a for a in addresses if _local_address(a)]
             if own:
-                why = f"resolves to this host's address {own[0]}"
-                self._record("deny", host, port, via, why)
-                raise Denied(why)
+                raise self._deny(
+                    host, port, via, f"resolves to this host's address {own[0]}", FIX_PRIVATE
+                )
         for address in addresses:
             try:
                 connection = await asyncio.wait_for(
@@ -508,12 +552,10 @@ class EgressProxy:
                 continue
             if not inward and _to_self(connection[1]):
                 connection[1].close()
-                self._record("deny", host, port, via, "resolves to this host")
-                raise Denied("resolves to this host")
+                raise self._deny(host, port, via, "resolves to this host", FIX_PRIVATE)
             self._record("allow", host, port, via)
             return connection
-        self._record("deny", host, port, via, "connection failed")
-        raise Denied("connection failed")
+        raise self._deny(host, port, via, "connection failed")
 
 
 async def _receive_guest(conn: socket.socket) -> tuple[int, socket.socket | None]:
@@ -635,10 +677,12 @@ async def _read_destination(reader: asyncio.StreamReader) -> tuple[bytes, str | 
 
 
 async def _refuse_http(
-    writer: asyncio.StreamWriter, host: str, why: str, status: int = 403
+    writer: asyncio.StreamWriter, host: str, why: str, status: int = 403, *, text: str = ""
 ) -> None:
+    """A response the guest's tool shows: which host, why, and (``text``) the fix."""
     # The host name is the guest's: show it escaped, as in the log.
-    body = f"microvm-run egress proxy: {printable(host)}: {why}\n".encode("ascii", "replace")
+    line = text or f"microvm-run egress proxy: {printable(host)}: {why}"
+    body = f"{line}\n".encode("ascii", "replace")
     writer.write(
         f"HTTP/1.1 {status} Refused\r\nContent-Type: text/plain\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -657,8 +701,11 @@ async def _exchange(
     *,
     framing: sniff.BodyFraming,
     secret: str | None = None,
+    meter: list[int] | None = None,
 ) -> bool:
     """One request upstream and its response back; True if the response held ``secret``.
+
+    ``meter`` (requests, bytes up, bytes down) gets the bytes of both ways added.
 
     The guest's bytes after the request's body are read and dropped, never
     forwarded: a pipelined request would otherwise reach the upstream
@@ -666,10 +713,14 @@ async def _exchange(
     connection before it has read the response.)
     """
     up_reader, up_writer = upstream
+    meter = meter if meter is not None else [0, 0, 0]
     up_writer.write(head)
-    sender = asyncio.ensure_future(_send_body_then_drop(reader, up_writer, buffered, framing))
+    meter[1] += len(head)
+    sender = asyncio.ensure_future(
+        _send_body_then_drop(reader, up_writer, buffered, framing, meter)
+    )
     try:
-        return await _copy_response(up_reader, writer, secret.encode() if secret else b"")
+        return await _copy_response(up_reader, writer, secret.encode() if secret else b"", meter)
     finally:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -682,9 +733,10 @@ async def _send_body_then_drop(
     sink: asyncio.StreamWriter,
     buffered: bytes,
     framing: sniff.BodyFraming,
+    meter: list[int],
 ) -> None:
     try:
-        await _send_body(reader, sink, buffered, framing)
+        await _send_body(reader, sink, buffered, framing, meter)
     except (ValueError, asyncio.IncompleteReadError, OSError):
         sink.transport.abort()  # a broken body: the response copy ends too
         return
@@ -697,12 +749,14 @@ async def _send_body(
     sink: asyncio.StreamWriter,
     buffered: bytes,
     framing: sniff.BodyFraming,
+    meter: list[int],
 ) -> None:
     if not framing.chunked:
         left = framing.length
         piece = buffered[:left]
         while True:
             sink.write(piece)
+            meter[1] += len(piece)
             await sink.drain()
             left -= len(piece)
             if left <= 0:
@@ -715,6 +769,7 @@ async def _send_body(
     while True:
         end = scanner.feed(piece)
         sink.write(piece if end is None else piece[:end])
+        meter[1] += len(piece) if end is None else end
         await sink.drain()
         if end is not None:
             return
@@ -724,12 +779,13 @@ async def _send_body(
 
 
 async def _copy_response(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes, meter: list[int]
 ) -> bool:
     """Copy to EOF; with a secret, hold back a possible prefix of it and stop if it shows."""
     hold = max(len(secret) - 1, 0)
     tail = b""
     while chunk := await source.read(_CHUNK):
+        meter[2] += len(chunk)
         window = tail + chunk
         if secret and secret in window:
             sink.transport.abort()

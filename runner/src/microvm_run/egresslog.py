@@ -60,6 +60,8 @@ class EgressLog:
         self.denied: Counter[str] = Counter()
         self.denied_others = 0  # denials of names beyond MAX_DISTINCT
         self.allowed = 0
+        # Allowed connections per host:port, bounded like the denials.
+        self.allowed_hosts: Counter[str] = Counter()
 
     def open(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -81,6 +83,9 @@ class EgressLog:
                 self.denied_others += 1
         else:
             self.allowed += 1
+            key = f"{shown}:{port}"
+            if key in self.allowed_hosts or len(self.allowed_hosts) < MAX_DISTINCT:
+                self.allowed_hosts[key] += 1
         line = f"{self.instance_id} {verdict} {shown}:{port} via {printable(via, spaces=True)}"
         if why:
             line += f" ({printable(why, spaces=True)})"
@@ -100,7 +105,10 @@ class EgressLog:
         tail = f" and {more} more" if more > 0 else ""
         if self.denied_others:
             tail += f" and {self.denied_others} to further names"
-        return f"egress denied {total} connection(s): {shown}{tail}; see {self.path}"
+        return (
+            f"egress denied {total} connection(s): {shown}{tail}; "
+            f"microvm-run logs {self.instance_id} (each decision: {self.path})"
+        )
 
     # -- bounds ------------------------------------------------------------------
 

@@ -91,10 +91,13 @@ def before_run(
     return Session(plan, meta, lock_fd)
 
 
-def after_run(session: Session | None, environ: Mapping[str, str]) -> None:
-    """Import the agent's commits and say so in one line; never raises."""
+def after_run(session: Session | None, environ: Mapping[str, str]) -> gitimport.Imported | None:
+    """Import the agent's commits and say so in one line; never raises.
+
+    Returns what was imported (None: no git, or the import failed).
+    """
     if session is None:
-        return
+        return None
     plan = session.plan
     try:
         imported = gitimport.import_commits(plan, session.meta, environ)
@@ -102,11 +105,12 @@ def after_run(session: Session | None, environ: Mapping[str, str]) -> None:
             agentgit.write_meta(plan.run_dir, replace(session.meta, imported=imported.head))
     except (GitError, OSError) as err:
         process.log(f"importing the agent's commits failed: {err} (kept in {plan.agent_git})")
-        return
+        return None
     finally:
         os.close(session.lock_fd)
     process.log(gitimport.summary(imported))
     gitimport.finish_shared(plan, imported)
+    return imported
 
 
 # -- review and land ---------------------------------------------------------------------

@@ -231,6 +231,20 @@ def read_project_allow(path: Path) -> tuple[str, ...]:
     return tuple(entry for _, entry in netpolicy.allow_file_entries(text))
 
 
+def project_lockfiles(work_dir: Path) -> tuple[str, ...]:
+    """Names at the project's top level that an allowlist preset looks for.
+
+    Names only (one directory listing): nothing in the project is opened.
+    """
+    from microvm_run import presets  # noqa: PLC0415
+
+    try:
+        with os.scandir(work_dir) as entries:
+            return tuple(sorted(e.name for e in entries if presets.is_lockfile(e.name)))
+    except OSError:
+        return ()
+
+
 def terminal_size() -> tuple[int, int] | None:
     """(rows, columns) of the runner's terminal, if it has one."""
     for stream in (sys.stdin, sys.stdout):
@@ -333,6 +347,7 @@ def gather(
         user_manager_reason=reason,
         project_allow_file=allow_file,
         project_allow=read_project_allow(allow_file),
+        project_lockfiles=project_lockfiles(work_dir),
         egress_log=state_home(environ) / "microvm-run" / "egress.log",
         terminal_size=terminal_size(),
         tsc_khz=tsc_khz() if spec.machine == "microvm" else None,

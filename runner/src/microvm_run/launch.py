@@ -10,8 +10,10 @@ parent-death signal, so even a SIGKILLed runner leaves no VM running.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import functools
 import os
 import selectors
 import shutil
@@ -22,18 +24,30 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import daemons, evalguard, host, process, safefs, shareroots, state
+from microvm_run import (
+    daemons,
+    denials,
+    evalguard,
+    host,
+    instancelog,
+    notify,
+    process,
+    safefs,
+    shareroots,
+    state,
+)
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
     GuestStatus,
 )
 from microvm_run.daemons import Daemon, DaemonError, VirtiofsdSupervisor
+from microvm_run.netpolicy import Refusal
 from microvm_run.plan import LaunchPlan
 
 DAEMON_DEATH_GRACE_S = 1.0
@@ -70,14 +84,31 @@ class Instance:
     signum: int | None = None
     cleaning: bool = False
     work_mode: int | None = None  # the project dir's mode before the guest ran
+    # Refusals from the egress thread, handled on the main thread: the
+    # thread appends and writes a byte to wake_w, which wakes the watcher.
+    refusals: collections.deque[Refusal] = field(default_factory=collections.deque)
+    wake_r: int = -1
+    wake_w: int = -1
+    denials: denials.Denials | None = None
+    to_guest: list[str] = field(default_factory=list)  # status lines waiting for `ready`
+    notifier: notify.Notifier | None = None  # the guest's `notify TEXT` lines
+    log: instancelog.InstanceLog | None = None  # `microvm-run logs`
+
+    def event(self, kind: str, **fields: Any) -> None:
+        if self.log is not None:
+            self.log.event(kind, **fields)
 
 
-def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
+def launch(
+    plan: LaunchPlan, environ: Mapping[str, str], log: instancelog.InstanceLog | None = None
+) -> int:
     # The keys go to the guest through credential files or stay with the
     # key proxy: no child (QEMU, virtiofsd, systemctl) gets them in its
     # environment.
     child_env = process.without(environ, plan.secret_vars)
-    instance = Instance(plan, daemons.supervisor_for(plan.supervisor, child_env))
+    instance = Instance(plan, daemons.supervisor_for(plan.supervisor, child_env), log=log)
+    instance.notifier = notify.Notifier(plan.agent, plan.instance_id, environ)
+    instance.event("start", **instancelog.plan_summary(plan))
     instance.work_mode = _work_mode(plan)
     with _terminal_restored(), _signals_forwarded(instance):
         try:
@@ -290,7 +321,15 @@ def _start_egress(plan: LaunchPlan, instance: Instance, environ: Mapping[str, st
     from microvm_run.egress import EgressError, EgressProxy  # noqa: PLC0415 - not for --net none
 
     keys = {route.var: environ.get(route.var, "") for route in plan.egress.key_routes}
-    instance.egress = EgressProxy(plan.egress, keys)
+    instance.denials = denials.Denials(plan.runtime_dir)
+    instance.wake_r, instance.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def refused(refusal: Refusal) -> None:  # on the egress thread
+        instance.refusals.append(refusal)
+        with contextlib.suppress(OSError):
+            os.write(instance.wake_w, b"!")
+
+    instance.egress = EgressProxy(plan.egress, keys, on_refusal=refused)
     try:
         instance.egress.start()
     except EgressError as err:
@@ -298,10 +337,23 @@ def _start_egress(plan: LaunchPlan, instance: Instance, environ: Mapping[str, st
 
 
 def _stop_egress(instance: Instance) -> None:
-    instance.egress.stop()
-    summary = instance.egress.summary()
+    egress = instance.egress
+    egress.stop()
+    summary = egress.summary()
     if summary:
         process.log(summary)
+    top = instancelog.MAX_HOSTS
+    instance.event(
+        "egress",
+        allowed=dict(egress.allowed_hosts.most_common(top)),
+        allowed_total=egress.allowed,
+        denied=dict(egress.denied.most_common(top)),
+        denied_total=sum(egress.denied.values()),
+        key_proxy={
+            var: {"requests": use[0], "bytes_up": use[1], "bytes_down": use[2]}
+            for var, use in egress.key_use.items()
+        },
+    )
 
 
 def _confirm_roots(instance: Instance, roots: Mapping[Path, shareroots.Identity]) -> None:
@@ -338,6 +390,9 @@ class _Watcher:
         self.poller.register(self.listener, selectors.EVENT_READ, "listener")
         for daemon in instance.virtiofsd.daemons:
             self.poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
+        if instance.wake_r >= 0:
+            self.poller.register(instance.wake_r, selectors.EVENT_READ, "wake")
+            _handle_refusals(instance)  # any from before QEMU started
         self.conn: socket.socket | None = None
         self.status = GuestStatus()
         self.buffer = b""
@@ -374,6 +429,10 @@ class _Watcher:
                     self._accept()
                 elif key.data == "status":
                     self._read_status(until_eof=False)
+                elif key.data == "wake":
+                    with contextlib.suppress(OSError):
+                        os.read(self.instance.wake_r, 4096)
+                    _handle_refusals(self.instance)
                 elif isinstance(key.data, Daemon):
                     self.poller.unregister(key.fileobj)
                     # QEMU ending disconnects virtiofsd, which then exits; its
@@ -427,12 +486,21 @@ class _Watcher:
             lines.append(self.buffer)
         was_ready = self.status.ready
         for line in lines:
-            self.status = self.status.feed(line.decode(errors="replace"))
+            text = line.decode(errors="replace")
+            word, _, rest = text.partition(" ")
+            if word == "notify" and self.instance.notifier is not None:
+                shown = self.instance.notifier(rest)
+                if shown is not None:
+                    self.instance.event("notify", text=shown)
+            self.status = self.status.feed(text)
         if self.status.ready and not was_ready:
             _remove_credentials(self.instance.plan)
             self.instance.guest_ready = True
             # The size may have changed while the guest booted.
             send_terminal_size(self.instance)
+            waiting, self.instance.to_guest = self.instance.to_guest, []
+            for held in waiting:
+                send_to_guest(self.instance, held)
 
     def _fail(self, message: str, code: int) -> None:
         if self.failure is None:
@@ -468,6 +536,28 @@ class _Watcher:
             self.conn.close()
 
 
+def _handle_refusals(instance: Instance) -> None:
+    """Tell the guest (and the runtime dir's denied file) what was refused."""
+    while instance.refusals:
+        refusal = instance.refusals.popleft()
+        line = instance.denials.add(refusal) if instance.denials is not None else None
+        if line is not None:
+            send_to_guest(instance, f"denied {line}")
+            instance.event(
+                "refused", host=refusal.host, port=refusal.port, why=refusal.why, fix=refusal.fix
+            )
+
+
+def send_to_guest(instance: Instance, line: str) -> None:
+    """One status line to the guest; held back until it has reported ``ready``."""
+    conn = instance.status_conn
+    if conn is None or not instance.guest_ready:
+        instance.to_guest.append(line)
+        return
+    with contextlib.suppress(OSError):
+        conn.send(f"{line}\n".encode("ascii", "replace"))
+
+
 def send_terminal_size(instance: Instance) -> None:
     """Tell the guest the terminal's size (contract: ``size ROWS COLS``)."""
     conn = instance.status_conn
@@ -501,6 +591,9 @@ def _cleanup(instance: Instance) -> None:
         steps.append(instance.listener.close)
     if instance.egress is not None:
         steps.append(lambda: _stop_egress(instance))
+    for fd in (instance.wake_r, instance.wake_w):
+        if fd >= 0:
+            steps.append(functools.partial(os.close, fd))
     steps += instance.virtiofsd.stop_steps(qemu_ran=instance.qemu is not None)
     if instance.qemu is not None:
         steps.append(instance.qemu.close)

@@ -322,3 +322,50 @@ class EgressConfig:
     answer_addr: str = EGRESS_ADDR
     # None: guest connections come from relay.py over ``socket``.
     listen: TcpListen | None = None
+    # Rules `microvm-run allow` adds while the instance runs (live.py);
+    # in the runtime dir, outside every share.  None: no live rules.
+    live_allow: Path | None = None
+
+
+# What the user can do about a refusal: add an allowlist rule to the running
+# instance, or start the next one with --allow-private.  None: nothing a rule
+# changes (the name does not resolve, the upstream is down).
+FIX_ALLOW = "allow"
+FIX_PRIVATE = "allow-private"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One refused destination, as the guest and the user are told about it."""
+
+    host: str  # printable (escaped) already
+    port: int
+    why: str
+    fix: str | None
+    mode: str
+    instance_id: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def entry(self) -> str:
+        """What to pass to ``microvm-run allow``: the bare name for the web ports."""
+        if self.port in (HTTP_PORT, TLS_PORT, DNS_PORT):
+            return self.host
+        return f"{self.host}:{self.port}"
+
+    def text(self) -> str:
+        """One line: which host, under which mode, why, and what the user can run."""
+        shown = self.host if self.port == DNS_PORT else self.key
+        line = f"microvm-run refused {shown}: {self.why} (--net {self.mode})"
+        if self.fix == FIX_ALLOW:
+            command = f"microvm-run allow {self.instance_id} {self.entry()}"
+            line += f"; to allow it, on the host: {command}"
+        elif self.fix == FIX_PRIVATE:
+            target = f"{self.host}:{self.port}"
+            command = f"microvm-run allow {self.instance_id} {target} --private"
+            line += (
+                f"; to allow it, on the host: {command} (or start with --allow-private {target})"
+            )
+        return line

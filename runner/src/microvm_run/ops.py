@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from microvm_run import host, process, safefs, state
+from microvm_run import host, instancelog, process, safefs, state
 from microvm_run.state import Entry, HomeRecord, InstanceState
 
 # A runtime dir without a readable state this young may be a launch that has
@@ -268,6 +268,19 @@ def select(entries: Sequence[Entry], wanted: Sequence[str] | None, alive: Alive)
     return chosen
 
 
+def running(base: Path, token: str, *, uid: int, alive: Alive = state.is_alive) -> Entry:
+    """The running instance ``token`` names (an id or a unique prefix), or OpsError."""
+    problem = state.base_problem(base, uid)
+    if problem:
+        raise OpsError(problem)
+    (entry,) = select(state.scan(base), [token], alive)
+    if entry.state is None:
+        raise OpsError(f"instance {entry.id}: {entry.problem}")
+    if not alive(entry.state.runner_pid, entry.state.runner_start):
+        raise OpsError(f"instance {entry.id} is not running (microvm-run ps lists those that are)")
+    return entry
+
+
 def stop(
     base: Path,
     wanted: Sequence[str] | None,
@@ -406,6 +419,23 @@ def gc(
     for verdict in dead:
         report.actions.append(Action(verdict.entry.id, f"stale: {verdict.reason}"))
         report.actions += collect(verdict.entry, environ, manager)
+
+    # Logs of instances that no longer run (instancelog.py): kept until now.
+    # A young one may belong to a launch that has not made its runtime dir yet.
+    live_ids = {v.entry.id for v in report.live}
+    for path in instancelog.listing(environ):
+        instance_id = path.name.removesuffix(instancelog.SUFFIX)
+        with contextlib.suppress(OSError):
+            if clock - path.stat().st_mtime < YOUNG_S and not instancelog.stopped(path):
+                continue
+        if instance_id not in live_ids:
+            try:
+                path.unlink()
+                report.actions.append(Action(instance_id, f"removed log {path}"))
+            except OSError as err:
+                report.actions.append(
+                    Action(instance_id, f"could not remove {path}: {err}", ok=False)
+                )
 
     # Resolved on both sides: a launch plans its home through the resolved
     # data home, this scan goes through the configured one.

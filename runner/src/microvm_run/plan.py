@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microvm_run import contract, home, netpolicy, qemu, virtiofsd
+from microvm_run import contract, home, live, netpolicy, presets, qemu, virtiofsd
 from microvm_run.agentgit import GitPlan
 from microvm_run.netpolicy import NET_ALIASES, EgressConfig, KeyRoute, NetMode, PolicyError
 from microvm_run.qemu import Accel
@@ -27,8 +27,20 @@ KEY_PLACEHOLDER = "microvm-run-placeholder"
 SUPERVISOR_CHOICES = ("auto", *(s.value for s in Supervisor))
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
-# Passed through from the host so the agent's TUI renders as it does there.
-TERMINAL_VARS = ("TERM", "COLORTERM", "LANG", "LC_ALL")
+# Passed through from the host so the agent's TUI renders and reads keys as
+# it does there: TERM_PROGRAM and LC_TERMINAL (with their versions) are how
+# TUIs tell which terminal speaks which keyboard protocol (Shift+Enter as
+# CSI-u or modifyOtherKeys; LC_TERMINAL passes ssh's default AcceptEnv LC_*).
+TERMINAL_VARS = (
+    "TERM",
+    "COLORTERM",
+    "LANG",
+    "LC_ALL",
+    "TERM_PROGRAM",
+    "TERM_PROGRAM_VERSION",
+    "LC_TERMINAL",
+    "LC_TERMINAL_VERSION",
+)
 
 
 class PlanError(ValueError):
@@ -44,6 +56,7 @@ class RunOptions:
     allow: tuple[str, ...] = ()  # --allow HOST, MICROVM_ALLOW
     # --allow-private HOST, MICROVM_ALLOW_PRIVATE: may resolve to loopback/LAN
     allow_private: tuple[str, ...] = ()
+    allow_presets: tuple[str, ...] = ()  # --allow-preset NAME|auto, MICROVM_ALLOW_PRESET
     ports: tuple[str, ...] = ()  # -p [HOST_ADDR:]HOST_PORT:GUEST_PORT
     inject_keys: bool | None = None  # None: on when the flavor supports it
     supervisor: str = "auto"
@@ -75,6 +88,8 @@ class HostFacts:
     # write there) and its entries, if it exists.
     project_allow_file: Path | None = None
     project_allow: tuple[str, ...] = ()
+    # Names at the project's top level that presets look for (host.project_lockfiles).
+    project_lockfiles: tuple[str, ...] = ()
     egress_log: Path = Path("/dev/null")
     terminal_size: tuple[int, int] | None = None  # (rows, columns) of the runner's tty
     tsc_khz: int | None = None  # the host's TSC frequency (a TCG guest's TSC ticks at it)
@@ -111,6 +126,7 @@ class LaunchPlan:
     boot_timeout_s: float
     port_forwards: tuple[str, ...]
     egress: EgressConfig | None  # None with --net none
+    presets: tuple[presets.PresetUse, ...]  # asked for, or suggested by the project's files
     inject_keys: bool
     memory_mib: int
     vcpus: int
@@ -177,7 +193,20 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         if facts.environ.get(var) and var not in injected
     )
     forwards = _port_forwards(options.ports, net)
-    egress = _egress(spec, options, facts=facts, net=net, runtime_dir=runtime_dir, inject=inject)
+    try:
+        preset_uses = presets.resolve(options.allow_presets, facts.project_lockfiles)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    preset_hosts = tuple(h for use in preset_uses if use.applied for h in use.hosts)
+    egress = _egress(
+        spec,
+        options,
+        facts=facts,
+        net=net,
+        runtime_dir=runtime_dir,
+        inject=inject,
+        preset_hosts=preset_hosts,
+    )
     guest_env = _guest_env(facts, cri)
     if egress is not None:
         guest_env |= _proxy_env(spec, egress, facts)
@@ -224,6 +253,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         boot_timeout_s=options.boot_timeout_s,
         port_forwards=tuple(str(f) for f in forwards),
         egress=egress,
+        presets=preset_uses,
         inject_keys=inject,
         memory_mib=memory_mib,
         vcpus=vcpus,
@@ -344,13 +374,14 @@ def _egress(
     net: NetMode,
     runtime_dir: Path,
     inject: bool,
+    preset_hosts: tuple[str, ...] = (),
 ) -> EgressConfig | None:
     if net is NetMode.NONE:
         return None
     try:
         rules = tuple(
             netpolicy.parse_allow(entry)
-            for entry in (*spec.allow, *facts.project_allow, *options.allow)
+            for entry in (*spec.allow, *facts.project_allow, *preset_hosts, *options.allow)
         ) + tuple(netpolicy.parse_allow(entry, private=True) for entry in options.allow_private)
     except PolicyError as err:
         raise PlanError(str(err)) from None
@@ -373,6 +404,7 @@ def _egress(
         log=facts.egress_log,
         instance_id=facts.instance_id,
         key_routes=routes,
+        live_allow=runtime_dir / live.LIVE_FILE,
     )
 
 
