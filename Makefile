@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Python that ruff checks: the packages, and the scripts without a .py name.
 LINT_PATHS := runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit \
-  bench/idle_memory bench/relay_memory bench/share_restore bench/git_status
+  bench/idle_memory bench/relay_memory bench/share_restore bench/git_status bench/startup
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
@@ -72,6 +72,7 @@ bench: venv
 	$(PY) bench/relay_memory
 	$(PY) bench/share_restore
 	$(PY) bench/git_status
+	$(PY) bench/startup
 
 ci-fresh:
 	scripts/ci-fresh

@@ -11,22 +11,18 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from microvm_run import agentgit, contract, host
-from microvm_run.agentgit import GitPlan
-from microvm_run.netpolicy import NET_ALIASES
-from microvm_run.plan import (
-    ACCELS,
-    NETS,
-    SUPERVISORS,
-    HostFacts,
-    LaunchPlan,
-    PlanError,
-    RunOptions,
-    build_plan,
-)
-from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_spec
+from microvm_run import contract
+
+if TYPE_CHECKING:
+    from microvm_run.agentgit import GitPlan
+    from microvm_run.plan import HostFacts, LaunchPlan, RunOptions
+    from microvm_run.spec import Spec
+
+# The subcommands (ps, stop, ...) and `help` need none of the launch path's
+# modules (plan, spec, host, agentgit and what they import): those are
+# imported where a launch or --dry-run needs them, which keeps `ps` quick.
 
 EPILOG_TAIL = """\
 environment:
@@ -130,6 +126,23 @@ class _UsageError(Exception):
     pass
 
 
+def quick_formatter(
+    base: type[argparse.HelpFormatter] = argparse.HelpFormatter,
+) -> Callable[[str], argparse.HelpFormatter]:
+    """argparse's help formatter at the width argparse itself would pick
+    ($COLUMNS, else the terminal's, else 80), without the import of shutil
+    that argparse does for it (about 2 ms, in every run: argparse makes a
+    formatter for each add_argument, help or not)."""
+    columns = os.environ.get("COLUMNS", "")
+    if not columns.isdigit():
+        try:
+            columns = str(os.get_terminal_size(sys.__stdout__.fileno()).columns)
+        except (AttributeError, ValueError, OSError):
+            columns = "80"
+    width = max(int(columns), 20) - 2
+    return lambda prog: base(prog, width=width)
+
+
 class _Parser(argparse.ArgumentParser):
     # One line, not argparse's usage block: bad input is reported that way.
     def error(self, message: str) -> NoReturn:
@@ -141,6 +154,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in SUBCOMMANDS:
         return SUBCOMMANDS[words[0]].run(words, env)
+    from microvm_run import host  # noqa: PLC0415 - see the note at the imports
+    from microvm_run.plan import PlanError, build_plan  # noqa: PLC0415
+    from microvm_run.spec import SpecError  # noqa: PLC0415
+
     parser = _parser(env)
     try:
         args, agent_args = _split_words(parser, words)
@@ -195,7 +212,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return contract.EXIT_NO_STATUS
 
 
-def _split_words(parser: argparse.ArgumentParser, words: list[str]) -> tuple[Any, list[str]]:
+def _split_words(
+    parser: argparse.ArgumentParser, words: list[str]
+) -> tuple[argparse.Namespace, list[str]]:
     """Our options, and the agent's arguments: everything after the first `--`, untouched."""
     if "--" in words:
         cut = words.index("--")
@@ -233,6 +252,9 @@ def _unknown_word(word: str) -> str:
 
 
 def _plan_git(facts: HostFacts, worktree: str | None, env: Mapping[str, str]) -> GitPlan | None:
+    from microvm_run import agentgit, host  # noqa: PLC0415
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     try:
         plan = agentgit.plan_git(
             facts.work_dir,
@@ -254,7 +276,9 @@ def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
     """`doctor --boot`: boot the flavor's guest with `true` in a throw-away project."""
     import tempfile  # noqa: PLC0415 - only doctor --boot needs it
 
-    from microvm_run import launch, process  # noqa: PLC0415
+    from microvm_run import host, launch, process  # noqa: PLC0415
+    from microvm_run.plan import RunOptions, build_plan  # noqa: PLC0415
+    from microvm_run.spec import load_spec  # noqa: PLC0415
 
     spec = replace(load_spec(spec_path), command=("true",))
     _check_runnable(spec, accel)
@@ -332,6 +356,8 @@ def _check_not_root(env: Mapping[str, str]) -> None:
     MICROVM_RUN_ALLOW_ROOT=1 is for hosts whose Nix works only as root (and
     this project's own dev-shell tests); README says what it costs.
     """
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     if os.geteuid() == 0 and env.get("MICROVM_RUN_ALLOW_ROOT") != "1":
         raise PlanError(
             "refusing to run as root: virtiofsd would write the shares as root (set-uid "
@@ -367,12 +393,15 @@ def projects_overlap(one: Path, other: Path) -> bool:
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    from microvm_run.netpolicy import NET_ALIASES  # noqa: PLC0415
+    from microvm_run.plan import ACCELS, NETS, SUPERVISORS  # noqa: PLC0415
+
     parser = _Parser(
         prog="microvm-run",
         usage="microvm-run [OPTIONS] [-- AGENT ARGS...]\n       microvm-run SUBCOMMAND [ARGS...]",
         description="Start the agent in a throw-away microVM with WORK_DIR shared at /work.",
         epilog=subcommand_list() + "\n" + EPILOG_TAIL,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=quick_formatter(argparse.RawDescriptionHelpFormatter),
         # Our own --help: a stray word before it must be an error, not the help.
         add_help=False,
     )
@@ -471,6 +500,8 @@ def _flag(raw: str | None) -> bool | None:
 
 
 def _load_spec(path: str | None) -> Spec:
+    from microvm_run.spec import SpecError, load_spec  # noqa: PLC0415
+
     if not path:
         raise SpecError(
             "no spec: pass --spec FILE or set MICROVM_RUN_SPEC (the flavor packages do)"
@@ -479,6 +510,9 @@ def _load_spec(path: str | None) -> Spec:
 
 
 def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
+    from microvm_run.plan import PlanError, RunOptions  # noqa: PLC0415
+    from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS  # noqa: PLC0415
+
     try:
         boot_timeout = float(args.boot_timeout)
     except ValueError:
@@ -503,6 +537,8 @@ def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
 
 
 def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     if raw is None or raw == "":
         return None
     if not raw.isdigit():
@@ -515,6 +551,8 @@ def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
 
 def _check_runnable(spec: Spec, accel: str) -> None:
     """Host prerequisites that only matter when actually launching."""
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     for what, path in (("qemu", spec.qemu), ("virtiofsd", spec.virtiofsd)):
         if not os.access(path, os.X_OK):
             raise PlanError(f"{what} {path} is missing or not executable")
@@ -541,6 +579,8 @@ MIN_RUNTIME_FREE = 1024 * 1024
 
 def _check_dirs(plan: LaunchPlan) -> None:
     """The dirs the launch writes to: checked before anything is created."""
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     for directory in plan.dirs_to_create:
         _check_share_root(directory)
         existing = _nearest_existing(directory)
@@ -573,6 +613,8 @@ def _check_share_root(directory: Path) -> None:
     The guest may have replaced it by a symlink (its target would be shared
     read-write) or another user may own it.
     """
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     try:
         info = directory.lstat()
     except FileNotFoundError:

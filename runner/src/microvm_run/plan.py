@@ -16,10 +16,10 @@ from typing import Any
 
 from microvm_run import contract, home, netpolicy, qemu, virtiofsd
 from microvm_run.agentgit import GitPlan
+from microvm_run.host import ACCELS
 from microvm_run.netpolicy import NET_ALIASES, NET_MODES, EgressConfig, KeyRoute, PolicyError
 from microvm_run.spec import Share, Spec
 
-ACCELS = ("kvm", "tcg")
 NETS = NET_MODES
 # What the guest sees instead of an API key the host-side proxy adds.
 KEY_PLACEHOLDER = "microvm-run-placeholder"
