@@ -393,8 +393,10 @@ def projects_overlap(one: Path, other: Path) -> bool:
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    from microvm_run.localdirs import DEFAULT_SIZE_GIB  # noqa: PLC0415
     from microvm_run.netpolicy import NET_ALIASES  # noqa: PLC0415
     from microvm_run.plan import ACCELS, NETS, SUPERVISORS  # noqa: PLC0415
+    from microvm_run.virtiofsd import DEFAULT_FS_CACHE, FS_CACHE_MODES  # noqa: PLC0415
 
     parser = _Parser(
         prog="microvm-run",
@@ -483,6 +485,30 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="work in the runner's own working tree NAME on branch agent/NAME "
         "(created from HEAD, kept until landed; see microvm-run review/land)",
     )
+    add(
+        "--fs-cache",
+        default=env.get("MICROVM_FS_CACHE", DEFAULT_FS_CACHE),
+        choices=FS_CACHE_MODES,
+        help="virtiofsd's cache for /work and the home: auto (default: host edits seen "
+        "within 1 s), always (faster metadata; host edits may stay unseen), never",
+    )
+    add(
+        "--local-dirs",
+        metavar="DIR,...",
+        help="keep these /work directories on the guest's own disk (default: what the "
+        "project's lockfiles imply: node_modules, target, .venv, ...; see README)",
+    )
+    add(
+        "--no-local-dirs",
+        action="store_true",
+        help="keep every directory of /work on the share (no guest-local disk)",
+    )
+    add(
+        "--local-dirs-size",
+        metavar="GIB",
+        default=str(DEFAULT_SIZE_GIB),
+        help=f"size of a new local-directories disk, sparse (default {DEFAULT_SIZE_GIB})",
+    )
     add("--allow-home", action="store_true", help="allow WORK_DIR to be your home directory")
     add("--dry-run", action="store_true", help="print the launch plan and start nothing")
     add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -510,6 +536,7 @@ def _load_spec(path: str | None) -> Spec:
 
 
 def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
+    from microvm_run.localdirs import DEFAULT_SIZE_GIB, MAX_SIZE_GIB  # noqa: PLC0415
     from microvm_run.plan import PlanError, RunOptions  # noqa: PLC0415
     from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS  # noqa: PLC0415
 
@@ -533,7 +560,27 @@ def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
         memory_mib=_bounded("--mem", args.mem, 64, MAX_MEMORY_MIB),
         vcpus=_bounded("--vcpus", args.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1)),
         agent_args=tuple(agent_args),
+        fs_cache=args.fs_cache,
+        local_dirs=_local_dirs(args),
+        local_dirs_size_gib=_bounded("--local-dirs-size", args.local_dirs_size, 1, MAX_SIZE_GIB)
+        or DEFAULT_SIZE_GIB,
     )
+
+
+def _local_dirs(args: argparse.Namespace) -> tuple[str, ...] | None:
+    from microvm_run import localdirs  # noqa: PLC0415
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
+    if args.no_local_dirs:
+        if args.local_dirs is not None:
+            raise PlanError("--local-dirs and --no-local-dirs contradict each other")
+        return ()
+    if args.local_dirs is None:
+        return None
+    try:
+        return localdirs.parse(args.local_dirs)
+    except localdirs.LocalDirsError as err:
+        raise PlanError(str(err)) from None
 
 
 def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
@@ -668,6 +715,11 @@ def _describe(plan: LaunchPlan) -> str:
         lines.append(f"git          {git.mode}: agent branch {git.branch}, state {git.run_dir}")
         for flag, source, target in git.binds:
             lines.append(f"  {flag} {source} -> {target} (in virtiofsd's namespace)")
+    if plan.local_dirs:
+        lines.append(
+            f"local dirs   {' '.join(plan.local_dirs)} on {plan.local_image} "
+            f"({plan.local_size_bytes >> 30} GiB, sparse)"
+        )
     for forward in plan.port_forwards:
         lines.append(f"forward      {forward} (host address:port:guest port)")
     for var, _ in plan.credentials:

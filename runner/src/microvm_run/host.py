@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from microvm_run import home
+from microvm_run import home, localdirs
 
 if TYPE_CHECKING:
     from microvm_run.plan import HostFacts
@@ -338,4 +338,6 @@ def gather(
         python=Path(sys.executable),
         relay=Path(__file__).with_name("relay.py"),
         gitmask=Path(__file__).with_name("gitmask.py"),
+        implied_local_dirs=localdirs.implied(work_dir),
+        local_slot=localdirs.free_slot(project_state_dir(work_dir, environ)),
     )

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import host, process, safefs, state
+from microvm_run import host, localdirs, process, safefs, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -99,6 +99,9 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
         try:
             try:
                 create_private_dirs(plan)
+                if plan.local_image is not None:
+                    # The runner's own file in its state dir; the guest formats it.
+                    localdirs.ensure_image(plan.local_image, plan.local_size_bytes)
                 _prepare_runtime_dir(plan, instance)
                 _record(instance)
                 _write_launch_files(plan, environ)
