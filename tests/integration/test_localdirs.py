@@ -95,3 +95,22 @@ def test_gc_prune_removes_the_disk_of_a_vanished_project(vm: VM) -> None:
     pruned = vm.ops("gc", "--prune", "--yes")
     assert pruned.returncode == 0, pruned.stderr
     assert not image.exists()
+
+
+def test_two_instances_at_once_each_get_a_disk_of_their_own(vm: VM) -> None:
+    work = node_project(vm)
+    # Each waits until the other is up, so both disks are mounted at once.
+    command = (
+        "me=$(cat /proc/sys/kernel/random/uuid); : > /work/up-$me; "
+        "n=0; while [ $(ls /work | grep -c '^up-') -lt 2 ] && [ $n -lt 600 ]; do "
+        "sleep 0.1; n=$((n + 1)); done; "
+        "ls node_modules | wc -l > /work/count-$me; "
+        ": > node_modules/mine"
+    )
+    runs = [vm.start(work, command, *SIZE) for _ in range(2)]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err
+    counts = sorted(work.glob("count-*"))
+    assert [c.read_text() for c in counts] == ["0\n", "0\n"]  # neither saw the other's file
+    assert [p.name for p in images(vm, work)] == ["0.img", "1.img"]

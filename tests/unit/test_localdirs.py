@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 from pathlib import Path
 
 import pytest
@@ -105,21 +103,27 @@ def test_an_unknown_cache_mode_is_a_plan_error(spec: Spec) -> None:
         build_plan(spec, RunOptions(fs_cache="writeback"), make_facts())
 
 
-def test_a_free_slot_skips_images_a_running_qemu_holds(tmp_path: Path) -> None:
-    directory = localdirs.image_dir(tmp_path)
-    directory.mkdir()
+def test_instances_at_once_each_claim_a_slot_of_their_own(tmp_path: Path) -> None:
     assert localdirs.free_slot(tmp_path) == 0
-    held = directory / "0.img"
-    assert localdirs.ensure_image(held, 1 << 20)
-    # What QEMU does: an OFD lock on a byte of the image.
-    fd = os.open(held, os.O_RDWR)
+    first, first_fd = localdirs.claim_slot(tmp_path)
+    second, second_fd = localdirs.claim_slot(tmp_path)
     try:
-        lock = struct.pack("hhqqi", fcntl.F_RDLCK, os.SEEK_SET, 100, 1, 0) + b"\0" * 4
-        fcntl.fcntl(fd, 37, lock)  # F_OFD_SETLK
-        assert localdirs.free_slot(tmp_path) == 1
+        assert (first, second) == (0, 1)
+        assert localdirs.free_slot(tmp_path) == 2
     finally:
-        os.close(fd)
-    assert localdirs.free_slot(tmp_path) == 0
+        os.close(first_fd)
+    assert localdirs.free_slot(tmp_path) == 0  # a runner that ended frees its slot
+    os.close(second_fd)
+
+
+def test_every_slot_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    fds = [localdirs.claim_slot(tmp_path)[1] for _ in range(localdirs.MAX_SLOTS)]
+    try:
+        with pytest.raises(localdirs.LocalDirsError, match="in use"):
+            localdirs.claim_slot(tmp_path)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_an_image_is_sparse_private_and_never_resized(tmp_path: Path) -> None:

@@ -192,12 +192,27 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _check_not_root(env)
     except PlanError as err:
         return _bad_input(str(err))
+    return _launch(spec, options, facts, plan, env)
+
+
+def _launch(
+    spec: Spec, options: RunOptions, facts: HostFacts, plan: LaunchPlan, env: dict[str, str]
+) -> int:
+    """Launch the checked plan; the agent's exit status."""
     from microvm_run import git_cli, launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
+    from microvm_run.plan import PlanError, build_plan  # noqa: PLC0415
 
     too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
     if too_many is not None:
         print(f"microvm-run: warning: {too_many}", file=sys.stderr)
+    slot_lock = None
     try:
+        if plan.local_dirs:
+            # Held until the VM has ended: no other instance mounts this disk.
+            slot, slot_lock = _claim_local_slot(facts)
+            if slot != facts.local_slot:
+                facts = replace(facts, local_slot=slot)
+                plan = build_plan(spec, options, facts)
         launch.create_private_dirs(plan)
         devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
         if devshell_file is not None:
@@ -210,6 +225,23 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except (launch.LaunchError, git_cli.GitError) as err:
         print(f"microvm-run: {err}", file=sys.stderr)
         return contract.EXIT_NO_STATUS
+    except PlanError as err:
+        return _bad_input(str(err))
+    finally:
+        if slot_lock is not None:
+            os.close(slot_lock)
+
+
+def _claim_local_slot(facts: HostFacts) -> tuple[int, int]:
+    from microvm_run import localdirs  # noqa: PLC0415
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
+    try:
+        return localdirs.claim_slot(facts.state_dir)
+    except localdirs.LocalDirsError as err:
+        raise PlanError(str(err)) from None
+    except OSError as err:
+        raise PlanError(f"the local-directories disk: {err}") from None
 
 
 def _split_words(

@@ -18,12 +18,10 @@ nothing in the project is read.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import re
 import stat
-import struct
 from pathlib import Path
 
 # (a file at the project's top, the directories it implies); every rule
@@ -52,7 +50,7 @@ DEFAULT_SIZE_GIB = 16
 MAX_SIZE_GIB = 1024
 # Concurrent instances on one project each get a disk of their own (one
 # ext4 must never be mounted by two guests): slot 0 for the first, 1 for a
-# second that runs at the same time, ...
+# second that runs at the same time, ...  Each disk persists for its slot.
 MAX_SLOTS = 16
 MAX_DIRS = 32
 _DIR = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
@@ -100,39 +98,56 @@ def image_dir(state_dir: Path) -> Path:
 
 
 def free_slot(state_dir: Path) -> int:
-    """The first slot whose image no running QEMU holds (reads only).
-
-    QEMU locks the image it writes (byte-range OFD locks); a slot whose
-    image carries a lock belongs to a running instance.  Two runners that
-    start at the same moment may pick the same slot: the second QEMU then
-    refuses the image ("Failed to get write lock"), never shares it.
-    """
+    """The first slot no running instance holds, as --dry-run shows it; the
+    launch claims one for real (claim_slot)."""
     directory = image_dir(state_dir)
     for slot in range(MAX_SLOTS):
-        if not _locked(directory / f"{slot}.img"):
+        fd = _open_lock(directory / f"{slot}.lock", create=False)
+        if fd is None:
             return slot
-    return MAX_SLOTS - 1  # every slot busy: QEMU will say so
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)  # drops the lock taken to look
+        return slot
+    return MAX_SLOTS
 
 
-def _locked(path: Path) -> bool:
+def claim_slot(state_dir: Path) -> tuple[int, int]:
+    """Claim the first free slot: (slot, the fd whose flock holds it).
+
+    The lock lives as long as the fd, which the runner keeps open until its
+    VM has ended (not inherited: close-on-exec).  Runners that start at the
+    same moment each get a slot of their own: one ext4 is never mounted by
+    two guests.
+    """
+    directory = image_dir(state_dir)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for slot in range(MAX_SLOTS):
+        fd = _open_lock(directory / f"{slot}.lock", create=True)
+        assert fd is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return slot, fd
+    raise LocalDirsError(
+        f"all {MAX_SLOTS} local-directory disks of this project are in use by running "
+        "instances; use --no-local-dirs"
+    )
+
+
+def _open_lock(path: Path, *, create: bool) -> int | None:
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(path, flags, 0o600)
     except FileNotFoundError:
-        return False
-    except OSError:
-        return True  # not ours to use (a symlink, unreadable): skip the slot
-    try:
-        # struct flock: l_type, l_whence, l_start, l_len, l_pid (Linux x86_64)
-        query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, _F_OFD_GETLK, query + b"\0" * 4)
-        return struct.unpack("hhqqi", answer[: struct.calcsize("hhqqi")])[0] != fcntl.F_UNLCK
-    except OSError as err:
-        return err.errno != errno.EINVAL
-    finally:
-        os.close(fd)
-
-
-_F_OFD_GETLK = 36  # linux/fcntl.h; Python's fcntl module has it from 3.12 on
+        if create:
+            raise
+        return None
 
 
 def ensure_image(path: Path, size_bytes: int) -> bool:
