@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # Python that ruff checks: the packages, and the scripts without a .py name.
 LINT_PATHS := runner tests tests/guest-systemd/render bench/runner_overhead bench/devshell_hit \
   bench/idle_memory bench/relay_memory bench/share_restore bench/git_status bench/startup \
-  bench/fs
+  bench/fs bench/scaling
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
@@ -75,6 +75,7 @@ bench: venv
 	$(PY) bench/git_status
 	$(PY) bench/startup
 	$(PY) bench/fs
+	$(PY) bench/scaling
 
 ci-fresh:
 	scripts/ci-fresh
