@@ -127,8 +127,10 @@ def test_every_slot_in_use_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_an_image_is_sparse_private_and_never_resized(tmp_path: Path) -> None:
-    image = localdirs.image_dir(tmp_path) / "0.img"
+    image = localdirs.image_dir(tmp_path / "state") / "0.img"
     assert localdirs.ensure_image(image, 1 << 30)
+    for directory in (image.parent, image.parent.parent):
+        assert directory.stat().st_mode & 0o777 == 0o700
     info = image.stat()
     assert info.st_size == 1 << 30 and info.st_blocks == 0
     assert info.st_mode & 0o777 == 0o600

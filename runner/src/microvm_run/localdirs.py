@@ -123,8 +123,7 @@ def claim_slot(state_dir: Path) -> tuple[int, int]:
     same moment each get a slot of their own: one ext4 is never mounted by
     two guests.
     """
-    directory = image_dir(state_dir)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = _private_dir(image_dir(state_dir))
     for slot in range(MAX_SLOTS):
         fd = _open_lock(directory / f"{slot}.lock", create=True)
         assert fd is not None
@@ -158,7 +157,7 @@ def ensure_image(path: Path, size_bytes: int) -> bool:
     new quota applies to a new disk, after `gc --prune` or removing the
     image.  The guest formats a disk that has no file system yet.
     """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private_dir(path.parent)
     flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)
@@ -172,3 +171,10 @@ def ensure_image(path: Path, size_bytes: int) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def _private_dir(directory: Path) -> Path:
+    """The image dir and the project's state dir above it, 0700 when made."""
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
