@@ -83,6 +83,22 @@
       # agentVM.devshell.enable); an agent module is base + that agent.
       nixosModules = {
         inherit base;
+        # For a host's configuration: services.agent-microvm.vms.<name>
+        # become microvm.nix's microvm@NAME (modules/host.nix, README
+        # "Agent VMs on a NixOS host").
+        host =
+          { pkgs, ... }:
+          {
+            imports = [
+              microvm.nixosModules.host
+              ./modules/host.nix
+            ];
+            services.agent-microvm = {
+              package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.microvm-run;
+              guestModules = [ base ];
+              flavorModules = agents;
+            };
+          };
       }
       // lib.mapAttrs (_: module: {
         imports = [
@@ -138,6 +154,8 @@
               pkgs.shellcheck
               pkgs.qemu_kvm
               pkgs.virtiofsd
+              # microvm-run check evaluates every agent VM with it.
+              pkgs.nix-eval-jobs
             ];
           };
         }

@@ -51,4 +51,4 @@ eval-modules:
 	  echo "              (scripts/setup-nix-eval prepares both and a Nix >= 2.18)"; \
 	  exit 0; \
 	fi; \
-	scripts/eval-modules "$(LIB)" "$(MICROVM)" $(EVAL_DIR) && tests/nix/flake-offline "$(LIB)"
+	PY=$(PY) scripts/eval-modules "$(LIB)" "$(MICROVM)" $(EVAL_DIR) && tests/nix/flake-offline "$(LIB)"

@@ -112,6 +112,15 @@ evalChecks
   microvm-run = self.packages.${system}.microvm-run;
   nix-lib = libTests;
   vm-test = import ./vm-test.nix { inherit self lib pkgs system; };
+  # nixosModules.host: microvm@dev on a NixOS host, attach, isolation.
+  host-vm-test = import ./host-vm-test.nix {
+    inherit
+      self
+      lib
+      pkgs
+      system
+      ;
+  };
   # ENABLE_CRI=docker,podman with a local image; storage not vfs.
   vm-test-cri = import ./vm-test.nix {
     inherit

@@ -289,6 +289,7 @@ in
   imports = [
     ./cri.nix
     ./devshell.nix
+    ./persistent.nix
   ];
 
   options.agentVM = {

@@ -4,6 +4,7 @@
   lib,
   python3Packages,
   git,
+  nix-eval-jobs,
 }:
 let
   fs = lib.fileset;
@@ -17,8 +18,13 @@ python3Packages.buildPythonApplication {
     root = ../.;
     fileset = fs.unions [
       ../runner
+      ../skills
+      # tests/unit/test_newvm.py compares the runner's agent names with it.
+      ../lib/agents.nix
       ../tests/__init__.py
       ../tests/unit
+      # nix-eval-jobs' recorded output, which tests/unit/test_check_cli.py parses.
+      ../tests/fixtures/check/eval-jobs-flavors.jsonl
       ../tests/support
       ../pytest.ini
     ];
@@ -33,13 +39,26 @@ python3Packages.buildPythonApplication {
   ];
 
   # Host git prepares the agent's git directory and imports its commits
-  # (docs/git.md); the user's own git comes first on PATH.
+  # (docs/git.md); nix-eval-jobs evaluates every agent VM for `microvm-run
+  # check`. The user's own come first on PATH. `microvm-run skill install`
+  # copies the shipped skills.
   makeWrapperArgs = [
     "--suffix"
     "PATH"
     ":"
-    (lib.makeBinPath [ git ])
+    (lib.makeBinPath [
+      git
+      nix-eval-jobs
+    ])
+    "--set-default"
+    "MICROVM_RUN_SKILLS"
+    "${placeholder "out"}/share/agent-microvm/skills"
   ];
+
+  postInstall = ''
+    mkdir -p $out/share/agent-microvm
+    cp -r ../skills $out/share/agent-microvm/skills
+  '';
 
   nativeCheckInputs = [
     python3Packages.pytestCheckHook

@@ -11,7 +11,9 @@ its parent's environment), since only the unprivileged path matters here.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import signal
 import stat
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import VM, HostUser, wait_until_clean
+from .conftest import VM, HostUser, make_root_vm, wait_until_clean
 
 pytestmark = pytest.mark.integration
 
@@ -318,7 +320,124 @@ def test_set_id_files_the_guest_hides_do_not_outlive_it_either(vm: VM) -> None:
         subprocess.run(["rm", "-rf", str(work / "d")], check=False)
 
 
+# -- a VM on a directory that contains another VM's project ---------------------------------
+
+
+def spec_with(vm: VM, name: str, *, virtiofsd: Path | None = None, kernel_param: str = "") -> Path:
+    """A copy of the test guest's spec beside it (its kernel and initrd are relative)."""
+    text = vm.spec.read_text()
+    if virtiofsd is not None:
+        text = re.sub(r"(?m)^virtiofsd = .*$", f'virtiofsd = "{virtiofsd}"', text)
+    if kernel_param:
+        quiet = 'kernel_params = ["quiet"'
+        text = text.replace(quiet, f'{quiet}, "{kernel_param}"')
+        assert kernel_param in text
+    spec = vm.spec.with_name(f"spec-{name}-{os.urandom(3).hex()}.toml")
+    spec.write_text(text)
+    spec.chmod(0o644)
+    return spec
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def test_a_nested_project_swapped_for_a_symlink_as_its_vm_starts_shares_nothing(vm: VM) -> None:
+    outer = vm.project("outer")
+    inner = outer / "proj"
+    inner.mkdir()
+    (inner / "code.py").write_text("the project\n")
+    secret = outer.parent / "secret"  # the user's, outside both shares
+    secret.mkdir()
+    (secret / "secret.txt").write_text("not for any guest\n")
+    for path in (inner, inner / "code.py", secret, secret / "secret.txt"):
+        os.chown(path, vm.user.uid, vm.user.gid)
+    # The real virtiofsd, started when the agent on `outer` has swapped
+    # `proj`: the attack timed at its best moment, deterministically.
+    real = re.search(r'(?m)^virtiofsd = "(.*)"$', vm.spec.read_text())
+    assert real is not None
+    wrapper = outer.parent / "virtiofsd-when-swapped"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "for arg; do\n"
+        f'  if [ "$arg" = "--shared-dir={inner}" ]; then\n'
+        f"    : > {outer}/go; i=0\n"
+        f"    while [ ! -L {inner} ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i+1)); done\n"
+        "  fi\n"
+        "done\n"
+        f'exec {real.group(1)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    swap_vm = VM(vm.user, vm.python, vm.pythonpath, spec_with(vm, "swap", virtiofsd=wrapper),
+                 vm.scratch, vm.runtime_dir)  # fmt: skip
+    attacker = vm.start(
+        outer,
+        "echo up > /work/up; while [ ! -e /work/go ]; do sleep 0.1; done; "
+        "mv /work/proj /work/proj.real && ln -s ../secret /work/proj && sleep 120",
+    )
+    try:
+        wait_for(outer / "up", attacker)
+        victim = swap_vm.run(inner, "ls -a /work > /work/listing; echo planted > /work/planted")
+        assert victim.returncode != 0
+        assert "was replaced while virtiofsd started" in victim.stderr, victim.stderr
+        assert sorted(p.name for p in secret.iterdir()) == ["secret.txt"]
+        assert (outer / "proj.real" / "code.py").read_text() == "the project\n"
+    finally:
+        attacker.send_signal(signal.SIGTERM)
+        attacker.communicate(timeout=60)
+    swap_vm.spec.unlink()
+
+
+def test_moving_a_nested_project_away_does_not_make_gc_prune_its_home(vm: VM) -> None:
+    outer = vm.project("outer")
+    inner = outer / "proj"
+    inner.mkdir()
+    os.chown(inner, vm.user.uid, vm.user.gid)
+    ok(vm.run(inner, "echo logged-in > $HOME/login"))
+    inner_home = vm.agent_home(inner)
+    # The attack: the agent on the outer directory moves the project away.
+    ok(vm.run(outer, "mv /work/proj /work/moved"))
+    pruned = vm.ops("gc", "--prune", "--yes")
+    assert pruned.returncode == 0, pruned.stderr
+    assert (inner_home / "login").read_text() == "logged-in\n"
+    said = pruned.stdout + pruned.stderr
+    assert f"lay inside {outer}, where an agent could have moved it" in said, said
+
+
 # -- root ----------------------------------------------------------------------------------
+
+
+def test_guest_root_leaves_no_device_node_or_file_capability_in_a_root_run(
+    vm: VM, venv_python: Path, runner_copy: Path, scratch: Path
+) -> None:
+    """As root (MICROVM_RUN_ALLOW_ROOT) virtiofsd has no ID map: a guest root
+    (an agent that broke out of uid 1000) must still not make device nodes
+    or capability-granting files on the host, not even while the VM runs."""
+    spec = spec_with(vm, "agent-root", kernel_param="amvm_test.agent_root")
+    root_vm = make_root_vm(venv_python, runner_copy, spec, scratch, "root-caps")
+    work = root_vm.project()
+    result = root_vm.run(
+        work,
+        "id -u > /work/uid; cp /bin/busybox /work/tool; mkfifo /work/fifo; "
+        "mknod /work/disk b 7 0 2> /work/mknod.err; mknod /home/agent/null c 1 3; "
+        "/usr/sbin/setcap cap_setuid+ep /work/tool 2> /work/setcap.err; "
+        "ls -l /work > /work/listing",
+    )
+    ok(result)
+    assert (work / "uid").read_text() == "0\n"  # the attacker really was guest root
+    assert stat.S_ISFIFO((work / "fifo").lstat().st_mode)  # FIFOs still work
+    assert not (work / "disk").exists() and (work / "mknod.err").read_text()
+    assert not (root_vm.agent_home(work) / "null").exists()
+    assert "disk" not in (work / "listing").read_text()
+    assert (work / "setcap.err").read_text()
+    with pytest.raises(OSError) as no_caps:
+        os.getxattr(work / "tool", "security.capability")
+    assert no_caps.value.errno == errno.ENODATA
+    spec.unlink()
 
 
 def test_root_is_refused_in_one_line_before_anything_is_created(vm: VM) -> None:

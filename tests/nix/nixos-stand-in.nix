@@ -46,6 +46,10 @@ let
       attr ? ${name} && !lib.elem attr.${name} values
     ) "Systemd ${group} field `${name}' cannot have value `${toString attr.${name}}'.";
 
+  assertHasField =
+    name: group: attr:
+    lib.optional (!(attr ? ${name})) "Systemd ${group} field `${name}' must exist.";
+
   assertOnlyFields =
     fields: group: attr:
     let
@@ -306,6 +310,94 @@ let
       "bound"
     ])
   ];
+  # networkd.nix check.netdev.sectionNetdev
+  checkNetdevSection = checkUnitConfig "Netdev" [
+    (assertOnlyFields [
+      "Description"
+      "Name"
+      "Kind"
+      "MTUBytes"
+      "MACAddress"
+    ])
+    (assertHasField "Name")
+    (assertHasField "Kind")
+    (assertValueOneOf "Kind" [
+      "bond"
+      "bridge"
+      "dummy"
+      "gre"
+      "gretap"
+      "erspan"
+      "ip6gre"
+      "ip6tnl"
+      "ip6gretap"
+      "ipip"
+      "ipvlan"
+      "ipvtap"
+      "macvlan"
+      "macvtap"
+      "sit"
+      "tap"
+      "tun"
+      "veth"
+      "vlan"
+      "vti"
+      "vti6"
+      "vxlan"
+      "geneve"
+      "l2tp"
+      "macsec"
+      "wlan"
+      "vrf"
+      "vcan"
+      "vxcan"
+      "wireguard"
+      "netdevsim"
+      "nlmon"
+      "fou"
+      "xfrm"
+      "ifb"
+      "batadv"
+    ])
+  ];
+  netdevType = types.submodule {
+    options = {
+      enable = opt types.bool true;
+      netdevConfig = checkedSection checkNetdevSection;
+      extraConfig = opt types.lines "";
+    };
+  };
+
+  # nixos/modules/services/networking/nftables.nix (tableSubmodule)
+  nftTableType = types.submodule (
+    { name, ... }:
+    {
+      options = {
+        enable = opt types.bool true;
+        name = mkOption {
+          type = types.str;
+          description = "stand-in";
+        };
+        content = mkOption {
+          type = types.lines;
+          description = "stand-in";
+        };
+        family = mkOption {
+          type = types.enum [
+            "ip"
+            "ip6"
+            "inet"
+            "arp"
+            "bridge"
+            "netdev"
+          ];
+          description = "stand-in";
+        };
+      };
+      config.name = lib.mkDefault name;
+    }
+  );
+
   networkType = types.submodule {
     options = {
       enable = opt types.bool true;
@@ -385,6 +477,11 @@ let
       createHome = flag;
       shell = opt (types.nullOr (types.either types.package types.str)) null;
       hashedPassword = opt (types.nullOr types.str) null;
+      # nixos/modules/services/networking/ssh/sshd.nix (userOptions)
+      openssh.authorizedKeys = {
+        keys = opt (types.listOf types.singleLineStr) [ ];
+        keyFiles = opt (types.listOf types.path) [ ];
+      };
     };
   };
 
@@ -437,6 +534,13 @@ in
       useDHCP = opt types.bool true;
       useNetworkd = flag;
       firewall.enable = opt types.bool true;
+      # nixos/modules/services/networking/firewall.nix
+      firewall.trustedInterfaces = strs;
+      # nixos/modules/services/networking/nftables.nix
+      nftables = {
+        enable = flag;
+        tables = opt (types.attrsOf nftTableType) { };
+      };
       resolvconf.enable = opt types.bool true;
     };
 
@@ -445,12 +549,15 @@ in
       package = opt types.package pkgs.systemd;
       services = opt (types.attrsOf serviceType) { };
       sockets = opt (types.attrsOf socketType) { };
+      targets = anyAttrs;
+      tmpfiles.settings = anyAttrs;
       mounts = opt (types.listOf mountType) [ ];
       generators = opt (types.attrsOf types.path) { };
       tpm2.enable = flag;
       # nixos/modules/system/boot/networkd.nix
       network = {
         enable = flag;
+        netdevs = opt (types.attrsOf netdevType) { };
         wait-online.enable = opt types.bool true;
         networks = opt (types.attrsOf networkType) { };
       };
@@ -471,7 +578,33 @@ in
         "always"
       ]
     )) null;
-    services.openssh.enable = flag;
+    # nixos/modules/services/networking/ssh/sshd.nix
+    services.openssh = {
+      enable = flag;
+      hostKeys = opt (types.listOf types.attrs) [ ];
+      settings = opt (types.submodule {
+        freeformType = types.attrsOf types.anything;
+        options = {
+          PasswordAuthentication = opt (types.nullOr types.bool) true;
+          KbdInteractiveAuthentication = opt (types.nullOr types.bool) true;
+          PermitRootLogin = opt (types.nullOr (
+            types.enum [
+              "yes"
+              "without-password"
+              "prohibit-password"
+              "forced-commands-only"
+              "no"
+            ]
+          )) "prohibit-password";
+        };
+      }) { };
+    };
+    # Set by microvm.nix's host module (nixos-modules/host), never by ours:
+    # declared only so that it evaluates.
+    security.pam.loginLimits = opt (types.listOf types.attrs) [ ];
+    security.wrappers = anyAttrs;
+    hardware.ksm.enable = flag;
+
     # nixos/modules/system/boot/resolved.nix
     services.resolved.enable = flag;
     services.nix-daemon.enable = opt types.bool true;
@@ -535,6 +668,8 @@ in
       cri-o.enable = flag;
       # nixos/modules/virtualisation/rosetta.nix (microvm.nix sets it for vfkit)
       rosetta.enable = flag;
+      # read by microvm.nix's host module
+      libvirtd.enable = flag;
     };
 
     system = {
@@ -542,6 +677,7 @@ in
       switch.enable = opt types.bool true;
       nixos.label = opt types.str "26.05-stand-in";
       build = opt (types.attrsOf types.raw) { };
+      activationScripts = anyAttrs;
       # nixos/modules/system/activation/top-level.nix: the kernel's own
       # target since hostPlatform.linux-kernel left nixpkgs (2026-06).
       boot.loader = {

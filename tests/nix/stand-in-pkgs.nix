@@ -60,6 +60,9 @@ let
     "runc"
     "socat"
     "systemd"
+    "tmux"
+    "openssh"
+    "microvm-run"
     "util-linux"
     "virtiofsd"
   ];
@@ -108,6 +111,14 @@ let
       # microvm.nix's store-disk.nix: the closure's registration for the
       # guest's Nix database (microvm.registerClosure).
       closureInfo = { rootPaths }: mkFake "closure-info" { inherit rootPaths; };
+      # microvm.nix's lib/runner.nix: the runner package with its passthru
+      # (the host module reads registerWithMachined, supportsNotifySocket).
+      runCommand = name: attrs: script: mkFake name ((attrs.passthru or { }) // { inherit script; });
+      writeShellScriptBin =
+        name: text:
+        mkFake name {
+          text = "#!/bin/sh\n${text}";
+        };
       writeShellScript =
         name: text:
         mkFake name {

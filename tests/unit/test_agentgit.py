@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -453,7 +454,8 @@ def test_a_subdirectory_of_a_repository_says_the_agent_has_no_git(
     sub = tmp_path / "sub"
     sub.mkdir()
     assert agentgit.plan_git(sub, STATE, worktree=None, instance_id="abcd1234") is None
-    assert git_cli.before_run(None, {}, project=sub) is None
+    env = {"XDG_STATE_HOME": str(tmp_path / "state")}
+    assert git_cli.before_run(None, env, project=sub) is None
     assert f"inside the git repository {tmp_path}" in capsys.readouterr().err
 
 
@@ -478,3 +480,134 @@ def test_the_agent_ignores_what_you_ignore_outside_the_tree(
         "GIT_DIR": str(plan.agent_git), "GIT_WORK_TREE": str(repo),
     }  # fmt: skip
     assert _git(repo, "status", "--porcelain", env=guest) == "?? new.txt"
+
+
+def _agent_commits(plan: GitPlan, project: Path, env: dict[str, str], *steps: list[str]) -> None:
+    """Stand in for the guest: git in the agent's git dir, the user's objects borrowed."""
+    agent = plan.agent_git
+    (agent / "user-objects").rmdir()
+    (agent / "user-objects").symlink_to(project / ".git" / "objects")
+    work_env = {**env, "GIT_DIR": str(agent), "GIT_WORK_TREE": str(project)}
+    for step in steps:
+        _git(project, *step, env=work_env)
+    (agent / "user-objects").unlink()
+    (agent / "user-objects").mkdir()
+
+
+@needs_git
+def test_a_git_dir_that_appears_after_an_unhidden_run_is_the_agents(
+    tmp_path: Path, git_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    project = tmp_path / "new"
+    project.mkdir()
+    state_home = Path(git_env["XDG_STATE_HOME"])
+    assert git_cli.before_run(None, git_env, project=project) is None  # a run with no git
+    # The agent makes a repository whose configuration runs code on any git.
+    pwned = tmp_path / "PWNED"
+    _git(project, "init", "-q", "-b", "main", env=git_env)
+    with (project / ".git" / "config").open("a") as config:
+        config.write(
+            f"[core]\n\talternateRefsCommand = touch {pwned}\n\tfsmonitor = touch {pwned}\n"
+        )
+    (project / ".git" / "info").mkdir(exist_ok=True)
+    (project / ".git" / "info" / "exclude").unlink(missing_ok=True)
+    (project / ".git" / "info" / "exclude").symlink_to(tmp_path / "secret")
+    assert agentgit.plan_git(project, state_home, worktree=None, instance_id="cafe0002") is None
+    with pytest.raises(ValueError, match="may be the agent's"):
+        agentgit.plan_git(project, state_home, worktree="w", instance_id="cafe0002")
+    assert git_cli.before_run(None, git_env, project=project) is None
+    assert "appeared after an agent could write the project" in capsys.readouterr().err
+    assert not pwned.exists()
+    # The user checked it and says it is theirs: planned again, marker gone.
+    trusted = agentgit.plan_git(
+        project, state_home, worktree=None, instance_id="cafe0002", trust_git=True
+    )
+    assert trusted is not None
+    assert agentgit.exposed_marker(state_home, project).exists()
+
+
+@needs_git
+def test_excludes_are_read_only_from_regular_files_and_the_global_config(
+    repo: Path, git_env: dict[str, str], tmp_path: Path
+) -> None:
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("PRIVATE KEY\n")
+    exclude = repo / ".git" / "info" / "exclude"
+    exclude.parent.mkdir(exist_ok=True)
+    exclude.unlink(missing_ok=True)
+    exclude.symlink_to(secret)
+    # A repository's own core.excludesFile is not the user's global one.
+    _git(repo, "config", "core.excludesFile", str(secret), env=git_env)
+    plan, _ = _prepared(repo, git_env)
+    assert "PRIVATE KEY" not in (plan.agent_git / "info" / "exclude").read_text()
+    shutil.rmtree(plan.run_dir)
+    exclude.unlink()
+    os.mkfifo(exclude)  # must not hang the launch
+    plan, _ = _prepared(repo, git_env)
+    assert "PRIVATE KEY" not in (plan.agent_git / "info" / "exclude").read_text()
+
+
+@needs_git
+def test_land_refuses_a_nested_repository_the_agent_committed(
+    repo: Path, git_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan, meta = _prepared(repo, git_env)
+    head = _git(repo, "rev-parse", "HEAD", env=git_env)
+    (repo / "sub").mkdir()
+    _agent_commits(
+        plan, repo, git_env,
+        ["update-index", "--add", "--cacheinfo", f"160000,{head},sub"],
+        ["commit", "-q", "-m", "add sub \x1b]52;c;cHduZWQ=\x07\x1b[2J"],
+    )  # fmt: skip
+    imported = gitimport.import_commits(plan, meta, git_env)
+    agentgit.write_meta(plan.run_dir, replace(meta, imported=imported.head))
+    gitimport.finish_shared(plan, imported)
+    assert git_cli.main(["review", plan.name, "--stat", "--work-dir", str(repo)], git_env) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "add sub" in out
+    assert "adds a nested repository (gitlink) at sub" in out
+    assert git_cli.main(["land", plan.name, "--work-dir", str(repo)], git_env) != 0
+    assert "land refuses it" in capsys.readouterr().err
+    assert _git(repo, "rev-parse", "HEAD", env=git_env) == head
+
+
+@needs_git
+def test_a_git_dir_an_agent_made_below_its_project_is_not_trusted_either(
+    tmp_path: Path, git_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    outer = tmp_path / "proj"
+    outer.mkdir()
+    state_home = Path(git_env["XDG_STATE_HOME"])
+    assert git_cli.before_run(None, git_env, project=outer) is None  # an agent ran on proj
+    sub = outer / "tools"
+    sub.mkdir()
+    _git(sub, "init", "-q", "-b", "main", env=git_env)  # the agent's repository
+    assert agentgit.plan_git(sub, state_home, worktree=None, instance_id="cafe0003") is None
+    assert git_cli.main(["review", "--work-dir", str(sub)], git_env) == 2
+    assert "may be the agent's" in capsys.readouterr().err
+    # --trust-git: this run plans it, and from then on it is the user's ...
+    time.sleep(0.05)  # file times are coarse
+    plan = agentgit.plan_git(sub, state_home, worktree=None, instance_id="cafe0003", trust_git=True)
+    assert plan is not None
+    session = git_cli.before_run(plan, git_env, project=sub)
+    assert session is not None
+    os.close(session.lock_fd)
+    assert not agentgit.git_untrusted(state_home, sub)
+    # ... until an agent runs on the directory above it again.
+    time.sleep(0.05)
+    git_cli.before_run(None, git_env, project=outer)
+    assert agentgit.git_untrusted(state_home, sub)
+
+
+@needs_git
+def test_a_guest_deep_tree_in_the_agents_git_dir_is_removed_without_recursion(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    plan, meta = _prepared(repo, git_env)
+    deep = plan.agent_git
+    for _ in range(1200):  # deeper than Python's recursion limit
+        deep = deep / "x"
+        deep.mkdir()
+    imported = gitimport.import_commits(plan, meta, git_env)
+    gitimport.finish_shared(plan, imported)  # must not raise RecursionError
+    assert not plan.run_dir.exists()

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run.cli import SUBCOMMANDS, main, projects_overlap, subcommand_list
+from microvm_run.cli import SUBCOMMANDS, main, subcommand_list
+from microvm_run.evalguard import projects_overlap
 
 from .conftest import SAMPLE
 
@@ -620,3 +621,14 @@ def test_projects_that_contain_each_other_overlap(tmp_path: Path) -> None:
     assert projects_overlap(project, tmp_path / "src")  # a VM on a parent
     assert not projects_overlap(project, sibling)
     assert not projects_overlap(project, tmp_path / "src" / "proj-2")
+
+
+def test_an_agent_home_inside_the_project_is_bad_input(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    spec = _runnable_spec(tmp_path)
+    argv = ["--spec", str(spec), "--work-dir", str(work), "--accel", "tcg"]
+    code, _, err = run(capsys, argv, {**env, "AGENT_HOME": str(work / ".agent" / "home")})
+    assert code == 2 and err.count("\n") == 1
+    assert "lies inside the project" in err
+    assert not (work / ".agent").exists()

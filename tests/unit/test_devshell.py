@@ -538,6 +538,17 @@ def test_a_nix_file_the_agent_adds_needs_consent_and_so_does_impure(fake: Fake) 
     assert "--impure" not in fake.args()
 
 
+def test_a_symlink_the_agent_adds_needs_consent_but_a_store_link_does_not(fake: Fake) -> None:
+    fake.prepare()
+    (fake.work / "result").symlink_to("/nix/store/" + "a" * 32 + "-hello")  # nix build
+    assert fake.prepare()[0].status == "hit"
+    # Trusted Nix code that probes ./overrides would now read elsewhere.
+    (fake.work / "overrides").symlink_to("/home/someone/elsewhere")
+    refused, output = fake.prepare()
+    assert refused.status == "refused" and fake.call_count() == 1
+    assert "overrides" in output
+
+
 def test_a_stale_or_wrong_digest_allows_nothing(fake: Fake) -> None:
     fake.prepare()
     (fake.work / "flake.nix").write_text("{ outputs = _: { x = 1; }; }\n")

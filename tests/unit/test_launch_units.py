@@ -50,10 +50,28 @@ def test_set_id_file_names_the_guest_chose_reach_the_terminal_escaped(
     hostile = work / "\x1b]0;owned\x07\x1b[2J\n.sh"
     hostile.write_text("")
     hostile.chmod(0o4755)
-    plan = SimpleNamespace(work_dir=work, agent_home=home, dirs_to_create=(home,))
+    plan = SimpleNamespace(work_dir=work, agent_home=home, dirs_to_create=(home,), git=None)
     launch.restore_shares(plan, 0o700)  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert "removed set-uid/set-gid bits" in err
     assert "\x1b" not in err and "\x07" not in err and err.count("\n") == 1
     assert "\\x1b]0;owned\\x07\\x1b[2J\\x0a.sh" in err
     assert hostile.stat().st_mode & 0o7777 == 0o755
+
+
+def test_a_worktree_and_the_agents_git_dir_lose_set_id_bits_too(tmp_path: Path) -> None:
+    # With --worktree, /work is the runner's tree and /work/.git the agent's
+    # git directory; the guest may chmod 4755 in both.
+    work, home, tree, agent_git = (tmp_path / n for n in ("proj", "home", "tree", "git"))
+    for directory in (work, home, tree, agent_git):
+        directory.mkdir(mode=0o700)
+    planted = [tree / "tool", agent_git / "hook"]
+    for path in planted:
+        path.write_text("")
+        path.chmod(0o4755)
+    tree.chmod(0o777)
+    git = SimpleNamespace(mode="worktree", share_root=tree, agent_git=agent_git)
+    plan = SimpleNamespace(work_dir=work, agent_home=home, dirs_to_create=(home,), git=git)
+    launch.restore_shares(plan, 0o700)  # type: ignore[arg-type]
+    assert [p.stat().st_mode & 0o7777 for p in planted] == [0o755, 0o755]
+    assert tree.stat().st_mode & 0o7777 == 0o700

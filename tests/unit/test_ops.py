@@ -604,6 +604,25 @@ def test_home_verdicts_is_the_whole_decision(tmp_path: Path) -> None:
         assert expected in said
 
 
+def test_a_gone_project_inside_another_projects_tree_is_not_pruned(tmp_path: Path) -> None:
+    # An agent on ~/src could have moved ~/src/app away: its home stays.
+    def record(name: str, project: Path, exists: bool) -> state.HomeRecord:
+        return state.HomeRecord(tmp_path / name, "claude", project, exists, True, None)
+
+    outer = record("outer", tmp_path / "src", True)
+    inner = record("inner", tmp_path / "src" / "app", False)
+    deeper = record("deeper", tmp_path / "src" / "app" / "lib", False)
+    alone = record("alone", tmp_path / "elsewhere", False)
+    sibling = record("sibling", tmp_path / "srcx", False)  # a prefix of the name is not a parent
+    said = dict(ops.home_verdicts([outer, inner, deeper, alone, sibling], in_use=()))
+    assert "lay inside " + str(tmp_path / "src") + "," in said[inner]
+    assert "left alone" in said[inner]
+    assert "lay inside " + str(tmp_path / "src" / "app") + "," in said[deeper]
+    assert said[alone] == ops.PRUNABLE
+    assert said[sibling] == ops.PRUNABLE
+    assert outer not in said
+
+
 def test_remove_tree_empties_read_only_directories(tmp_path: Path) -> None:
     tree = tmp_path / "home"
     (tree / "go" / "pkg" / "mod").mkdir(parents=True)

@@ -303,3 +303,30 @@ def test_a_directory_swapped_for_a_symlink_mid_walk_is_not_followed(
         stop.set()
         worker.join()
     assert stat.S_IMODE((outside / "x").stat().st_mode) == 0o4755
+
+
+def test_a_resolved_path_opens_only_if_no_component_became_a_symlink(tmp_path: Path) -> None:
+    project = tmp_path / "outer" / "proj"
+    project.mkdir(parents=True)
+    fd = safefs.open_resolved_dir(project)
+    try:
+        assert os.fstat(fd).st_ino == project.stat().st_ino
+    finally:
+        os.close(fd)
+    # An agent on the outer directory swaps a component for a symlink.
+    (tmp_path / "elsewhere" / "proj").mkdir(parents=True)
+    (tmp_path / "outer").rename(tmp_path / "outer.real")
+    (tmp_path / "outer").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(safefs.UnsafeFile, match="changed after it was resolved"):
+        safefs.open_resolved_dir(project)
+    with pytest.raises(ValueError):
+        safefs.open_resolved_dir(Path("relative"))
+
+
+def test_a_directory_with_more_names_than_the_cap_is_refused_not_listed(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"f{i}").write_text("")
+    with safefs.opened_dir(tmp_path) as fd:
+        assert sorted(safefs.names_in(fd, limit=5)) == [f"f{i}" for i in range(5)]
+        with pytest.raises(safefs.UnsafeFile, match="more than 4 entries"):
+            safefs.names_in(fd, limit=4)

@@ -24,6 +24,7 @@ configuration, a hook or a path that host git follows.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import stat
 from collections.abc import Mapping
@@ -116,16 +117,84 @@ def project_dir(state_home: Path, project: Path) -> Path:
     )
 
 
+def exposed_marker(state_home: Path, project: Path) -> Path:
+    """Touched when an agent ran on ``project`` with its ``.git`` not hidden.
+
+    With no ``.git`` (an agent may ``git init``) or inside another
+    repository (it may make one), whatever ``.git`` appears later may be the
+    agent's: its config, hooks and alternates would run when the runner's
+    git reads it.  Kept in the runner's state, out of the guest's reach.
+    """
+    return project_dir(state_home, project) / "agent-could-write-git"
+
+
+def below_marker(state_home: Path, project: Path) -> Path:
+    """Touched at every run on ``project``: a ``.git`` below it may be an agent's."""
+    return project_dir(state_home, project) / "agent-could-write-below"
+
+
+def trust_record(state_home: Path, project: Path) -> Path:
+    """Touched by --trust-git: the user checked ``project``'s ``.git`` then."""
+    return project_dir(state_home, project) / "git-trusted"
+
+
+def _touch(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.touch(mode=0o600)  # an existing one gets the time now
+
+
+def mark_run(state_home: Path, project: Path, *, git_hidden: bool) -> None:
+    """Record that an agent ran on ``project`` (and could write below it)."""
+    _touch(below_marker(state_home, project))
+    if not git_hidden:
+        _touch(exposed_marker(state_home, project))
+
+
+def trust(state_home: Path, project: Path) -> None:
+    _touch(trust_record(state_home, project))
+
+
+def git_untrusted(state_home: Path, project: Path) -> bool:
+    """May ``project/.git`` be an agent's?  Yes if, since the user last said
+    --trust-git, an agent ran on the project with its .git not hidden, or on
+    any directory above it (whose share held this .git)."""
+    markers = [exposed_marker(state_home, project)]
+    markers += [below_marker(state_home, parent) for parent in project.parents]
+    newest = 0
+    for marker in markers:
+        with contextlib.suppress(OSError):
+            newest = max(newest, marker.stat().st_mtime_ns)
+    if newest == 0:
+        return False
+    try:
+        return trust_record(state_home, project).stat().st_mtime_ns <= newest
+    except OSError:
+        return True
+
+
 def plan_git(
-    project: Path, state_home: Path, *, worktree: str | None, instance_id: str
+    project: Path,
+    state_home: Path,
+    *,
+    worktree: str | None,
+    instance_id: str,
+    trust_git: bool = False,
 ) -> GitPlan | None:
-    """The git part of a launch, from what ``<project>/.git`` is (lstat only)."""
+    """The git part of a launch, from what ``<project>/.git`` is (lstat only).
+
+    None: the runner runs no git on the project (there is none, or the
+    ``.git`` there may be an agent's and the user has not said it is theirs).
+    """
     user_git = project / ".git"
     try:
         info = user_git.lstat()
     except FileNotFoundError:
         if worktree:
             raise ValueError(f"--worktree needs a git repository; {project} has no .git") from None
+        return None
+    if not trust_git and git_untrusted(state_home, project):
+        if worktree:
+            raise ValueError(f"--worktree: {untrusted_git_line(project)}")
         return None
     if stat.S_ISREG(info.st_mode):
         if worktree:
@@ -160,6 +229,15 @@ def plan_git(
             ("--bind", agent_git, share_root / ".git"),
             ("--ro-bind", user_git / "objects", share_root / ".git" / USER_OBJECTS),
         ),
+    )
+
+
+def untrusted_git_line(project: Path) -> str:
+    return (
+        f"{project}/.git appeared after an agent could write the project, so it may be the "
+        "agent's: the runner runs no git on it (no agent branch, nothing imported). If it is "
+        "yours, check its config, hooks/, info/ and objects/info/alternates, then run with "
+        "--trust-git"
     )
 
 
@@ -244,6 +322,7 @@ def make_dirs(plan: GitPlan) -> None:
 # to the user's repository (the guest can no longer write it).
 HARDENING = (
     "-c", "core.hooksPath=/dev/null",
+    "-c", "core.alternateRefsCommand=",
     "-c", "core.fsmonitor=false",
     "-c", "protocol.allow=never",
     "-c", "protocol.file.allow=always",

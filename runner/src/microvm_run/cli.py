@@ -100,7 +100,7 @@ def _help(argv: list[str], environ: dict[str, str]) -> int:
 # A new subcommand in its own module registers here with one line:
 #   "name": Subcommand("what it does", _module("microvm_run.name_cli")),
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "ps": Subcommand("list running instances", _ops),
+    "ps": Subcommand("list running instances (and the VMs declared on a NixOS host)", _ops),
     "stop": Subcommand("power off instances (ID... or --all), then force", _ops),
     "gc": Subcommand("remove what dead instances left; --prune homes of vanished projects", _ops),
     "doctor": Subcommand("check this host (KVM, virtiofsd, qemu, user manager, dirs)", _ops),
@@ -111,6 +111,19 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "land": Subcommand(
         "put an agent run's commits onto the branch it started from", _module("microvm_run.git_cli")
     ),
+    "new": Subcommand(
+        "write a new agent VM: a flavor for this project, or --host-config DIR",
+        _module("microvm_run.new_cli"),
+    ),
+    "check": Subcommand(
+        "evaluate every agent VM of a flake (nix-eval-jobs): evaluates, valid spec, cache",
+        _module("microvm_run.check_cli"),
+    ),
+    "skill": Subcommand(
+        "install the create-agent-vm skill for an agent (skill install --agent claude)",
+        _module("microvm_run.skill_cli"),
+    ),
+    "attach": Subcommand("enter a NixOS host's agent VM", _module("microvm_run.attach_cli")),
     "help": Subcommand("list the subcommands, or `help SUBCOMMAND` for one's usage", _help),
 }
 
@@ -170,7 +183,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         spec = _load_spec(args.spec)
         options = _options(args, agent_args)
         facts = host.gather(spec, env, work_dir_arg=args.work_dir, allow_home=args.allow_home)
-        facts = replace(facts, git=_plan_git(facts, args.worktree, env))
+        facts = replace(facts, git=_plan_git(facts, args.worktree, env, trust=args.trust_git))
         plan = build_plan(spec, options, facts)
     except (SpecError, PlanError) as err:
         return _bad_input(str(err))
@@ -283,7 +296,9 @@ def _unknown_word(word: str) -> str:
     return f"{word!r} is not a subcommand ({hint}microvm-run help lists them; {AGENT_ARGS_RULE})"
 
 
-def _plan_git(facts: HostFacts, worktree: str | None, env: Mapping[str, str]) -> GitPlan | None:
+def _plan_git(
+    facts: HostFacts, worktree: str | None, env: Mapping[str, str], *, trust: bool
+) -> GitPlan | None:
     from microvm_run import agentgit, host  # noqa: PLC0415
     from microvm_run.plan import PlanError  # noqa: PLC0415
 
@@ -293,6 +308,7 @@ def _plan_git(facts: HostFacts, worktree: str | None, env: Mapping[str, str]) ->
             host.state_home(env),
             worktree=worktree or None,
             instance_id=facts.instance_id,
+            trust_git=trust,
         )
         if plan is None:
             return None
@@ -344,19 +360,33 @@ def _prepare_devshell(
     if home_share is None:
         print("microvm-run: DIRENV_ALLOW=1 ignored: this flavor shares no home", file=sys.stderr)
         return None
-    from microvm_run import devshell, process  # noqa: PLC0415 - only DIRENV_ALLOW=1 needs it
+    from microvm_run import devshell, evalguard, process  # noqa: PLC0415 - only DIRENV_ALLOW=1
 
-    result = devshell.prepare(
-        plan.work_dir,
-        plan.agent_home,
-        state_dir=state_dir,
-        allow=allow,
-        others_running=_others_running(plan),
-        progress=sys.stderr,
-        guest_home=home_share.mount_point,
-        # The project's Nix code runs here: it gets no API key to copy.
-        env=process.without(env, spec.api_key_vars),
-    )
+    base = plan.runtime_dir.parent
+    with contextlib.ExitStack() as announced:
+        # Announced before looking for VMs, held until Nix is done: a VM
+        # that starts meanwhile waits for it (evalguard).
+        try:
+            announced.enter_context(evalguard.evaluating(base, plan.work_dir))
+            others_running = _others_running(plan)
+        except OSError as err:
+            print(
+                f"microvm-run: the dev shell is not evaluated: cannot lock it in {base}: "
+                f"{err.strerror or err}",
+                file=sys.stderr,
+            )
+            others_running = True
+        result = devshell.prepare(
+            plan.work_dir,
+            plan.agent_home,
+            state_dir=state_dir,
+            allow=allow,
+            others_running=others_running,
+            progress=sys.stderr,
+            guest_home=home_share.mount_point,
+            # The project's Nix code runs here: it gets no API key to copy.
+            env=process.without(env, spec.api_key_vars),
+        )
     return result.guest_env_file
 
 
@@ -403,6 +433,7 @@ def _others_running(plan: LaunchPlan) -> bool:
     directory that contains this project, or lies inside it, counts too: its
     agent writes these files as well."""
     from microvm_run import state  # noqa: PLC0415
+    from microvm_run.evalguard import projects_overlap  # noqa: PLC0415
 
     return any(
         entry.state is not None
@@ -410,18 +441,6 @@ def _others_running(plan: LaunchPlan) -> bool:
         and state.is_alive(entry.state.runner_pid, entry.state.runner_start)
         for entry in state.scan(plan.runtime_dir.parent)
     )
-
-
-def projects_overlap(one: Path, other: Path) -> bool:
-    """One project directory contains the other, or both are one directory
-    (by device and inode, whatever path each was started by)."""
-    if one == other or one.is_relative_to(other) or other.is_relative_to(one):
-        return True
-    try:
-        a, b = os.stat(one, follow_symlinks=False), os.stat(other, follow_symlinks=False)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -516,6 +535,12 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         default=env.get("WORK_WORKTREE") or None,
         help="work in the runner's own working tree NAME on branch agent/NAME "
         "(created from HEAD, kept until landed; see microvm-run review/land)",
+    )
+    add(
+        "--trust-git",
+        action="store_true",
+        help="treat the project's .git as yours though it appeared after an agent could "
+        "write the project (check it first)",
     )
     add(
         "--fs-cache",

@@ -197,7 +197,8 @@ def shell_files(work_fd: int) -> dict[str, str]:
 
     The key files (absent ones too) and every ``*.nix`` file in the
     project: a flake that imports ``./shell.nix`` is defined by it as much as
-    by flake.nix.  Read through safefs, walked without recursion: a key or
+    by flake.nix.  Every other symlink counts by its target's name (never
+    followed).  Read through safefs, walked without recursion: a key or
     ``*.nix`` file that is a symlink (Nix would follow it to content the
     digest never saw), FIFO or device, and a directory that cannot be read
     (its ``*.nix`` files would go unseen), are refused (UnsafeFile).
@@ -208,6 +209,19 @@ def shell_files(work_fd: int) -> dict[str, str]:
         files[name] = "absent" if data is None else hashlib.sha256(data).hexdigest()
     count = 0
     for step in safefs.walk_tree(work_fd, skip_top=_SKIP_TOP):
+        for link in step.links:
+            # Never followed, but counted: Nix code that probes a path
+            # (pathExists, readDir, an import) would see what a new or
+            # changed link leads to, so the link is part of the content.
+            # Links into the store (`result` of nix build, direnv's
+            # profiles) change with every build and lead to immutable
+            # content no guest wrote: they do not ask for consent again.
+            relative = os.path.normpath(os.path.join(step.relative, link))
+            if relative in files or link.endswith(".nix"):
+                continue
+            target = os.readlink(link, dir_fd=step.fd)
+            if not target.startswith("/nix/store/") or ".." in target:
+                files[relative] = "symlink:" + hashlib.sha256(os.fsencode(target)).hexdigest()
         for name in () if step.leaving else step.names:
             if not name.endswith(".nix"):
                 continue

@@ -31,6 +31,11 @@ appended to the (bounded, escaped) egress log.
 The proxy runs on an asyncio loop in a thread of the runner, so it ends with
 the runner; the listening socket is bound before QEMU starts, so a policy
 that cannot be set up stops the launch (fail closed).
+
+For a VM declared on a NixOS host (hostegress.py, ``config.listen``), the
+same proxy listens on TCP at the VM's gateway instead: nftables redirects
+the VM's connections to it, and the port the VM asked for comes from the
+connection's original destination (conntrack's SO_ORIGINAL_DST).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import contextlib
 import os
 import socket
 import ssl
+import struct
 import threading
 from collections import Counter
 from collections.abc import Mapping
@@ -58,6 +64,9 @@ START_TIMEOUT_S = 5.0
 # counted).  Each costs the runner a few tens of KiB, not a process.
 MAX_CONNECTIONS = 256
 _CHUNK = 64 * 1024
+# linux/netfilter_ipv4.h: the destination a connection had before NAT.
+_SO_ORIGINAL_DST = 80
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 # Headers that carry credentials or hop-by-hop state; the key proxy drops
 # whatever the guest sent for them before adding the real key.
 _DROPPED_HEADERS = frozenset(
@@ -113,14 +122,22 @@ class EgressProxy:
         return self._log.allowed
 
     def start(self) -> None:
+        listen = self.config.listen
         try:
             self._log.open()
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            family = socket.AF_UNIX if listen is None else socket.AF_INET
+            listener = socket.socket(family, socket.SOCK_STREAM)
         except OSError as err:
             raise EgressError(f"cannot set up the egress proxy: {err}") from None
         try:
-            listener.bind(str(self.config.socket))
-            os.chmod(self.config.socket, 0o600)
+            if listen is None:
+                listener.bind(str(self.config.socket))
+                os.chmod(self.config.socket, 0o600)
+            else:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # The bridge's address may come up after the service starts.
+                listener.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+                listener.bind((listen.address, listen.port))
             listener.listen(MAX_CONNECTIONS)
             listener.setblocking(False)
         except OSError as err:
@@ -181,7 +198,10 @@ class EgressProxy:
                     "deny", "too-many-connections", 0, "relay", f"over {MAX_CONNECTIONS} at once"
                 )
                 continue
-            task = loop.create_task(self._accept(conn))
+            if self.config.listen is None:
+                task = loop.create_task(self._accept(conn))
+            else:
+                task = loop.create_task(self._accept_tcp(conn))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
@@ -201,6 +221,37 @@ class EgressProxy:
             reader, writer = await asyncio.open_connection(sock=guest, limit=_CHUNK)
         except OSError:
             guest.close()
+            return
+        try:
+            await self._handle(reader, writer, port)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _accept_tcp(self, conn: socket.socket) -> None:
+        """A connection nftables redirected from the VM: served for the port it asked for."""
+        listen = self.config.listen
+        assert listen is not None
+        try:
+            peer = conn.getpeername()[0]
+        except OSError:
+            conn.close()
+            return
+        if peer != listen.peer:
+            conn.close()
+            self._record("deny", peer, listen.port, "tcp", "not this proxy's VM")
+            return
+        try:
+            port = _original_port(conn)
+        except OSError:  # not a connection conntrack saw
+            conn.close()
+            return
+        conn.setblocking(False)
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn, limit=_CHUNK)
+        except OSError:
+            conn.close()
             return
         try:
             await self._handle(reader, writer, port)
@@ -245,7 +296,7 @@ class EgressProxy:
         if self.config.mode == "open" or any(
             rule.matches(name, rule.port or netpolicy.TLS_PORT) for rule in self.config.rules
         ):
-            return netpolicy.EGRESS_ADDR
+            return self.config.answer_addr
         self._record("deny", name, netpolicy.DNS_PORT, "dns", "not in the allowlist")
         return None
 
@@ -487,6 +538,13 @@ async def _receive_guest(conn: socket.socket) -> tuple[int, socket.socket | None
         return 0, None
     guest.setblocking(False)
     return int(text), guest
+
+
+def _original_port(conn: socket.socket) -> int:
+    """The port the VM connected to before nftables redirected it here."""
+    raw = conn.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+    port: int = struct.unpack_from("!H", raw, 2)[0]
+    return port
 
 
 def _key_header(kind: str, key: str) -> tuple[str, str]:

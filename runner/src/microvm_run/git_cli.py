@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NoReturn
 
-from microvm_run import agentgit, gitimport, gitprepare, process, state
+from microvm_run import agentgit, gitimport, gitprepare, process, safefs, state
 from microvm_run.agentgit import GitError, GitPlan, Meta
 from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run.ops import remove_tree  # iterative: the guest sets the depth
 
 __all__ = ["GitError", "after_run", "before_run", "main", "prune"]
 
@@ -46,19 +46,30 @@ def before_run(
     plan: GitPlan | None, environ: Mapping[str, str], *, project: Path | None = None
 ) -> Session | None:
     if plan is None:
-        enclosing = agentgit.enclosing_repo(project) if project is not None else None
-        if enclosing is not None:
+        if project is None:
+            return None
+        enclosing = agentgit.enclosing_repo(project)
+        if (project / ".git").exists():
+            process.log(agentgit.untrusted_git_line(project))
+        elif enclosing is not None:
             process.log(
                 f"{project} is inside the git repository {enclosing}, which the guest does "
                 "not see: the agent has no git here (run from the repository's top level)"
             )
+        # Whatever .git the agent leaves here is the agent's from now on.
+        _mark_run(environ, project, git_hidden=False)
         return None
     if plan.mode == "gitfile":
         process.log(
             f"{plan.user_git} is a file (a linked worktree or submodule): the guest sees it "
             "read-only and gets no git; run from the main checkout, or use --worktree NAME there"
         )
+        _mark_run(environ, plan.project, git_hidden=True)
         return None
+    # Planned though marked: the user said --trust-git.  Then this run too.
+    if agentgit.git_untrusted(_state_home(environ), plan.project):
+        agentgit.trust(_state_home(environ), plan.project)
+    _mark_run(environ, plan.project, git_hidden=True)
     try:
         agentgit.make_dirs(plan)
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
@@ -75,7 +86,7 @@ def before_run(
     except (GitError, OSError) as err:
         os.close(lock_fd)
         if plan.mode == "shared":
-            shutil.rmtree(plan.run_dir, ignore_errors=True)
+            remove_tree(plan.run_dir)
         raise GitError(f"preparing the agent's git: {err}") from None
     assert meta is not None
     return Session(plan, meta, lock_fd)
@@ -166,7 +177,16 @@ def _project(raw: str | None, environ: Mapping[str, str]) -> Path:
     path = Path(raw or environ.get("WORK_DIR") or os.getcwd()).expanduser().resolve()
     if not (path / ".git").is_dir():
         raise ValueError(f"{path} is not the main checkout of a git repository")
+    if agentgit.git_untrusted(_state_home(environ), path):
+        raise ValueError(agentgit.untrusted_git_line(path))
     return path
+
+
+def _mark_run(environ: Mapping[str, str], project: Path, *, git_hidden: bool) -> None:
+    try:
+        agentgit.mark_run(_state_home(environ), project, git_hidden=git_hidden)
+    except OSError as err:
+        raise GitError(f"cannot record the run on {project}: {err}") from None
 
 
 def _state_home(environ: Mapping[str, str]) -> Path:
@@ -284,12 +304,19 @@ def _review(
     print(f"{branch} (from {meta.branch or 'detached HEAD'} at {(base or 'root')[:12]}):")
     if meta.mode == "worktree":
         print(f"  working tree {run_dir / 'tree'}")
-    print(log.stdout.rstrip() or "  no commits beyond the start")
+    # Subjects and names are the agent's: no escape sequence reaches the terminal.
+    shown = [safefs.shown(line) for line in log.stdout.rstrip().splitlines()]
+    print("\n".join(shown) or "  no commits beyond the start")
+    for link in new_gitlinks(project, base, tip, environ):
+        print(
+            f"  warning: adds a nested repository (gitlink) at {safefs.shown(link)}: "
+            "land refuses it"
+        )
     if base:
         stat = agentgit.user_git(
             project, ["diff", "--no-color", "--stat", base, tip, "--"], environ
         )
-        print(stat.stdout.rstrip())
+        print("\n".join(safefs.shown(line) for line in stat.stdout.rstrip().splitlines()))
     if stat_only or not base:
         return 0
     sys.stdout.flush()
@@ -317,6 +344,15 @@ def _land(project: Path, run: tuple[Path, Meta], environ: Mapping[str, str], *, 
     if now is not None and _is_ancestor(project, tip, target, environ):
         print(f"{branch} is already on {meta.branch}")
         return 0
+    links = new_gitlinks(project, base, tip, environ)
+    if links:
+        # Your git would enter each as a repository (`git status` recurses
+        # into it), with the configuration the agent wrote there.
+        raise _Refused(
+            f"{branch} adds a nested repository (gitlink) at {safefs.shown(links[0])}: land "
+            "refuses it, since your git would then run that repository's configuration; "
+            "add submodules yourself"
+        )
     head = agentgit.user_git(project, ["symbolic-ref", "-q", "HEAD"], environ, check=False)
     checked_out = head.stdout.strip() == target
     if now != base:
@@ -337,6 +373,27 @@ def _land(project: Path, run: tuple[Path, Meta], environ: Mapping[str, str], *, 
     plural = "s" if count != 1 else ""
     print(f"landed {count} commit{plural} of {branch} on {meta.branch} ({how})")
     return 0
+
+
+def new_gitlinks(
+    project: Path, base: str | None, tip: str, environ: Mapping[str, str]
+) -> list[str]:
+    """Paths that are gitlinks (mode 160000) at ``tip`` and were not at ``base``.
+
+    Read from the objects only (diff-tree), never from a working tree.
+    """
+    what = [base, tip] if base else ["--root", tip]
+    raw = agentgit.user_git(
+        project, ["diff-tree", "-r", "-z", "--no-renames", "--no-commit-id", *what], environ
+    ).stdout
+    fields = raw.split("\0")
+    found = []
+    # Each entry: ":OLDMODE NEWMODE OLDSHA NEWSHA STATUS" then the path.
+    for header, path in zip(fields[0::2], fields[1::2], strict=False):
+        modes = header.lstrip(":").split(" ")
+        if len(modes) >= 2 and modes[1] == "160000" and modes[0] != "160000":
+            found.append(path)
+    return found
 
 
 def _fast_forward(
@@ -422,7 +479,7 @@ def prune(environ: Mapping[str, str], *, explicit: Sequence[str] = ()) -> list[s
                 removed.append(f"kept {meta.mode} run {meta.name}: in use by a running instance")
                 continue
             if why:
-                shutil.rmtree(run_dir, ignore_errors=True)
+                remove_tree(run_dir)
                 removed.append(f"removed {meta.mode} run {meta.name} of {meta.project} ({why})")
         if project_dir.is_dir() and not any(project_dir.iterdir()):
             project_dir.rmdir()

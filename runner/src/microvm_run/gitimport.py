@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from microvm_run import safefs
 from microvm_run.agentgit import (
     AGENT_PREFIX,
     HEX,
@@ -105,7 +106,7 @@ def _copy_objects(agent_git: Path, target_objects: Path) -> None:
     """The agent's own objects as plain files (loose ones and packs), bounded."""
     budget = _Budget()
     with _opendir(agent_git) as root, _opendir(Path("objects"), root) as objects:
-        for entry in sorted(os.listdir(objects)):
+        for entry in sorted(safefs.names_in(objects)):
             if re.fullmatch(r"[0-9a-f]{2}", entry):
                 wanted = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")
             elif entry == "pack":
@@ -114,7 +115,7 @@ def _copy_objects(agent_git: Path, target_objects: Path) -> None:
                 continue  # info/ (the guest's alternates) and anything else: never read
             try:
                 with _opendir(Path(entry), objects) as folder:
-                    for name in sorted(os.listdir(folder)):
+                    for name in sorted(safefs.names_in(folder)):
                         if wanted.fullmatch(name):
                             dest = target_objects / entry / name
                             dest.parent.mkdir(exist_ok=True)
@@ -222,9 +223,10 @@ def finish_shared(plan: GitPlan, imported: Imported) -> None:
     """
     if plan.mode != "shared":
         return
-    import shutil  # noqa: PLC0415 - keeps --dry-run's imports small
 
-    shutil.rmtree(plan.run_dir if imported.commits == 0 else plan.agent_git, ignore_errors=True)
+    from microvm_run.ops import remove_tree  # noqa: PLC0415 - iterative: the guest sets the depth
+
+    remove_tree(plan.run_dir if imported.commits == 0 else plan.agent_git)
 
 
 def summary(imported: Imported) -> str:

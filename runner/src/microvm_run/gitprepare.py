@@ -14,6 +14,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from microvm_run import safefs
 from microvm_run.agentgit import (
     HEX,
     USER_OBJECTS,
@@ -173,10 +174,12 @@ def _write_excludes(plan: GitPlan, environ: Mapping[str, str]) -> None:
 
     ``.git/info/exclude`` and your global excludes file are invisible to the
     guest; without them `git add -A` there would pick up files you keep out
-    of git on purpose (an ``.env``, say).
+    of git on purpose (an ``.env``, say).  The excludes file is taken from
+    your global configuration only, never the repository's, and both are
+    read as regular files with a bound: no symlink, FIFO or device.
     """
-    configured = user_git(
-        plan.project, ["config", "--path", "--get", "core.excludesFile"], environ, check=False
+    configured = git(
+        ["config", "--global", "--path", "--get", "core.excludesFile"], environ, check=False
     ).stdout.strip()
     if configured:
         global_file = Path(configured)
@@ -184,16 +187,24 @@ def _write_excludes(plan: GitPlan, environ: Mapping[str, str]) -> None:
         xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "/")) / ".config")
         global_file = Path(xdg) / "git" / "ignore"
     parts = []
-    for source in (plan.user_git / "info" / "exclude", global_file):
-        try:
-            with source.open("rb") as handle:
-                text = handle.read(MAX_EXCLUDES).decode(errors="replace")
-        except OSError:
-            continue
-        parts.append(f"# from {source} (copied by microvm-run)\n{text.rstrip()}\n")
+    for source, text in (
+        (plan.user_git / "info" / "exclude", _read_exclude(plan.user_git, "info/exclude")),
+        (global_file, _read_exclude(global_file.parent, global_file.name)),
+    ):
+        if text is not None:
+            parts.append(f"# from {source} (copied by microvm-run)\n{text.rstrip()}\n")
     info = plan.agent_git / "info"
     info.mkdir(exist_ok=True)
     (info / "exclude").write_text("".join(parts))
+
+
+def _read_exclude(directory: Path, relative: str) -> str | None:
+    try:
+        with safefs.opened_dir(directory) as fd:
+            data = safefs.read_regular(fd, relative, MAX_EXCLUDES)
+    except OSError:
+        return None
+    return None if data is None else data.decode(errors="replace")
 
 
 def _copy_index(plan: GitPlan) -> None:

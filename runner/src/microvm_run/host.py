@@ -89,10 +89,24 @@ def runner_dirs(environ: Mapping[str, str], uid: int) -> tuple[tuple[str, Path],
 
 
 def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -> Path:
+    """The agent home, resolved now (as the project is): a symlink on its
+    path, which the agent could later swap if it lies in a share, is
+    refused at launch (shareroots), and a home inside the project is refused."""
     override = environ.get("AGENT_HOME")
-    if override:
-        return Path(override).expanduser().absolute()
-    return home.agent_home(spec.agent, work_dir, data_home(environ))
+    if not override:
+        return home.agent_home(spec.agent, work_dir, data_home(environ).resolve())
+    given = Path(os.path.normpath(Path(override).expanduser().absolute()))
+    # The directories on the way, not the home itself: a home that is a
+    # symlink is refused, never followed.
+    resolved = given.parent.resolve() / given.name
+    if resolved.is_relative_to(work_dir):
+        from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
+
+        raise PlanError(
+            f"AGENT_HOME {resolved} lies inside the project {work_dir}: the agent could replace "
+            "it with a link to any of your directories; set it elsewhere"
+        )
+    return resolved
 
 
 def data_home(environ: Mapping[str, str]) -> Path:

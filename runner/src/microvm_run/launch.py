@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from microvm_run import host, localdirs, process, safefs, state
+from microvm_run import evalguard, host, localdirs, process, safefs, shareroots, state
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -102,14 +102,18 @@ def launch(plan: LaunchPlan, environ: Mapping[str, str]) -> int:
                 if plan.local_image is not None:
                     # The runner's own file in its state dir; the guest formats it.
                     localdirs.ensure_image(plan.local_image, plan.local_size_bytes)
+                roots = shareroots.identities(plan, os.getuid())
                 _prepare_runtime_dir(plan, instance)
                 _record(instance)
+                # After the record, so an evaluation that starts now sees this VM.
+                evalguard.wait_for_evaluations(plan.runtime_dir.parent, plan.work_dir, process.log)
                 _write_launch_files(plan, environ)
                 instance.listener = _listen(plan.status_socket)
                 _start_egress(plan, instance, environ)
                 _start_daemons(plan, instance, child_env)
                 _record(instance)
                 _wait_for_sockets(instance)
+                _confirm_roots(instance, roots)
                 instance.qemu = process.spawn(plan.qemu_argv, env=child_env)
                 _record(instance)
             except (OSError, process.ProcessError) as err:
@@ -174,22 +178,30 @@ def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
     uid = os.getuid()
     roots: list[tuple[Path, int | None]] = [(plan.work_dir, work_mode)]
     roots += [(directory, 0o700) for directory in plan.dirs_to_create]
+    # What the guest saw of git: the runner's worktree (/work with
+    # --worktree) and the agent's git directory (/work/.git).
+    walked = [plan.work_dir, plan.agent_home]
+    if plan.git is not None and plan.git.mode != "gitfile":
+        if plan.git.share_root != plan.work_dir:
+            roots.append((plan.git.share_root, 0o700))
+            walked.append(plan.git.share_root)
+        walked.append(plan.git.agent_git)
     fixed: list[str] = []
     for root, mode in roots:
         with contextlib.suppress(OSError):
             os.close(safefs.check_share_root(root, uid, mode))
-        # Container storage keeps its images' set-uid files (su, ping): its
-        # root is 0700 again, so no other user can reach them.
-        if root in (plan.work_dir, plan.agent_home):
-            # Each root on its own: trouble in /work must not spare the home.
-            repair = safefs.strip_unsafe_modes(root, uid)
-            fixed += [safefs.shown(root / name) for name in repair.setid]
-            if repair.failed:
-                more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""
-                process.log(
-                    f"could not check the modes of {safefs.shown(repair.failed[0])}{more} "
-                    f"in {safefs.shown(root)}: look for set-uid files there yourself"
-                )
+    # Container storage keeps its images' set-uid files (su, ping): its root
+    # is 0700 again, so no other user can reach them.  Each tree on its own:
+    # trouble in /work must not spare the home.
+    for root in walked:
+        repair = safefs.strip_unsafe_modes(root, uid)
+        fixed += [safefs.shown(root / name) for name in repair.setid]
+        if repair.failed:
+            more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""
+            process.log(
+                f"could not check the modes of {safefs.shown(repair.failed[0])}{more} "
+                f"in {safefs.shown(root)}: look for set-uid files there yourself"
+            )
     if fixed:
         shown = ", ".join(fixed[:3]) + (f" and {len(fixed) - 3} more" if len(fixed) > 3 else "")
         process.log(f"removed set-uid/set-gid bits the guest set on {shown}")
@@ -426,6 +438,14 @@ def _wait_for_sockets(instance: Instance) -> None:
                     f"{daemon.plan.socket} within {SOCKET_DEADLINE_S:.0f} s"
                 )
             time.sleep(_POLL_S)
+
+
+def _confirm_roots(instance: Instance, roots: Mapping[Path, shareroots.Identity]) -> None:
+    served = [(d.plan.tag, d.plan.shared_dir, d.pid) for d in instance.daemons]
+    try:
+        shareroots.confirm(served, roots, SOCKET_DEADLINE_S)
+    except shareroots.ShareSwapped as err:
+        raise LaunchError(str(err)) from None
 
 
 # -- supervising --------------------------------------------------------------

@@ -274,6 +274,23 @@ def key_route_refusal(route: KeyRoute, method: str, target: str) -> str | None:
     return None
 
 
+def key_route_prefix(var: str) -> str:
+    """The key proxy's path segment for a key variable: ANTHROPIC_API_KEY -> anthropic-api-key."""
+    return var.lower().replace("_", "-")
+
+
+@dataclass(frozen=True)
+class TcpListen:
+    """A host VM's proxy (hostegress.py): nftables redirects the VM's connections here.
+
+    ``peer`` is the VM's address: connections from anywhere else are closed.
+    """
+
+    address: str
+    port: int
+    peer: str
+
+
 @dataclass(frozen=True)
 class EgressConfig:
     mode: str  # "open" or "allowlist"
@@ -282,3 +299,8 @@ class EgressConfig:
     log: Path
     instance_id: str
     key_routes: tuple[KeyRoute, ...] = ()
+    # Where the proxy's DNS points every allowed name (the guest reaches the
+    # proxy there): the runner's guestfwd address, or a host VM's gateway.
+    answer_addr: str = EGRESS_ADDR
+    # None: guest connections come from relay.py over ``socket``.
+    listen: TcpListen | None = None

@@ -431,7 +431,9 @@ def gc(
         report.actions.append(Action(verdict.entry.id, f"stale: {verdict.reason}"))
         report.actions += collect(verdict.entry, environ, manager)
 
-    in_use = {v.entry.state.agent_home for v in report.live if v.entry.state is not None}
+    # Resolved on both sides: a launch plans its home through the resolved
+    # data home, this scan goes through the configured one.
+    in_use = {_resolved(v.entry.state.agent_home) for v in report.live if v.entry.state is not None}
     records = state.scan_homes(host.data_home(environ), project_exists)
     for record, verdict in home_verdicts(records, in_use):
         gone = f"project {record.project} is gone"
@@ -456,6 +458,7 @@ def home_verdicts(
     is certainly gone, is ever PRUNABLE.
     """
     said = []
+    projects = {r.project for r in records if r.matches and r.project is not None}
     for record in records:
         if not record.matches or record.project is None:
             why = f" ({record.problem})" if record.problem else ""
@@ -464,12 +467,30 @@ def home_verdicts(
             continue
         elif record.project_exists is None:
             said.append((record, f"cannot tell whether {record.project} exists, left alone"))
-        elif record.path in in_use:
+        elif _resolved(record.path) in in_use or record.path in in_use:
             why = f"project {record.project} is gone but a running instance uses it"
             said.append((record, f"{why}, left alone"))
+        elif outer := _containing_project(record.project, projects):
+            # An agent on the outer project could have moved this one away
+            # (or renamed it): gone from its path is not gone.
+            why = f"project {record.project} is gone from its path, but it lay inside {outer}"
+            said.append((record, f"{why}, where an agent could have moved it; left alone"))
         else:
             said.append((record, PRUNABLE))
     return said
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return path
+
+
+def _containing_project(project: Path, projects: Collection[Path]) -> Path | None:
+    """The nearest other project with a home that contains ``project``."""
+    outer = [p for p in projects if p != project and project.is_relative_to(p)]
+    return max(outer, key=lambda p: len(p.parts)) if outer else None
 
 
 def _delete_home(record: HomeRecord, environ: Mapping[str, str]) -> HomeAction:

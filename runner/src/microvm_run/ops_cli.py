@@ -15,7 +15,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from microvm_run import host, ops
+from microvm_run import host, hostvms, ops
 from microvm_run.cli import quick_formatter
 from microvm_run.contract import EXIT_BAD_INPUT
 from microvm_run.host import ACCELS
@@ -135,6 +135,8 @@ def _ps(base: Path, environ: Mapping[str, str], *, as_json: bool) -> int:
         print("no running instances")
     else:
         print(format_table(result.rows, environ.get("HOME")))
+    if not as_json:
+        _ps_host_vms(environ)
     if result.stale:
         plural = "s" if result.stale != 1 else ""
         print(
@@ -142,6 +144,25 @@ def _ps(base: Path, environ: Mapping[str, str], *, as_json: bool) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _ps_host_vms(environ: Mapping[str, str]) -> None:
+    """The VMs declared on this NixOS host (services.agent-microvm), when there are any."""
+    try:
+        vms = hostvms.load(hostvms.registry_path(environ))
+    except hostvms.RegistryError as err:
+        print(f"microvm-run: {err}", file=sys.stderr)
+        return
+    if not vms:
+        return
+    rows = [("VM", "STATE", "ADDRESS")]
+    rows += [(vm.name, hostvms.state(vm, environ), vm.address) for vm in vms]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    print()
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
 
 
 def format_table(rows: Sequence[ops.PsRow], user_home: str | None, tz: tzinfo | None = None) -> str:

@@ -395,7 +395,7 @@ def _egress(
         raise PlanError(str(err)) from None
     routes = tuple(
         KeyRoute(
-            prefix=p.var.lower().replace("_", "-"),
+            prefix=netpolicy.key_route_prefix(p.var),
             var=p.var,
             upstream=p.upstream,
             header=p.header,

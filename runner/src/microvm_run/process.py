@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -107,6 +108,24 @@ def spawn(
             )
     except OSError as error:
         raise ProcessError(f"cannot start {argv[0]}: {error.strerror}") from None
+
+
+def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
+    """Become ``argv`` (an interactive program that owns the terminal: ssh for attach).
+
+    Returns only by raising ProcessError when the program cannot be run.
+    """
+    import shutil  # noqa: PLC0415 - only attach needs it: keeps `ps` quick
+
+    found = shutil.which(argv[0], path=env.get("PATH"))
+    if found is None:
+        raise ProcessError(f"{argv[0]} not found on PATH")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(found, list(argv), dict(env))
+    except OSError as error:
+        raise ProcessError(f"cannot run {argv[0]}: {error.strerror}") from None
 
 
 def _command(local: Any, argv: Sequence[str]) -> Any:

@@ -31,6 +31,22 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_
 _SETID = stat.S_ISUID | stat.S_ISGID
 
 
+# The most entries one directory may list: the guest chooses how many there
+# are, and the names are held in the runner's memory (~100 MiB at this cap).
+MAX_ENTRIES = 1 << 20
+
+
+def names_in(fd: int, limit: int = MAX_ENTRIES) -> list[str]:
+    """The names in the directory ``fd``, at most ``limit`` (else UnsafeFile)."""
+    names = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if len(names) >= limit:
+                raise UnsafeFile(errno.EFBIG, f"more than {limit} entries in one directory")
+            names.append(entry.name)
+    return names
+
+
 def shown(name: str | Path) -> str:
     """A name the guest chose, safe to print: every byte outside printable
     ASCII escaped, so it can send nothing to the user's terminal."""
@@ -64,6 +80,34 @@ def check_share_root(path: Path, uid: int, mode: int | None = None) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def open_resolved_dir(path: Path) -> int:
+    """Open an absolute, already resolved directory with no symlink anywhere.
+
+    ``path`` was resolved (``realpath``) a moment ago, so none of its
+    components is a symlink: one that is now was put there since, by an
+    agent whose share holds that component (a VM on a directory that
+    contains this project).  Every component is opened with ``O_NOFOLLOW``
+    from ``/``, so the fd is the directory at ``path`` itself or an error.
+    """
+    if not path.is_absolute():
+        raise ValueError(f"{path} is not absolute")
+    relative = path.relative_to("/")
+    fd = os.open("/", _DIR_FLAGS)
+    if relative == PurePosixPath("."):
+        return fd
+    try:
+        return open_beneath(fd, relative)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeFile(
+                err.errno,
+                f"{path} changed after it was resolved: a directory on the way is now a symlink",
+            ) from None
+        raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -235,7 +279,7 @@ def strip_unsafe_modes(root: Path, uid: int) -> ModeRepair:
     try:
         # The root's own mode is the caller's: the mode it had at launch.
         try:
-            names = sorted(os.listdir(current), reverse=True)
+            names = sorted(names_in(current), reverse=True)
         except OSError as err:
             repair.failed.append(f".: {err.strerror or err}")
             names = []
@@ -277,6 +321,7 @@ class Step:
     names: tuple[str, ...]
     leaving: bool = False
     name: str = ""
+    links: tuple[str, ...] = ()  # the entries that are symlinks (never entered)
 
 
 def walk_tree(
@@ -292,9 +337,9 @@ def walk_tree(
     """
     current = os.dup(root_fd)
     try:
-        names, dirs = _listing(current, ".")
+        names, dirs, links = _listing(current, ".")
         frames = [_Frame(".", _ident(current), [d for d in dirs if d not in skip_top])]
-        yield Step(".", current, names)
+        yield Step(".", current, names, links=links)
         while frames:
             frame = frames[-1]
             if not frame.names:
@@ -324,28 +369,38 @@ def walk_tree(
             if child is None:
                 raise UnsafeFile(errno.EACCES, f"cannot read {shown(repair.failed[0])}")
             try:
-                names, dirs = _listing(child, relative)
+                names, dirs, links = _listing(child, relative)
             except BaseException:
                 os.close(child)
                 raise
             os.close(current)
             current = child
             frames.append(_Frame(name, (info.st_dev, info.st_ino), dirs))
-            yield Step(relative, current, names)
+            yield Step(relative, current, names, links=links)
     finally:
         os.close(current)
 
 
-def _listing(fd: int, relative: str) -> tuple[tuple[str, ...], list[str]]:
-    """All entries, sorted, and the subdirectories (from d_type, no stat
-    each) in reverse order, for popping."""
+def _listing(fd: int, relative: str) -> tuple[tuple[str, ...], list[str], tuple[str, ...]]:
+    """All entries, sorted; the subdirectories (from d_type, no stat each)
+    in reverse order, for popping; and the symlinks."""
     try:
         with os.scandir(fd) as entries:
-            listed = [(entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries]
+            listed = []
+            for entry in entries:
+                if len(listed) >= MAX_ENTRIES:
+                    raise UnsafeFile(
+                        errno.EFBIG, f"more than {MAX_ENTRIES} entries in one directory"
+                    )
+                listed.append((entry.name, entry.is_dir(follow_symlinks=False), entry.is_symlink()))
     except OSError as err:
         raise UnsafeFile(err.errno, f"cannot read {shown(relative)}: {err.strerror}") from None
     listed.sort()
-    return tuple(name for name, _ in listed), [name for name, is_dir in reversed(listed) if is_dir]
+    return (
+        tuple(name for name, _, _ in listed),
+        [name for name, is_dir, _ in reversed(listed) if is_dir],
+        tuple(name for name, _, is_link in listed if is_link),
+    )
 
 
 def _open_checked(
@@ -433,7 +488,7 @@ def _enter_dir(fd: int, relative: str, repair: ModeRepair) -> list[str] | None:
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
         if mode & _UNSAFE_WRITE:
             os.fchmod(fd, mode & ~_UNSAFE_WRITE)
-        return sorted(os.listdir(fd), reverse=True)
+        return sorted(names_in(fd), reverse=True)
     except OSError as err:
         repair.failed.append(f"{relative}: {err.strerror or err}")
         return None

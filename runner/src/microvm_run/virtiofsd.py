@@ -63,6 +63,12 @@ def virtiofsd_argv(
         f"--translate-uid=map:{GUEST_UID}:0:1",
         f"--translate-gid=map:{GUEST_UID}:0:1",
         "--xattr",
+        # Without CAP_MKNOD and CAP_SETFCAP virtiofsd cannot create device
+        # nodes or set file capabilities for the guest: where it runs as
+        # root (MICROVM_RUN_ALLOW_ROOT) guest root could otherwise leave a
+        # 0666 node of the host's disk, or a file granting capabilities, in
+        # the project for any local user.  FIFOs and sockets need neither.
+        "--modcaps=-mknod:-setfcap",
         f"--cache={cache_mode(source, cache)}",
     ]
     if read_only:
