@@ -47,6 +47,7 @@ let
     "crun"
     "curl"
     "docker-compose"
+    "e2fsprogs"
     "gemini-cli"
     "git"
     "iptables"

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from microvm_run import home
-from microvm_run.plan import HostFacts, PlanError
-from microvm_run.spec import Spec
+from microvm_run import home, localdirs
+
+if TYPE_CHECKING:
+    from microvm_run.plan import HostFacts
+    from microvm_run.spec import Spec
+
+# What --accel can ask QEMU for.  Here rather than in plan.py (which uses
+# it) so that doctor's parser has it without importing the planner.
+ACCELS = ("kvm", "tcg")
+
+# plan (and with it spec, netpolicy, qemu, ...) is imported only by the
+# functions that plan: `ps`, `stop` and `gc` use this module's directory
+# helpers and stay quick.
 
 
 def resolve_work_dir(
@@ -27,6 +37,8 @@ def resolve_work_dir(
     writes the project, so a project that holds them would let the agent
     rewrite what the user allowed.
     """
+    from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
+
     path = Path(raw).expanduser()
     try:
         resolved = path.resolve(strict=True)
@@ -88,6 +100,8 @@ def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -
     # symlink is refused, never followed.
     resolved = given.parent.resolve() / given.name
     if resolved.is_relative_to(work_dir):
+        from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
+
         raise PlanError(
             f"AGENT_HOME {resolved} lies inside the project {work_dir}: the agent could replace "
             "it with a link to any of your directories; set it elsewhere"
@@ -135,6 +149,8 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
     if not runtime:
         return False, "XDG_RUNTIME_DIR is not set"
     private = Path(runtime) / "systemd" / "private"
+    import socket  # noqa: PLC0415 - `ps` and `gc` without instances never get here
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -215,6 +231,8 @@ def read_project_allow(path: Path) -> tuple[str, ...]:
     except FileNotFoundError:
         return ()
     except (OSError, UnicodeDecodeError) as err:
+        from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
+
         raise PlanError(f"cannot read the project allowlist {path}: {err}") from None
     entries = []
     for line in text.splitlines():
@@ -320,6 +338,8 @@ def gather(
     allow_home: bool,
     instance_id: str | None = None,
 ) -> HostFacts:
+    from microvm_run.plan import HostFacts  # noqa: PLC0415 - see the note at the imports
+
     raw_work = work_dir_arg or environ.get("WORK_DIR") or os.getcwd()
     user_home = Path(environ["HOME"]) if environ.get("HOME") else None
     uid, gid = os.getuid(), os.getgid()
@@ -347,4 +367,6 @@ def gather(
         python=Path(sys.executable),
         relay=Path(__file__).with_name("relay.py"),
         gitmask=Path(__file__).with_name("gitmask.py"),
+        implied_local_dirs=localdirs.implied(work_dir),
+        local_slot=localdirs.free_slot(project_state_dir(work_dir, environ)),
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +86,8 @@ def _entry(entry: Any, path: Path) -> HostVM:
 
 def state(vm: HostVM, environ: Mapping[str, str]) -> str:
     """``systemctl is-active microvm@NAME``: active, inactive, failed, ... or unknown."""
+    import shutil  # noqa: PLC0415 - only with host VMs declared: keeps `ps` quick
+
     env = _tool_env(environ)
     systemctl = shutil.which("systemctl", path=env.get("PATH"))
     if systemctl is None:

@@ -34,6 +34,7 @@ from microvm_run import (
     evalguard,
     host,
     instancelog,
+    localdirs,
     notify,
     process,
     safefs,
@@ -128,6 +129,9 @@ def launch(
         try:
             try:
                 create_private_dirs(plan)
+                if plan.local_image is not None:
+                    # The runner's own file in its state dir; the guest formats it.
+                    localdirs.ensure_image(plan.local_image, plan.local_size_bytes)
                 roots = shareroots.identities(plan, os.getuid())
                 _prepare_runtime_dir(plan, instance)
                 _record(instance)

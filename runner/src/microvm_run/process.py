@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -116,6 +115,8 @@ def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
 
     Returns only by raising ProcessError when the program cannot be run.
     """
+    import shutil  # noqa: PLC0415 - only attach needs it: keeps `ps` quick
+
     found = shutil.which(argv[0], path=env.get("PATH"))
     if found is None:
         raise ProcessError(f"{argv[0]} not found on PATH")

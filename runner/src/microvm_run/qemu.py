@@ -10,6 +10,7 @@ from microvm_run.contract import (
     CREDENTIAL_FW_CFG_PREFIX,
     FALLBACK_TSC_KHZ,
     LAUNCH_FW_CFG,
+    LOCAL_DISK_SERIAL,
     RUNNER_KERNEL_PARAMS,
     STATUS_PORT,
     TCG_MICROVM_EXTRA_PARAMS,
@@ -36,6 +37,7 @@ class QemuInputs:
     launch_file: Path
     credential_files: Sequence[tuple[str, Path]]  # (VAR, file)
     tsc_khz: int | None = None  # the host's TSC frequency, if known
+    local_image: Path | None = None  # the local-directories disk (localdirs.py)
 
 
 def kernel_params(spec: Spec, accel: str, tsc_khz: int | None = None) -> list[str]:
@@ -88,6 +90,12 @@ def qemu_argv(spec: Spec, inputs: QemuInputs) -> list[str]:
         argv += [
             "-chardev", f"socket,id=fs{index},path={socket}",
             "-device", f"vhost-user-fs-{dev},chardev=fs{index},tag={tag}",
+        ]  # fmt: skip
+    if inputs.local_image is not None:
+        argv += [
+            # Raw and sparse; discard=unmap gives deleted blocks back to the host.
+            "-drive", f"file={inputs.local_image},if=none,id=local,format=raw,discard=unmap",
+            "-device", f"virtio-blk-{dev},drive=local,serial={LOCAL_DISK_SERIAL}",
         ]  # fmt: skip
     if inputs.netdev is not None:
         argv += ["-netdev", inputs.netdev, "-device", f"virtio-net-{dev},netdev=net0"]
