@@ -214,6 +214,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         _check_runnable(spec, options.accel)
         _check_dirs(plan)
         _check_not_root(env)
+        if args.trust_git and _others_running(plan):
+            raise PlanError(
+                "--trust-git while another VM runs on this project (or a directory containing "
+                "it or inside it): its agent could still change .git; stop it first"
+            )
     except PlanError as err:
         return _bad_input(str(err))
     return _launch(spec, options, facts, plan, env)
@@ -269,6 +274,10 @@ def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> in
         error = str(err)
         print(f"microvm-run: {err}", file=sys.stderr)
     finally:
+        # Again at the end: a --trust-git given while this VM ran must not
+        # outlast what its agent wrote meanwhile.
+        with contextlib.suppress(git_cli.GitError):
+            git_cli.mark_run(env, plan.work_dir, git_hidden=plan.git is not None)
         imported = git_cli.after_run(session, env)
         if imported is not None:
             log.event("git", branch=imported.branch, commits=imported.commits, head=imported.head)
@@ -780,6 +789,8 @@ def _nearest_existing(path: Path) -> Path | None:
 
 
 def _describe(plan: LaunchPlan) -> str:
+    from microvm_run.egresslog import printable  # noqa: PLC0415 - only --dry-run needs it
+
     lines = [
         f"agent        {plan.agent} (spec {plan.spec})",
         f"instance     {plan.instance_id}",
@@ -803,7 +814,7 @@ def _describe(plan: LaunchPlan) -> str:
         if plan.egress.mode == "allowlist":
             lines.append(f"  allowlist: {rules}")
             for use in plan.presets:
-                found = f" ({use.found})" if use.found else ""
+                found = f" ({printable(use.found, spaces=True)})" if use.found else ""
                 how = "" if use.applied else f" -- not applied: --allow-preset {use.name} or auto"
                 lines.append(f"  preset {use.name}{found}: {', '.join(use.hosts)}{how}")
         else:

@@ -336,7 +336,11 @@ class EgressProxy:
             or self._live.permits(name, None, take=False) is not None
         ):
             return self.config.answer_addr
-        self._deny(name, netpolicy.DNS_PORT, "dns", "not in the allowlist", FIX_ALLOW)
+        if netpolicy.valid_hostname(name):
+            self._deny(name, netpolicy.DNS_PORT, "dns", "not in the allowlist", FIX_ALLOW)
+        else:
+            # The guest chose every byte: no command is offered for it.
+            self._deny(name, netpolicy.DNS_PORT, "dns", "not a host name", None)
         return None
 
     # -- the three ways out --------------------------------------------------------

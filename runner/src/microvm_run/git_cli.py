@@ -57,19 +57,19 @@ def before_run(
                 "not see: the agent has no git here (run from the repository's top level)"
             )
         # Whatever .git the agent leaves here is the agent's from now on.
-        _mark_run(environ, project, git_hidden=False)
+        mark_run(environ, project, git_hidden=False)
         return None
     if plan.mode == "gitfile":
         process.log(
             f"{plan.user_git} is a file (a linked worktree or submodule): the guest sees it "
             "read-only and gets no git; run from the main checkout, or use --worktree NAME there"
         )
-        _mark_run(environ, plan.project, git_hidden=True)
+        mark_run(environ, plan.project, git_hidden=True)
         return None
     # Planned though marked: the user said --trust-git.  Then this run too.
     if agentgit.git_untrusted(_state_home(environ), plan.project):
         agentgit.trust(_state_home(environ), plan.project)
-    _mark_run(environ, plan.project, git_hidden=True)
+    mark_run(environ, plan.project, git_hidden=True)
     try:
         agentgit.make_dirs(plan)
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
@@ -186,7 +186,7 @@ def _project(raw: str | None, environ: Mapping[str, str]) -> Path:
     return path
 
 
-def _mark_run(environ: Mapping[str, str], project: Path, *, git_hidden: bool) -> None:
+def mark_run(environ: Mapping[str, str], project: Path, *, git_hidden: bool) -> None:
     try:
         agentgit.mark_run(_state_home(environ), project, git_hidden=git_hidden)
     except OSError as err:

@@ -108,6 +108,14 @@ def attach_argv(vm: HostVM) -> list[str]:
         "-o", f"UserKnownHostsFile={vm.known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "UpdateHostKeys=no",
+        # The VM is not trusted with the user's ssh-agent, X display or
+        # forwardings, whatever ~/.ssh/config says for `Host *`.
+        "-a", "-x",
+        "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no",
+        "-o", "ClearAllForwardings=yes",
+        "-o", "PermitLocalCommand=no",
+        "-o", "ControlPath=none",
         f"{GUEST_USER}@{vm.address}",
         ATTACH_COMMAND,
     ]  # fmt: skip

@@ -112,6 +112,17 @@ def normalise_host(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
 
+def _safe_to_show_as_command(host: str) -> bool:
+    """A host name or an address: nothing a shell would read as syntax."""
+    if valid_hostname(host.removeprefix("*.")):
+        return True
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def valid_hostname(host: str) -> bool:
     return len(host) <= 253 and _HOSTNAME.fullmatch(host) is not None
 
@@ -341,6 +352,9 @@ class Refusal:
         """One line: which host, under which mode, why, and what the user can run."""
         shown = self.host if self.port == DNS_PORT else self.key
         line = f"microvm-run refused {shown}: {self.why} (--net {self.mode})"
+        if not _safe_to_show_as_command(self.host):
+            # A command the user may paste into a shell names only a real host name.
+            return line
         if self.fix == FIX_ALLOW:
             command = f"microvm-run allow {self.instance_id} {self.entry()}"
             line += f"; to allow it, on the host: {command}"
