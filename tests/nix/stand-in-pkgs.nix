@@ -50,6 +50,7 @@ let
     "gemini-cli"
     "git"
     "iptables"
+    "jq"
     "nerdctl"
     "netcat"
     "nix"
