@@ -1410,3 +1410,25 @@ def test_a_key_echoed_by_the_upstream_is_cut_off(
     assert b"sk-real-openai" not in response
     assert b"sk-real-openai-1234" not in response
     assert "cut off" in wait_for_log(proxy, "cut off")
+
+
+def test_the_key_proxy_asked_through_the_http_proxy_is_served_as_if_direct(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    """A client that sends its base-URL request to HTTPS_PROXY despite NO_PROXY."""
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    request = (
+        b"POST http://10.0.2.100:4180/anthropic-api-key/v1/messages HTTP/1.1\r\n"
+        b"Host: 10.0.2.100:4180\r\nProxy-Connection: keep-alive\r\n"
+        b"x-api-key: microvm-run-placeholder\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    assert exchange(proxy, 3128, request) == x_api.reply
+    (got,) = x_api.received
+    first, headers, body = _headers(got)
+    assert first == "POST /v1/messages HTTP/1.1"
+    assert ("x-api-key", "sk-ant-real-5678") in headers
+    assert body == b"{}"
+    # Without key routes the same request is an ordinary, refused destination.
+    plain = proxy_factory("allowlist", (), (), {}, socket_path=proxy.config.socket.with_name("b"))
+    assert status(exchange(plain, 3128, request)) == 403

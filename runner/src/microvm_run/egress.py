@@ -326,6 +326,13 @@ class EgressProxy:
         path = url.path or "/"
         if url.query:
             path += "?" + url.query
+        if self.config.key_routes and target == (netpolicy.EGRESS_ADDR, netpolicy.KEY_PROXY_PORT):
+            # The key proxy itself, asked through the HTTP proxy by a client
+            # that ignores NO_PROXY (Gemini CLI 0.1): served as if direct.
+            own = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
+            direct = sniff.HttpHead(head.method, path, head.version, tuple(own), head.length)
+            await self._key_request(reader, writer, direct, data)
+            return
         headers = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
         headers = [(k, v) for k, v in headers if k.lower() != "host"]
         headers.insert(0, ("Host", url.netloc))
@@ -368,6 +375,16 @@ class EgressProxy:
         head = sniff.http_head(data)
         if not isinstance(head, sniff.HttpHead):
             return
+        await self._key_request(reader, writer, head, data)
+
+    async def _key_request(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        head: sniff.HttpHead,
+        data: bytes,
+    ) -> None:
+        """One request on the key route; ``data[head.length:]`` is the start of its body."""
         segment, _, rest = head.target.lstrip("/").partition("/")
         route = next((r for r in self.config.key_routes if r.prefix == segment), None)
         key = self._keys.get(route.var) if route else None
