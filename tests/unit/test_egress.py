@@ -1432,3 +1432,24 @@ def test_the_key_proxy_asked_through_the_http_proxy_is_served_as_if_direct(
     # Without key routes the same request is an ordinary, refused destination.
     plain = proxy_factory("allowlist", (), (), {}, socket_path=proxy.config.socket.with_name("b"))
     assert status(exchange(plain, 3128, request)) == 403
+
+
+def test_a_connect_tunnel_to_the_key_proxy_goes_down_the_key_route(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    tunnel = b"CONNECT 10.0.2.100:4180 HTTP/1.1\r\nHost: 10.0.2.100:4180\r\n\r\n"
+    request = (
+        b"POST /anthropic-api-key/v1/messages HTTP/1.1\r\nHost: 10.0.2.100:4180\r\n"
+        b"x-api-key: microvm-run-placeholder\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert exchange(proxy, 3128, tunnel + request) == established + x_api.reply
+    (got,) = x_api.received
+    first, headers, _ = _headers(got)
+    assert first == "POST /v1/messages HTTP/1.1"
+    assert ("x-api-key", "sk-ant-real-5678") in headers
+    # A tunnel elsewhere on the egress address is still refused.
+    other = b"CONNECT 10.0.2.100:4181 HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert status(exchange(proxy, 3128, other)) == 403

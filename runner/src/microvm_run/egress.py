@@ -297,6 +297,16 @@ class EgressProxy:
             if target is None:
                 await _refuse_http(writer, head.target, "malformed CONNECT target", 400)
                 return
+            if self.config.key_routes and target == (
+                netpolicy.EGRESS_ADDR,
+                netpolicy.KEY_PROXY_PORT,
+            ):
+                # A tunnel to the key proxy itself (Gemini CLI 0.1 tunnels its
+                # base-URL requests through HTTPS_PROXY): its requests go down
+                # the key route as if made directly.
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await self._key_proxy(reader, writer, data[head.length :])
+                return
             try:
                 upstream = await self._open(*target, "connect")
             except Denied as why:
@@ -370,8 +380,12 @@ class EgressProxy:
         first = sniff.render_head(head, target, headers)
         await _exchange(reader, writer, upstream, first, data[head.length :], framing=framing)
 
-    async def _key_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = await _read_until(reader, sniff.http_head)
+    async def _key_proxy(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes = b""
+    ) -> None:
+        data = initial
+        if sniff.http_head(data) is sniff.NEED_MORE:
+            data += await _read_until(reader, lambda more: sniff.http_head(initial + more))
         head = sniff.http_head(data)
         if not isinstance(head, sniff.HttpHead):
             return
