@@ -51,6 +51,7 @@ let
     "gemini-cli"
     "git"
     "iptables"
+    "jq"
     "nerdctl"
     "netcat"
     "nix"

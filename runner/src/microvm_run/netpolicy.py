@@ -34,6 +34,8 @@ HTTP_PORT = 80  # transparent: destination from the Host header
 TLS_PORT = 443  # transparent: destination from the SNI
 PROXY_PORT = 3128  # explicit: HTTP CONNECT host:port (HTTPS_PROXY points here)
 KEY_PROXY_PORT = 4180  # --inject-keys: the API base URL points here
+# What the guest gets instead of the key with --inject-keys.
+KEY_PLACEHOLDER = "microvm-run-placeholder"
 BASE_PORTS = (DNS_PORT, HTTP_PORT, TLS_PORT, PROXY_PORT)
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"

@@ -22,7 +22,7 @@ from microvm_run.spec import Share, Spec
 
 NETS = NET_MODES
 # What the guest sees instead of an API key the host-side proxy adds.
-KEY_PLACEHOLDER = "microvm-run-placeholder"
+KEY_PLACEHOLDER = netpolicy.KEY_PLACEHOLDER
 SUPERVISORS = ("auto", "systemd", "child")
 # sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
