@@ -221,11 +221,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             )
     except PlanError as err:
         return _bad_input(str(err))
-    return _launch(spec, options, facts, plan, env)
+    return _launch(spec, options, facts, plan, env, trust_git=args.trust_git)
 
 
 def _launch(
-    spec: Spec, options: RunOptions, facts: HostFacts, plan: LaunchPlan, env: dict[str, str]
+    spec: Spec,
+    options: RunOptions,
+    facts: HostFacts,
+    plan: LaunchPlan,
+    env: dict[str, str],
+    *,
+    trust_git: bool,
 ) -> int:
     """Launch the checked plan; the agent's exit status."""
     from microvm_run import git_cli, launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
@@ -247,7 +253,7 @@ def _launch(
             devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
             if devshell_file is not None:
                 plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
-            session = git_cli.before_run(plan.git, env, project=plan.work_dir)
+            session = git_cli.before_run(plan.git, env, project=plan.work_dir, trust_git=trust_git)
         except (launch.LaunchError, git_cli.GitError) as err:
             print(f"microvm-run: {err}", file=sys.stderr)
             return contract.EXIT_NO_STATUS

@@ -118,11 +118,12 @@ def _safe_to_show_as_command(host: str) -> bool:
     """A host name or an address: nothing a shell would read as syntax."""
     if valid_hostname(host.removeprefix("*.")):
         return True
+    bare = host.removeprefix("[").removesuffix("]")
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        address = ipaddress.ip_address(bare)
     except ValueError:
         return False
-    return True
+    return "%" not in bare and str(address) == bare
 
 
 def valid_hostname(host: str) -> bool:
