@@ -259,17 +259,7 @@ class EgressProxy:
                 return
         if guest is None:
             return
-        try:
-            reader, writer = await asyncio.open_connection(sock=guest, limit=_CHUNK)
-        except OSError:
-            guest.close()
-            return
-        try:
-            await self._handle(reader, writer, port)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        await self._serve_connection(guest, port)
 
     async def _accept_tcp(self, conn: socket.socket) -> None:
         """A connection nftables redirected from the VM: served for the port it asked for."""
@@ -290,10 +280,14 @@ class EgressProxy:
             conn.close()
             return
         conn.setblocking(False)
+        await self._serve_connection(conn, port)
+
+    async def _serve_connection(self, sock: socket.socket, port: int) -> None:
+        """One guest connection as streams, handled for ``port``, then closed."""
         try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=_CHUNK)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_CHUNK)
         except OSError:
-            conn.close()
+            sock.close()
             return
         try:
             await self._handle(reader, writer, port)
