@@ -11,7 +11,8 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 # Python that ruff checks: the packages, and the scripts without a .py name.
 LINT_PATHS := runner tests tests/guest-systemd/render tests/host-network/render bench/runner_overhead bench/devshell_hit \
-  bench/idle_memory bench/relay_memory bench/share_restore bench/git_status bench/check_eval
+  bench/idle_memory bench/relay_memory bench/share_restore bench/git_status bench/check_eval \
+  bench/startup bench/fs bench/scaling
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
@@ -74,6 +75,9 @@ bench: venv
 	$(PY) bench/share_restore
 	$(PY) bench/git_status
 	$(PY) bench/check_eval
+	$(PY) bench/startup
+	$(PY) bench/fs
+	$(PY) bench/scaling
 
 ci-fresh:
 	scripts/ci-fresh

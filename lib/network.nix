@@ -12,6 +12,8 @@
       "statsig.anthropic.com"
       "console.anthropic.com"
       "claude.ai"
+      # Claude's first-start connectivity check and its OAuth token refresh.
+      "platform.claude.com"
     ];
     keyProxy = [
       {

@@ -138,6 +138,14 @@ let
         report "notify $(printf '%s' "$line" | tr -cd '\040-\176' | cut -c1-200)"
       done
     ) &
+    # Local directories (contract.py "Local directories"): build trees of
+    # /work on the guest's own disk, formatted here the first time.
+    local_dirs=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${MICROVM_LOCAL_DIRS:-}")
+    if [ -n "$local_dirs" ]; then
+      if ! ${localDirsSetup} "$local_dirs"; then
+        exit 1 # no status line: the runner reports a guest failure
+      fi
+    fi
 
     ${cfg.launch.rootPreStart}
 
@@ -197,6 +205,64 @@ let
   notifyCommand = pkgs.writeShellScriptBin "agent-microvm-notify" ''
     printf '%s\n' "''${1:-the agent needs you}" >${runDir}/notify
   '';
+  # Root's side of the local directories: find the disk by its serial, make
+  # an ext4 on it if it has none, mount it, bind its directories over /work.
+  localMount = "/run/microvm-local";
+  localDirsSetupText = ''
+    set -u
+    PATH=${
+      lib.makeBinPath [
+        pkgs.coreutils
+        pkgs.util-linux
+        pkgs.e2fsprogs
+      ]
+    }
+    fail() {
+      echo "agent-microvm: local directories: $*" >&2
+      exit 1
+    }
+    set -f # the directory list is split on spaces, never globbed
+    no_symlink() { # BASE DIR: no component of BASE/DIR is a symlink
+      path=$1
+      for part in $(printf '%s' "$2" | tr / ' '); do
+        path=$path/$part
+        [ -L "$path" ] && fail "$1/$2 is or passes through a symlink"
+      done
+      return 0
+    }
+    disk=
+    for _ in $(seq 250); do
+      for blk in /sys/block/*; do
+        if [ "$(cat "$blk/serial" 2>/dev/null)" = agent-microvm-local ]; then
+          disk=/dev/''${blk##*/}
+        fi
+      done
+      [ -n "$disk" ] && [ -e "$disk" ] && break
+      sleep 0.02
+    done
+    [ -n "$disk" ] || fail "no disk with serial agent-microvm-local"
+    if ! blkid -p -n ext2,ext3,ext4 "$disk" >/dev/null 2>&1; then
+      # lazy_itable_init: a sparse 16 GiB image stays small and quick to make.
+      mkfs.ext4 -q -m 0 -L microvm-local "$disk" || fail "cannot format $disk"
+    fi
+    mkdir -p ${localMount}
+    mount -t ext4 -o noatime "$disk" ${localMount} || fail "cannot mount $disk"
+    install -d -o ${toString uid} -g ${toString uid} ${localMount}/dirs ${localMount}/pycache
+    for dir in $1; do
+      case "/$dir/" in
+        *[!A-Za-z0-9._/-]* | */../* | */./* | *//* | /.git/*) fail "bad directory '$dir'" ;;
+      esac
+      # A symlink the agent planted in an earlier run: a bind mount follows it.
+      no_symlink /work "$dir"
+      no_symlink ${localMount}/dirs "$dir"
+      setpriv --reuid=${toString uid} --regid=${toString uid} --init-groups \
+        mkdir -p "/work/$dir" "${localMount}/dirs/$dir" || fail "cannot create /work/$dir"
+      no_symlink /work "$dir"
+      no_symlink ${localMount}/dirs "$dir"
+      mount --bind "${localMount}/dirs/$dir" "/work/$dir" || fail "cannot bind /work/$dir"
+    done
+  '';
+  localDirsSetup = pkgs.writeShellScript "agent-microvm-local-dirs" localDirsSetupText;
 
   registration = pkgs.closureInfo { rootPaths = [ config.system.build.toplevel ]; };
   registerStore = pkgs.writeShellScript "agent-microvm-register-store" ''
@@ -433,8 +499,9 @@ in
         default = {
           launcher = launcherText;
           session = sessionText;
+          local-dirs = localDirsSetupText;
         };
-        description = "The texts of the launcher (root) and session (agent) scripts, for tests.";
+        description = "The texts of the launcher (root), session (agent) and local-directories (root) scripts, for tests.";
       };
     };
 

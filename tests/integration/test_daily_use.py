@@ -347,9 +347,10 @@ def test_on_a_desktop_the_notification_goes_to_notify_send(vm: VM) -> None:
     assert result.returncode == 0, result.stderr
     assert "needs you" not in result.stderr
     argv = record.read_text().splitlines()
-    assert argv[0] == "--app-name=microvm-run"
-    assert re.fullmatch(r"testagent \([0-9a-f]{8}\)", argv[1])
-    assert argv[2:] == ["Claude Code needs your input"]
+    # `--`: the guest's text is never taken for an option of notify-send.
+    assert argv[:2] == ["--app-name=microvm-run", "--"]
+    assert re.fullmatch(r"testagent \([0-9a-f]{8}\)", argv[2])
+    assert argv[3:] == ["Claude Code needs your input"]
 
 
 # -- the instance log ---------------------------------------------------------------------

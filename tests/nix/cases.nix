@@ -224,6 +224,7 @@ in
         "statsig.anthropic.com"
         "console.anthropic.com"
         "claude.ai"
+        "platform.claude.com"
       ];
       key_proxy = [
         {
@@ -298,7 +299,7 @@ in
       virtiofsd = "${store "virtiofsd"}/bin/virtiofsd"
 
       [network]
-      allow = ["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com", "claude.ai"]
+      allow = ["api.anthropic.com", "statsig.anthropic.com", "console.anthropic.com", "claude.ai", "platform.claude.com"]
 
       [[key_proxy]]
       base_url_path = ""

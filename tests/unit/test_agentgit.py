@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm_run import agentgit, git_cli, gitimport, gitmask, gitprepare
+from microvm_run import agentgit, git_cli, gitimport, gitmask, gitprepare, netpolicy
 from microvm_run.agentgit import GitPlan, Meta
 from microvm_run.plan import RunOptions, build_plan
 from microvm_run.spec import Spec
@@ -589,7 +589,7 @@ def test_a_git_dir_an_agent_made_below_its_project_is_not_trusted_either(
     time.sleep(0.05)  # file times are coarse
     plan = agentgit.plan_git(sub, state_home, worktree=None, instance_id="cafe0003", trust_git=True)
     assert plan is not None
-    session = git_cli.before_run(plan, git_env, project=sub)
+    session = git_cli.before_run(plan, git_env, project=sub, trust_git=True)
     assert session is not None
     os.close(session.lock_fd)
     assert not agentgit.git_untrusted(state_home, sub)
@@ -611,3 +611,36 @@ def test_a_guest_deep_tree_in_the_agents_git_dir_is_removed_without_recursion(
     imported = gitimport.import_commits(plan, meta, git_env)
     gitimport.finish_shared(plan, imported)  # must not raise RecursionError
     assert not plan.run_dir.exists()
+
+
+@needs_git
+def test_a_vm_above_the_project_during_a_run_stops_the_import_and_gc_runs_no_git(
+    repo: Path, git_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plan = agentgit.plan_git(
+        repo, Path(git_env["XDG_STATE_HOME"]), worktree=None, instance_id="cafe0004"
+    )
+    assert plan is not None
+    session = git_cli.before_run(plan, git_env, project=repo)
+    assert session is not None
+    # Meanwhile a VM starts on the directory above: its agent could write
+    # repo/.git, e.g. a url.insteadOf that turns the import's fetch into ext::.
+    time.sleep(0.05)
+    git_cli.before_run(None, git_env, project=repo.parent)
+    pwned = tmp_path / "PWNED"
+    _git(repo, "config", "protocol.ext.allow", "always", env=git_env)
+    _git(repo, "config", f"url.ext::sh -c touch\\ {pwned}.insteadOf", "/", env=git_env)
+    assert git_cli.after_run(session, git_env) is None
+    assert "may be the agent's" in capsys.readouterr().err
+    assert plan.agent_git.is_dir() and not pwned.exists()
+    removed = git_cli.prune(git_env)
+    assert any("may be the agent's" in line for line in removed)
+    assert plan.run_dir.is_dir() and not pwned.exists()
+    # A launch planned before that VM started gets no git either, unless
+    # the user said --trust-git.
+    assert git_cli.before_run(plan, git_env, project=repo) is None
+
+
+def test_an_address_with_a_scope_id_is_never_offered_as_a_command() -> None:
+    refusal = netpolicy.Refusal("fe80::1%$(id)", 443, "x", netpolicy.FIX_ALLOW, "allowlist", "a")
+    assert "microvm-run allow" not in refusal.text()

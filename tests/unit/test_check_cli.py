@@ -128,10 +128,10 @@ def test_dry_run_shows_the_nix_eval_jobs_command(
     code, out, _ = run(capsys, ["check", "/p", "--check-cache-status", "--dry-run"], env)
     assert code == 0
     assert out.startswith(f"{nej} --workers ")
-    assert out.rstrip().endswith("--flake '/p#packages.x86_64-linux'")
+    assert out.rstrip().endswith("--flake 'path:/p#packages.x86_64-linux'")
     code, out, _ = run(capsys, ["check", "/p#checks", "--no-eval-jobs", "--dry-run"], env)
     assert out.startswith("nix --extra-experimental-features")
-    assert "'/p#checks' --apply builtins.attrNames" in out
+    assert "'path:/p#checks' --apply builtins.attrNames" in out
     # A MICROVM_RUN_NIX_EVAL_JOBS that is no program counts as none.
     env |= {"MICROVM_RUN_NIX_EVAL_JOBS": str(tmp_path / "missing")}
     code, out, _ = run(capsys, ["check", "/p", "--dry-run"], env)

@@ -1235,3 +1235,224 @@ def test_many_large_downloads_lose_no_bytes_under_garbage_collection(
         collector.join()
         big.close()
     assert results == [size] * 12
+
+
+def test_key_proxy_never_replaces_the_guests_own_oauth_bearer(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    """A subscription login's bearer goes up as it is; the API key is not added."""
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    request = (
+        b"POST /anthropic-api-key/v1/messages HTTP/1.1\r\nHost: 10.0.2.100:4180\r\n"
+        b"Authorization: Bearer sk-ant-oat01-the-users-login\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    assert exchange(proxy, 4180, request) == x_api.reply
+    (got,) = x_api.received
+    _, headers, _ = _headers(got)
+    assert ("authorization", "Bearer sk-ant-oat01-the-users-login") in headers
+    assert b"sk-ant-real-5678" not in got
+    assert [k for k, _ in headers if k == "x-api-key"] == []
+    assert "(the guest's own credentials)" in wait_for_log(proxy, "own credentials")
+
+
+def test_key_proxy_replaces_placeholders_in_every_credential_header(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(b"HTTP/1.1 200 OK\r\n\r\n"), upstream()
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    for credential in (b"", b"Authorization: Bearer microvm-run-placeholder\r\n"):
+        request = (
+            b"POST /openai-api-key/responses HTTP/1.1\r\nHost: x\r\n"
+            + credential
+            + b"Content-Length: 0\r\n\r\n"
+        )
+        assert exchange(proxy, 4180, request) == bearer.reply
+    for got in bearer.received:
+        _, headers, _ = _headers(got)
+        assert [v for k, v in headers if k == "authorization"] == ["Bearer sk-real-openai-1234"]
+
+
+class WebSocketUpstream:
+    """Answers a WebSocket handshake with 101, then echoes bytes and records them."""
+
+    def __init__(self, status: bytes = b"101 Switching Protocols") -> None:
+        self.heads: list[bytes] = []
+        self.after: list[bytes] = []
+        owner = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(TIMEOUT_S)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, rest = data.partition(b"\r\n\r\n")
+                owner.heads.append(head)
+                if not status.startswith(b"101"):
+                    body = b"no websockets here"
+                    self.request.sendall(
+                        b"HTTP/1.1 " + status + b"\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body
+                    )  # fmt: skip
+                    with contextlib.suppress(OSError):
+                        owner.after.append(self.request.recv(65536))
+                    return
+                self.request.sendall(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n"
+                )
+                with contextlib.suppress(OSError):
+                    if rest:
+                        owner.after.append(rest)
+                        self.request.sendall(b"echo:" + rest)
+                    while chunk := self.request.recv(65536):
+                        owner.after.append(chunk)
+                        self.request.sendall(b"echo:" + chunk)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _ws_route(ws: WebSocketUpstream) -> KeyRoute:
+    upstream = f"http://127.0.0.1:{ws.port}/v1"
+    return KeyRoute("openai-api-key", "OPENAI_API_KEY", upstream, "authorization")
+
+
+HANDSHAKE = (
+    b"GET /openai-api-key/responses HTTP/1.1\r\nHost: 10.0.2.100:4180\r\n"
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Authorization: Bearer microvm-run-placeholder\r\n\r\n"
+)
+
+
+def test_key_proxy_carries_a_websocket_upgrade_both_ways_with_the_key(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    ws = WebSocketUpstream()
+    try:
+        route = _ws_route(ws)
+        proxy = proxy_factory("allowlist", (), (route,), KEYS)
+        with connect(proxy, 4180) as sock:
+            sock.sendall(HANDSHAKE)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 101 ")
+            for frame in (b"\x81\x05hello", b"\x81\x05again"):
+                sock.sendall(frame)
+                got = b""
+                while not got.endswith(frame):
+                    chunk = sock.recv(65536)
+                    assert chunk, "the upstream's answer never came back"
+                    got += chunk
+                assert got == b"echo:" + frame
+        (head,) = ws.heads
+        first, headers, _ = _headers(head + b"\r\n\r\n")
+        assert first == "GET /v1/responses HTTP/1.1"
+        assert ("authorization", "Bearer sk-real-openai-1234") in headers
+        assert ("upgrade", "websocket") in headers and ("connection", "Upgrade") in headers
+        assert ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==") in headers
+        assert b"placeholder" not in head
+        assert b"".join(ws.after) == b"\x81\x05hello\x81\x05again"
+    finally:
+        ws.close()
+
+
+def test_a_refused_websocket_upgrade_is_one_response_and_nothing_after_it(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    ws = WebSocketUpstream(b"404 Not Found")
+    try:
+        route = _ws_route(ws)
+        proxy = proxy_factory("allowlist", (), (route,), KEYS)
+        smuggled = b"TRACE /v1/other HTTP/1.1\r\nHost: x\r\n\r\n"
+        response = exchange(proxy, 4180, HANDSHAKE + smuggled)
+        assert status(response) == 404
+        assert response.endswith(b"no websockets here")
+        assert b"TRACE" not in b"".join(ws.after)
+    finally:
+        ws.close()
+
+
+def test_the_key_cut_off_holds_back_only_what_could_start_the_key(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    from microvm_run.egress import _secret_prefix_at_end  # noqa: PLC0415
+
+    key = b"sk-real-openai-1234"
+    assert _secret_prefix_at_end(b"data: hello\n\n", key) == 0
+    assert _secret_prefix_at_end(b"data: sk-re", key) == len(b"sk-re")
+    assert _secret_prefix_at_end(b"data: s", key) == 1
+    assert _secret_prefix_at_end(key, key) == 0  # whole: the caller's `in` sees it
+
+
+def test_a_key_echoed_by_the_upstream_is_cut_off(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    echo = upstream(until_eof=True, echo=True)
+    route = KeyRoute(
+        "openai-api-key", "OPENAI_API_KEY", f"http://127.0.0.1:{echo.port}", "authorization"
+    )
+    proxy = proxy_factory("allowlist", (), (route,), KEYS)
+    request = b"POST /openai-api-key/v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    response = exchange(proxy, 4180, request)
+    assert b"sk-real-openai" not in response
+    assert b"sk-real-openai-1234" not in response
+    assert "cut off" in wait_for_log(proxy, "cut off")
+
+
+def test_the_key_proxy_asked_through_the_http_proxy_is_served_as_if_direct(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    """A client that sends its base-URL request to HTTPS_PROXY despite NO_PROXY."""
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    request = (
+        b"POST http://10.0.2.100:4180/anthropic-api-key/v1/messages HTTP/1.1\r\n"
+        b"Host: 10.0.2.100:4180\r\nProxy-Connection: keep-alive\r\n"
+        b"x-api-key: microvm-run-placeholder\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    assert exchange(proxy, 3128, request) == x_api.reply
+    (got,) = x_api.received
+    first, headers, body = _headers(got)
+    assert first == "POST /v1/messages HTTP/1.1"
+    assert ("x-api-key", "sk-ant-real-5678") in headers
+    assert body == b"{}"
+    # Without key routes the same request is an ordinary, refused destination.
+    plain = proxy_factory("allowlist", (), (), {}, socket_path=proxy.config.socket.with_name("b"))
+    assert status(exchange(plain, 3128, request)) == 403
+
+
+def test_a_connect_tunnel_to_the_key_proxy_goes_down_the_key_route(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
+) -> None:
+    bearer, x_api = upstream(), upstream(b"HTTP/1.1 200 OK\r\n\r\n")
+    proxy = proxy_factory("allowlist", (), key_routes(bearer, x_api), KEYS)
+    tunnel = b"CONNECT 10.0.2.100:4180 HTTP/1.1\r\nHost: 10.0.2.100:4180\r\n\r\n"
+    request = (
+        b"POST /anthropic-api-key/v1/messages HTTP/1.1\r\nHost: 10.0.2.100:4180\r\n"
+        b"x-api-key: microvm-run-placeholder\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert exchange(proxy, 3128, tunnel + request) == established + x_api.reply
+    (got,) = x_api.received
+    first, headers, _ = _headers(got)
+    assert first == "POST /v1/messages HTTP/1.1"
+    assert ("x-api-key", "sk-ant-real-5678") in headers
+    # A tunnel elsewhere on the egress address is still refused.
+    other = b"CONNECT 10.0.2.100:4181 HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert status(exchange(proxy, 3128, other)) == 403

@@ -130,3 +130,10 @@ def test_attach_refuses_in_one_line_without_running_ssh(
     assert done.returncode == code
     assert done.stderr.count("\n") == 1 and message in done.stderr
     assert not (tmp_path / "ssh-argv.json").exists()
+
+
+def test_attach_forwards_no_agent_display_or_ports_to_the_vm() -> None:
+    vm = hostvms.HostVM("dev", "10.77.0.2", "alice", Path("/etc/agent-microvm/dev/known_hosts"))
+    argv = hostvms.attach_argv(vm)
+    for option in ("-a", "-x", "ForwardAgent=no", "ForwardX11=no", "ClearAllForwardings=yes"):
+        assert option in argv

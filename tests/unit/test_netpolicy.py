@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from microvm_run import netpolicy
 from microvm_run.netpolicy import (
     BASE_PORTS,
     KEY_PROXY_PORT,
@@ -344,3 +345,13 @@ def test_a_host_port_forwarded_twice_is_refused_in_any_order(texts: tuple[str, .
 def test_distinct_forwards_pass() -> None:
     check_unique_forwards(_forwards("8080:80", "8081:80", "192.168.1.5:8080:80"))
     check_unique_forwards(())
+
+
+def test_a_refusal_offers_a_command_only_for_a_real_host_name() -> None:
+    def text(host: str) -> str:
+        return netpolicy.Refusal(host, 53, "dns", netpolicy.FIX_ALLOW, "allowlist", "abc").text()
+
+    assert "microvm-run allow abc api.example.com" in text("api.example.com")
+    assert "microvm-run allow abc 10.1.2.3" in text("10.1.2.3")
+    hostile = text("x;{touch,/tmp/pwned};#")
+    assert "microvm-run allow" not in hostile and hostile.startswith("microvm-run refused")

@@ -61,6 +61,10 @@ def test_on_a_desktop_notify_send_gets_title_and_text_and_no_keys(
     notifier = notify.Notifier("claude", "cafe0001", environ, terminal=io.StringIO())
     assert notifier("look") == "look"
     seen = record.read_text()
-    assert "--app-name=microvm-run\nclaude (cafe0001)\nlook\n" in seen
+    assert "--app-name=microvm-run\n--\nclaude (cafe0001)\nlook\n" in seen
     assert "sk-x" not in seen
     assert capsys.readouterr().err == ""
+
+
+def test_the_guests_text_is_neither_an_option_nor_markup_to_notify_send() -> None:
+    assert notify._no_markup("<a href='x'>&</a>") == "&lt;a href='x'&gt;&amp;&lt;/a&gt;"

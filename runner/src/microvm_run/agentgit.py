@@ -326,6 +326,7 @@ HARDENING = (
     "-c", "core.alternateRefsCommand=",
     "-c", "core.fsmonitor=false",
     "-c", "protocol.allow=never",
+    "-c", "protocol.ext.allow=never",
     "-c", "protocol.file.allow=always",
     "-c", "transfer.fsckObjects=true",
     "-c", "uploadpack.packObjectsHook=",
@@ -339,6 +340,10 @@ def git_env(environ: Mapping[str, str], *, isolated: bool = False) -> dict[str, 
     """
     env = {k: v for k, v in environ.items() if not k.startswith("GIT_")}
     env["GIT_TERMINAL_PROMPT"] = "0"
+    # Above any repository's own protocol.<name>.allow: only local files.
+    env["GIT_ALLOW_PROTOCOL"] = "file"
+    # No lazy fetch from a promisor remote a repository names (git >= 2.44).
+    env["GIT_NO_LAZY_FETCH"] = "1"
     env["GIT_ASKPASS"] = "true"
     if isolated:
         env["GIT_CONFIG_NOSYSTEM"] = "1"

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from microvm_run import host, live, netpolicy, ops, usage
-from microvm_run.contract import EXIT_BAD_INPUT
 from microvm_run.plan import PlanError
 
 
@@ -52,18 +51,22 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
     except (usage.UsageError, netpolicy.PolicyError, ops.OpsError) as err:
-        return _bad_input(f"allow: {err}")
+        return usage.bad_input(f"allow: {err}")
     st = entry.state
     assert st is not None  # ops.running
     if st.net == "none":
-        return _bad_input(f"allow: instance {entry.id} runs with --net none: it has no network")
+        return usage.bad_input(
+            f"allow: instance {entry.id} runs with --net none: it has no network"
+        )
     if st.net == "open" and not rule.private:
-        return _bad_input(
+        return usage.bad_input(
             f"allow: instance {entry.id} runs with --net open, which admits every public host "
             "already; --private admits one that resolves inwards"
         )
     if args.project and rule.private:
-        return _bad_input("allow: --project keeps allowlist entries; --private is for this run")
+        return usage.bad_input(
+            "allow: --project keeps allowlist entries; --private is for this run"
+        )
     try:
         live.append(entry.path, rule, once=args.once)
         saved = _add_to_project(st.agent, st.project, environ, args.entry) if args.project else None
@@ -95,8 +98,3 @@ def _add_to_project(agent: str, project: Path, environ: Mapping[str, str], entry
     finally:
         os.close(fd)
     return path
-
-
-def _bad_input(message: str) -> int:
-    print(f"microvm-run: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from microvm_run import evaljobs, process, usage
 from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run.egresslog import printable
 from microvm_run.evaljobs import Derivation, Failure, Job, Target
 from microvm_run.newvm import FLAKE_SYSTEM
 from microvm_run.spec import SpecError, parse_spec
@@ -144,7 +145,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
             process.log(f"check: {why}: evaluating with nix eval, one VM at a time{note}")
             report = check_with_nix_eval(nix, target, env)
     except CheckError as err:
-        print(f"microvm-run check: {err}", file=sys.stderr)
+        print(f"microvm-run check: {printable(str(err), spaces=True)}", file=sys.stderr)
         return EXIT_NOT_FINE
     show(report, target, as_json=args.json)
     return 0 if report.fine else EXIT_NOT_FINE
@@ -169,8 +170,14 @@ def _target(args: argparse.Namespace) -> Target:
     ref = args.flake or "."
     if ref.startswith("-") or any(c in ref for c in "\n\0"):
         raise usage.UsageError(f"bad flake reference {ref!r}")
-    if "#" not in ref:
-        ref = f"{ref}#packages.{args.system}"
+    where, hash_, attr = ref.partition("#")
+    if ":" not in where:
+        # A local directory is evaluated as `path:`, as the dev shell is: Nix
+        # then runs no git on a .git the agent may have written (its
+        # fsmonitor, filters), and sees the files `new` wrote before they
+        # are committed.
+        where = f"path:{Path(where).expanduser().resolve()}"
+    ref = f"{where}#{attr}" if hash_ else f"{where}#packages.{args.system}"
     return Target(flake=ref, args=tuple(pairs))
 
 
@@ -309,7 +316,9 @@ def show(report: Report, target: Target, *, as_json: bool) -> None:
         for verdict in report.verdicts:
             print(json.dumps(asdict(verdict), sort_keys=True))
         return
-    width = max((len(v.attr) for v in report.verdicts), default=0)
+    # Attribute names and Nix's errors come from files the agent may have
+    # written: no byte of them reaches the terminal unescaped.
+    width = max((len(printable(v.attr)) for v in report.verdicts), default=0)
     for v in report.verdicts:
         mark = "ok  " if v.ok else "FAIL"
         if v.ok:
@@ -318,9 +327,10 @@ def show(report: Report, target: Target, *, as_json: bool) -> None:
             what = f"does not evaluate: {v.detail}"
         else:
             what = f"bad spec: {v.detail}"
-        print(f"{mark} {v.attr.ljust(width)}  {what}{_cache_text(v)}")
+        line = f"{printable(v.attr).ljust(width)}  {printable(what, spaces=True)}"
+        print(f"{mark} {line}{_cache_text(v)}")
     if report.skipped:
-        print(f"not agent VMs: {', '.join(report.skipped)}")
+        print(f"not agent VMs: {printable(', '.join(report.skipped), spaces=True)}")
     good = sum(v.ok for v in report.verdicts)
     if not report.verdicts:
         print(f"check: no agent VM in {target.describe()} ({report.evaluator})")

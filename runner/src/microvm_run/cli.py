@@ -12,21 +12,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from microvm_run import agentgit, contract, host, usage
-from microvm_run.agentgit import GitPlan
-from microvm_run.netpolicy import NET_ALIASES, NetMode
-from microvm_run.plan import (
-    SUPERVISOR_CHOICES,
-    HostFacts,
-    LaunchPlan,
-    PlanError,
-    RunOptions,
-    build_plan,
-)
-from microvm_run.qemu import Accel
-from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS, Spec, SpecError, load_spec
+from microvm_run import contract, usage
+
+if TYPE_CHECKING:
+    from microvm_run.agentgit import GitPlan
+    from microvm_run.plan import HostFacts, LaunchPlan, RunOptions
+    from microvm_run.spec import Spec
+
+# The subcommands (ps, stop, ...) and `help` need none of the launch path's
+# modules (plan, spec, host, agentgit and what they import): those are
+# imported where a launch or --dry-run needs them, which keeps `ps` quick.
 
 EPILOG_TAIL = """\
 environment:
@@ -164,6 +161,10 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in SUBCOMMANDS:
         return SUBCOMMANDS[words[0]].run(words, env)
+    from microvm_run import host  # noqa: PLC0415 - see the note at the imports
+    from microvm_run.plan import PlanError, build_plan  # noqa: PLC0415
+    from microvm_run.spec import SpecError  # noqa: PLC0415
+
     parser = _parser(env)
     try:
         args, agent_args = _split_words(parser, words)
@@ -196,23 +197,55 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         _check_runnable(spec, options.accel)
         _check_dirs(plan)
         _check_not_root(env)
+        if args.trust_git and _others_running(plan):
+            raise PlanError(
+                "--trust-git while another VM runs on this project (or a directory containing "
+                "it or inside it): its agent could still change .git; stop it first"
+            )
     except PlanError as err:
         return usage.bad_input(str(err))
+    return _launch(spec, options, facts, plan, env, trust_git=args.trust_git)
+
+
+def _launch(
+    spec: Spec,
+    options: RunOptions,
+    facts: HostFacts,
+    plan: LaunchPlan,
+    env: dict[str, str],
+    *,
+    trust_git: bool,
+) -> int:
+    """Launch the checked plan; the agent's exit status."""
     from microvm_run import git_cli, launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
+    from microvm_run.plan import PlanError, build_plan  # noqa: PLC0415
 
     too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
     if too_many is not None:
         print(f"microvm-run: warning: {too_many}", file=sys.stderr)
+    slot_lock = None
     try:
-        launch.create_private_dirs(plan)
-        devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
-        if devshell_file is not None:
-            plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
-        session = git_cli.before_run(plan.git, env, project=plan.work_dir)
-    except (launch.LaunchError, git_cli.GitError) as err:
-        print(f"microvm-run: {err}", file=sys.stderr)
-        return contract.EXIT_NO_STATUS
-    return _launch_logged(plan, env, session)
+        try:
+            if plan.local_dirs:
+                # Held until the VM has ended: no other instance mounts this disk.
+                slot, slot_lock = _claim_local_slot(facts)
+                if slot != facts.local_slot:
+                    facts = replace(facts, local_slot=slot)
+                    plan = build_plan(spec, options, facts)
+            launch.create_private_dirs(plan)
+            devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
+            if devshell_file is not None:
+                plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
+            session = git_cli.before_run(plan.git, env, project=plan.work_dir, trust_git=trust_git)
+        except (launch.LaunchError, git_cli.GitError) as err:
+            print(f"microvm-run: {err}", file=sys.stderr)
+            return contract.EXIT_NO_STATUS
+        return _launch_logged(plan, env, session)
+    except PlanError as err:
+        return usage.bad_input(str(err))
+    finally:
+        if slot_lock is not None:
+            os.close(slot_lock)
 
 
 def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> int:
@@ -230,6 +263,10 @@ def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> in
         error = str(err)
         print(f"microvm-run: {err}", file=sys.stderr)
     finally:
+        # Again at the end: a --trust-git given while this VM ran must not
+        # outlast what its agent wrote meanwhile.
+        with contextlib.suppress(git_cli.GitError):
+            git_cli.mark_run(env, plan.work_dir, git_hidden=plan.git is not None)
         imported = git_cli.after_run(session, env)
         if imported is not None:
             log.event("git", branch=imported.branch, commits=imported.commits, head=imported.head)
@@ -238,7 +275,21 @@ def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> in
     return code
 
 
-def _split_words(parser: argparse.ArgumentParser, words: list[str]) -> tuple[Any, list[str]]:
+def _claim_local_slot(facts: HostFacts) -> tuple[int, int]:
+    from microvm_run import localdirs  # noqa: PLC0415
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
+    try:
+        return localdirs.claim_slot(facts.state_dir)
+    except localdirs.LocalDirsError as err:
+        raise PlanError(str(err)) from None
+    except OSError as err:
+        raise PlanError(f"the local-directories disk: {err}") from None
+
+
+def _split_words(
+    parser: argparse.ArgumentParser, words: list[str]
+) -> tuple[argparse.Namespace, list[str]]:
     """Our options, and the agent's arguments: everything after the first `--`, untouched."""
     if "--" in words:
         cut = words.index("--")
@@ -273,6 +324,9 @@ def _unknown_word(word: str) -> str:
 def _plan_git(
     facts: HostFacts, worktree: str | None, env: Mapping[str, str], *, trust: bool
 ) -> GitPlan | None:
+    from microvm_run import agentgit, host  # noqa: PLC0415
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     try:
         plan = agentgit.plan_git(
             facts.work_dir,
@@ -295,7 +349,9 @@ def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
     """`doctor --boot`: boot the flavor's guest with `true` in a throw-away project."""
     import tempfile  # noqa: PLC0415 - only doctor --boot needs it
 
-    from microvm_run import launch, process  # noqa: PLC0415
+    from microvm_run import host, launch, process  # noqa: PLC0415
+    from microvm_run.plan import RunOptions, build_plan  # noqa: PLC0415
+    from microvm_run.spec import load_spec  # noqa: PLC0415
 
     spec = replace(load_spec(spec_path), command=("true",))
     _check_runnable(spec, accel)
@@ -387,6 +443,8 @@ def _check_not_root(env: Mapping[str, str]) -> None:
     MICROVM_RUN_ALLOW_ROOT=1 is for hosts whose Nix works only as root (and
     this project's own dev-shell tests); README says what it costs.
     """
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     if os.geteuid() == 0 and env.get("MICROVM_RUN_ALLOW_ROOT") != "1":
         raise PlanError(
             "refusing to run as root: virtiofsd would write the shares as root (set-uid "
@@ -411,12 +469,18 @@ def _others_running(plan: LaunchPlan) -> bool:
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    from microvm_run.localdirs import DEFAULT_SIZE_GIB  # noqa: PLC0415
+    from microvm_run.netpolicy import NET_ALIASES, NetMode  # noqa: PLC0415
+    from microvm_run.plan import SUPERVISOR_CHOICES  # noqa: PLC0415
+    from microvm_run.qemu import Accel  # noqa: PLC0415
+    from microvm_run.virtiofsd import DEFAULT_FS_CACHE, FS_CACHE_MODES  # noqa: PLC0415
+
     parser = usage.Parser(
         prog="microvm-run",
         usage="microvm-run [OPTIONS] [-- AGENT ARGS...]\n       microvm-run SUBCOMMAND [ARGS...]",
         description="Start the agent in a throw-away microVM with WORK_DIR shared at /work.",
         epilog=subcommand_list() + "\n" + EPILOG_TAIL,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=usage.quick_formatter(argparse.RawDescriptionHelpFormatter),
         # Our own --help: a stray word before it must be an error, not the help.
         add_help=False,
     )
@@ -512,6 +576,30 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help="treat the project's .git as yours though it appeared after an agent could "
         "write the project (check it first)",
     )
+    add(
+        "--fs-cache",
+        default=env.get("MICROVM_FS_CACHE", DEFAULT_FS_CACHE),
+        choices=FS_CACHE_MODES,
+        help="virtiofsd's cache for /work and the home: auto (default: host edits seen "
+        "within 1 s), always (faster metadata; host edits may stay unseen), never",
+    )
+    add(
+        "--local-dirs",
+        metavar="DIR,...",
+        help="keep these /work directories on the guest's own disk (default: what the "
+        "project's lockfiles imply: node_modules, target, .venv, ...; see README)",
+    )
+    add(
+        "--no-local-dirs",
+        action="store_true",
+        help="keep every directory of /work on the share (no guest-local disk)",
+    )
+    add(
+        "--local-dirs-size",
+        metavar="GIB",
+        default=str(DEFAULT_SIZE_GIB),
+        help=f"size of a new local-directories disk, sparse (default {DEFAULT_SIZE_GIB})",
+    )
     add("--allow-home", action="store_true", help="allow WORK_DIR to be your home directory")
     add("--dry-run", action="store_true", help="print the launch plan and start nothing")
     add("--json", action="store_true", help="with --dry-run: print the plan as JSON")
@@ -529,6 +617,8 @@ def _flag(raw: str | None) -> bool | None:
 
 
 def _load_spec(path: str | None) -> Spec:
+    from microvm_run.spec import SpecError, load_spec  # noqa: PLC0415
+
     if not path:
         raise SpecError(
             "no spec: pass --spec FILE or set MICROVM_RUN_SPEC (the flavor packages do)"
@@ -537,6 +627,10 @@ def _load_spec(path: str | None) -> Spec:
 
 
 def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
+    from microvm_run.localdirs import DEFAULT_SIZE_GIB, MAX_SIZE_GIB  # noqa: PLC0415
+    from microvm_run.plan import PlanError, RunOptions  # noqa: PLC0415
+    from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS  # noqa: PLC0415
+
     try:
         boot_timeout = float(args.boot_timeout)
     except ValueError:
@@ -558,10 +652,32 @@ def _options(args: argparse.Namespace, agent_args: Sequence[str]) -> RunOptions:
         memory_mib=_bounded("--mem", args.mem, 64, MAX_MEMORY_MIB),
         vcpus=_bounded("--vcpus", args.vcpus, 1, min(MAX_VCPUS, os.cpu_count() or 1)),
         agent_args=tuple(agent_args),
+        fs_cache=args.fs_cache,
+        local_dirs=_local_dirs(args),
+        local_dirs_size_gib=_bounded("--local-dirs-size", args.local_dirs_size, 1, MAX_SIZE_GIB)
+        or DEFAULT_SIZE_GIB,
     )
 
 
+def _local_dirs(args: argparse.Namespace) -> tuple[str, ...] | None:
+    from microvm_run import localdirs  # noqa: PLC0415
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
+    if args.no_local_dirs:
+        if args.local_dirs is not None:
+            raise PlanError("--local-dirs and --no-local-dirs contradict each other")
+        return ()
+    if args.local_dirs is None:
+        return None
+    try:
+        return localdirs.parse(args.local_dirs)
+    except localdirs.LocalDirsError as err:
+        raise PlanError(str(err)) from None
+
+
 def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     if raw is None or raw == "":
         return None
     if not raw.isdigit():
@@ -574,6 +690,8 @@ def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
 
 def _check_runnable(spec: Spec, accel: str) -> None:
     """Host prerequisites that only matter when actually launching."""
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     for what, path in (("qemu", spec.qemu), ("virtiofsd", spec.virtiofsd)):
         if not os.access(path, os.X_OK):
             raise PlanError(f"{what} {path} is missing or not executable")
@@ -600,6 +718,8 @@ MIN_RUNTIME_FREE = 1024 * 1024
 
 def _check_dirs(plan: LaunchPlan) -> None:
     """The dirs the launch writes to: checked before anything is created."""
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     for directory in plan.dirs_to_create:
         _check_share_root(directory)
         existing = _nearest_existing(directory)
@@ -632,6 +752,8 @@ def _check_share_root(directory: Path) -> None:
     The guest may have replaced it by a symlink (its target would be shared
     read-write) or another user may own it.
     """
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     try:
         info = directory.lstat()
     except FileNotFoundError:
@@ -652,6 +774,8 @@ def _nearest_existing(path: Path) -> Path | None:
 
 
 def _describe(plan: LaunchPlan) -> str:
+    from microvm_run.egresslog import printable  # noqa: PLC0415 - only --dry-run needs it
+
     lines = [
         f"agent        {plan.agent} (spec {plan.spec})",
         f"instance     {plan.instance_id}",
@@ -675,7 +799,7 @@ def _describe(plan: LaunchPlan) -> str:
         if plan.egress.mode == "allowlist":
             lines.append(f"  allowlist: {rules}")
             for use in plan.presets:
-                found = f" ({use.found})" if use.found else ""
+                found = f" ({printable(use.found, spaces=True)})" if use.found else ""
                 how = "" if use.applied else f" -- not applied: --allow-preset {use.name} or auto"
                 lines.append(f"  preset {use.name}{found}: {', '.join(use.hosts)}{how}")
         else:
@@ -689,6 +813,11 @@ def _describe(plan: LaunchPlan) -> str:
         lines.append(f"git          {git.mode}: agent branch {git.branch}, state {git.run_dir}")
         for flag, source, target in git.binds:
             lines.append(f"  {flag} {source} -> {target} (in virtiofsd's namespace)")
+    if plan.local_dirs:
+        lines.append(
+            f"local dirs   {' '.join(plan.local_dirs)} on {plan.local_image} "
+            f"({plan.local_size_bytes >> 30} GiB, sparse)"
+        )
     for forward in plan.port_forwards:
         lines.append(f"forward      {forward} (host address:port:guest port)")
     for var, _ in plan.credentials:

@@ -45,6 +45,21 @@ Network (``open`` and ``allowlist``; ``none`` has no network device)
     and allowlisted extra ports), where the runner's egress proxy decides
     (netpolicy.py, egress.py).  The launch data exports ``http(s)_proxy``.
 
+Local directories (``MICROVM_LOCAL_DIRS``, when not empty)
+    The launch data's ``MICROVM_LOCAL_DIRS`` lists paths relative to /work
+    (space-separated; each matches ``[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*``,
+    no ``..``), and the VM has a virtio-blk disk with serial
+    ``agent-microvm-local``.  Before the command starts, guest root: finds
+    the disk by its serial; formats it (ext4, or ext2 where only busybox's
+    mke2fs exists) if it has no ext2/3/4 superblock (magic 0xEF53 at byte
+    1080); mounts it on ``/run/microvm-local``; and for each path P makes
+    ``/run/microvm-local/dirs/P`` (owned by the agent) and ``/work/P``
+    (refusing a symlink in any component of it) and bind-mounts the first
+    over the second.  The launch data exports ``PYTHONPYCACHEPREFIX=
+    /run/microvm-local/pycache`` (owned by the agent).  A disk that cannot
+    be formatted or mounted fails the boot.  The host never sees these
+    files: the disk is its own image in the runner's state.
+
 Status, virtio-serial port ``org.agent-microvm.status``
     The guest writes ASCII lines: ``ready`` when the shares are mounted and
     the command is about to start, then ``exit N`` (0-255) when it ended.
@@ -88,6 +103,9 @@ CREDENTIAL_FW_CFG_PREFIX = "opt/io.systemd.credentials/"
 GUEST_UID = 1000
 GUEST_HOME = "/home/agent"
 GUEST_WORK_DIR = "/work"
+LOCAL_DISK_SERIAL = "agent-microvm-local"
+LOCAL_MOUNT = "/run/microvm-local"
+LOCAL_PYCACHE = f"{LOCAL_MOUNT}/pycache"
 RUNNER_KERNEL_PARAMS = ("console=hvc0", "panic=-1")
 # Without tsc_early_khz the guest hangs at "Marking TSC unstable" on microvm
 # under TCG (no HPET or PIT to calibrate against).  Under TCG the guest reads
@@ -116,6 +134,7 @@ def render_launch(
     *,
     net: str = "none",
     tty_size: tuple[int, int] | None = None,
+    local_dirs: Sequence[str] = (),
 ) -> bytes:
     """The launch fragment the guest sources: quoted, so never code from data."""
     lines = [
@@ -124,6 +143,8 @@ def render_launch(
         "MICROVM_SHARES=" + shlex.quote(" ".join(f"{tag}={mount}" for tag, mount in shares)),
         f"MICROVM_NET={shlex.quote(net)}",
     ]
+    if local_dirs:
+        lines.append("MICROVM_LOCAL_DIRS=" + shlex.quote(" ".join(local_dirs)))
     if tty_size is not None:
         lines.append(f"MICROVM_TTY_SIZE='{int(tty_size[0])} {int(tty_size[1])}'")
     for name in sorted(env):

@@ -17,6 +17,12 @@ By port:
 * 4180: with --inject-keys, the API key proxy: the guest's API base URL
   points here, and the request goes upstream with the real key added, if
   its method and path are ones the agent's API uses (the flavor's route).
+  A request that carries a credential of the guest's own (an OAuth bearer
+  from a subscription login, not the placeholder) goes up with that
+  credential and without the key: the key never replaces a login.  A
+  WebSocket upgrade (GET with ``Upgrade: websocket``) is carried: after
+  the upstream's 101 both directions are spliced, the key cut-off still
+  watching what comes back.
 
 Policy, applied on the host: ``allowlist`` admits only names that match a
 rule; ``open`` admits any name.  In both, every address the name resolves
@@ -82,6 +88,8 @@ _DROPPED_HEADERS = frozenset(
         "upgrade",
     }
 )
+# The headers through which the CLIs send a key or an OAuth bearer.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key"})
 # Hop-by-hop headers of a plain HTTP request: one request per connection
 # means no keep-alive and no protocol switch (which would turn the rest of
 # the connection into bytes no policy reads).
@@ -251,17 +259,7 @@ class EgressProxy:
                 return
         if guest is None:
             return
-        try:
-            reader, writer = await asyncio.open_connection(sock=guest, limit=_CHUNK)
-        except OSError:
-            guest.close()
-            return
-        try:
-            await self._handle(reader, writer, port)
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        await self._serve_connection(guest, port)
 
     async def _accept_tcp(self, conn: socket.socket) -> None:
         """A connection nftables redirected from the VM: served for the port it asked for."""
@@ -282,10 +280,14 @@ class EgressProxy:
             conn.close()
             return
         conn.setblocking(False)
+        await self._serve_connection(conn, port)
+
+    async def _serve_connection(self, sock: socket.socket, port: int) -> None:
+        """One guest connection as streams, handled for ``port``, then closed."""
         try:
-            reader, writer = await asyncio.open_connection(sock=conn, limit=_CHUNK)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_CHUNK)
         except OSError:
-            conn.close()
+            sock.close()
             return
         try:
             await self._handle(reader, writer, port)
@@ -336,7 +338,11 @@ class EgressProxy:
             or self._live.permits(name, None, take=False) is not None
         ):
             return self.config.answer_addr
-        self._deny(name, netpolicy.DNS_PORT, "dns", "not in the allowlist", FIX_ALLOW)
+        if netpolicy.valid_hostname(name):
+            self._deny(name, netpolicy.DNS_PORT, "dns", "not in the allowlist", FIX_ALLOW)
+        else:
+            # The guest chose every byte: no command is offered for it.
+            self._deny(name, netpolicy.DNS_PORT, "dns", "not a host name", None)
         return None
 
     # -- the three ways out --------------------------------------------------------
@@ -379,6 +385,16 @@ class EgressProxy:
             if target is None:
                 await _refuse_http(writer, head.target, "malformed CONNECT target", 400)
                 return
+            if self.config.key_routes and target == (
+                netpolicy.EGRESS_ADDR,
+                netpolicy.KEY_PROXY_PORT,
+            ):
+                # A tunnel to the key proxy itself (Gemini CLI 0.1 tunnels its
+                # base-URL requests through HTTPS_PROXY): its requests go down
+                # the key route as if made directly.
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await self._key_proxy(reader, writer, data[head.length :])
+                return
             try:
                 upstream = await self._open(*target, "connect")
             except Denied as denied:
@@ -408,6 +424,13 @@ class EgressProxy:
         path = url.path or "/"
         if url.query:
             path += "?" + url.query
+        if self.config.key_routes and target == (netpolicy.EGRESS_ADDR, netpolicy.KEY_PROXY_PORT):
+            # The key proxy itself, asked through the HTTP proxy by a client
+            # that ignores NO_PROXY (Gemini CLI 0.1): served as if direct.
+            own = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
+            direct = sniff.HttpHead(head.method, path, head.version, tuple(own), head.length)
+            await self._key_request(reader, writer, direct, data)
+            return
         headers = [(k, v) for k, v in head.headers if not k.lower().startswith("proxy-")]
         headers = [(k, v) for k, v in headers if k.lower() != "host"]
         headers.insert(0, ("Host", url.netloc))
@@ -445,11 +468,25 @@ class EgressProxy:
         first = sniff.render_head(head, target, headers)
         await _exchange(reader, writer, upstream, first, data[head.length :], framing=framing)
 
-    async def _key_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        data = await _read_until(reader, sniff.http_head)
+    async def _key_proxy(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes = b""
+    ) -> None:
+        data = initial
+        if sniff.http_head(data) is sniff.NEED_MORE:
+            data += await _read_until(reader, lambda more: sniff.http_head(initial + more))
         head = sniff.http_head(data)
         if not isinstance(head, sniff.HttpHead):
             return
+        await self._key_request(reader, writer, head, data)
+
+    async def _key_request(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        head: sniff.HttpHead,
+        data: bytes,
+    ) -> None:
+        """One request on the key route; ``data[head.length:]`` is the start of its body."""
         segment, _, rest = head.target.lstrip("/").partition("/")
         route = next((r for r in self.config.key_routes if r.prefix == segment), None)
         key = self._keys.get(route.var) if route else None
@@ -471,12 +508,23 @@ class EgressProxy:
             await _refuse_http(writer, host, refusal, 405 if "method" in refusal else 403)
             return
         assert framing is not None
+        own = _own_credentials(head)
+        websocket = _websocket_upgrade(head)
         headers = [(k, v) for k, v in head.headers if k.lower() not in _DROPPED_HEADERS]
         headers.append(("Host", upstream_url.netloc))
-        headers.append(_key_header(route.header, key))
-        # One request per upstream connection, so every request carries the
-        # key this proxy added and nothing else.
-        headers.append(("Connection", "close"))
+        if own:
+            # A login of the guest's own (a subscription's OAuth bearer): it
+            # goes up as it is, and the key is not added.
+            headers += own
+            via += " (the guest's own credentials)"
+        else:
+            headers.append(_key_header(route.header, key))
+        if websocket:
+            headers += [("Connection", "Upgrade"), ("Upgrade", "websocket")]
+        else:
+            # One request per upstream connection, so every request carries
+            # the key this proxy added and nothing else.
+            headers.append(("Connection", "close"))
         try:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -492,16 +540,27 @@ class EgressProxy:
         first = sniff.render_head(head, target, headers)
         meter = self.key_use.setdefault(route.var, [0, 0, 0])
         meter[0] += 1
-        leaked = await _exchange(
-            reader,
-            writer,
-            (up_reader, up_writer),
-            first,
-            data[head.length :],
-            framing=framing,
-            secret=key,
-            meter=meter,
-        )
+        if websocket:
+            leaked = await _websocket(
+                reader,
+                writer,
+                (up_reader, up_writer),
+                first,
+                data[head.length :],
+                secret=key,
+                meter=meter,
+            )
+        else:
+            leaked = await _exchange(
+                reader,
+                writer,
+                (up_reader, up_writer),
+                first,
+                data[head.length :],
+                framing=framing,
+                secret=key,
+                meter=meter,
+            )
         if leaked:
             self._record("deny", host, port, via, "the response contained the key: cut off")
 
@@ -592,6 +651,22 @@ def _original_port(conn: socket.socket) -> int:
     raw = conn.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
     port: int = struct.unpack_from("!H", raw, 2)[0]
     return port
+
+
+def _own_credentials(head: sniff.HttpHead) -> list[tuple[str, str]]:
+    """The guest's credential headers, if any of them is not the placeholder."""
+    found = [(k, v) for k, v in head.headers if k.lower() in _CREDENTIAL_HEADERS]
+    placeholders = (netpolicy.KEY_PLACEHOLDER, f"Bearer {netpolicy.KEY_PLACEHOLDER}")
+    if all(v.strip() in placeholders or not v.strip() for _k, v in found):
+        return []
+    return found
+
+
+def _websocket_upgrade(head: sniff.HttpHead) -> bool:
+    """A WebSocket handshake (RFC 6455 4.1): GET, Upgrade: websocket, Connection: upgrade."""
+    upgrade = (head.header("upgrade") or "").strip().lower()
+    connection = {t.strip().lower() for t in (head.header("connection") or "").split(",")}
+    return head.method == "GET" and upgrade == "websocket" and "upgrade" in connection
 
 
 def _key_header(kind: str, key: str) -> tuple[str, str]:
@@ -728,6 +803,80 @@ async def _exchange(
         up_writer.close()
 
 
+async def _websocket(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    head: bytes,
+    buffered: bytes,
+    *,
+    secret: str,
+    meter: list[int],
+) -> bool:
+    """A WebSocket handshake upstream; after a 101, both directions spliced.
+
+    Any other answer is passed back as one response (its Content-Length, or
+    to EOF) and the connection ends: nothing the guest sends after a refused
+    handshake reaches the upstream.  True if the key showed in what came back.
+    """
+    up_reader, up_writer = upstream
+    up_writer.write(head)
+    try:
+        answer = await _read_until(up_reader, _response_head_end)
+        end = _response_head_end(answer)
+        if not isinstance(end, int):
+            writer.transport.abort()
+            return False
+        status_line = answer.split(b"\r\n", 1)[0]
+        if secret.encode() in answer:
+            writer.transport.abort()
+            return True
+        if status_line.split(b" ")[1:2] != [b"101"]:
+            writer.write(answer)
+            length = _content_length(answer[:end])
+            rest = length - (len(answer) - end) if length is not None else None
+            while rest is None or rest > 0:
+                chunk = await asyncio.wait_for(up_reader.read(_CHUNK), HEAD_TIMEOUT_S)
+                if not chunk:
+                    break
+                if secret.encode() in chunk:
+                    writer.transport.abort()
+                    return True
+                writer.write(chunk)
+                if rest is not None:
+                    rest -= len(chunk)
+            await writer.drain()
+            return False
+        writer.write(answer)
+        if buffered:
+            up_writer.write(buffered)
+        _, leaked = await asyncio.gather(
+            _copy(reader, up_writer), _copy_response(up_reader, writer, secret.encode(), meter)
+        )
+        return leaked
+    except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+        writer.transport.abort()
+        return False
+    finally:
+        up_writer.close()
+
+
+def _response_head_end(data: bytes) -> int | object:
+    """Where a response head ends (after its blank line), or NEED_MORE."""
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        return end + 4
+    return sniff.NEED_MORE if len(data) < sniff.MAX_HEAD else None
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(value.strip())
+    return None
+
+
 async def _send_body_then_drop(
     reader: asyncio.StreamReader,
     sink: asyncio.StreamWriter,
@@ -781,8 +930,12 @@ async def _send_body(
 async def _copy_response(
     source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes, meter: list[int]
 ) -> bool:
-    """Copy to EOF; with a secret, hold back a possible prefix of it and stop if it shows."""
-    hold = max(len(secret) - 1, 0)
+    """Copy to EOF; with a secret, stop if it shows.
+
+    Only an end that could be the start of the secret is held back until
+    the next bytes say otherwise: everything else goes on at once, so a
+    stream (server-sent events, WebSocket frames) is not delayed.
+    """
     tail = b""
     while chunk := await source.read(_CHUNK):
         meter[2] += len(chunk)
@@ -790,7 +943,7 @@ async def _copy_response(
         if secret and secret in window:
             sink.transport.abort()
             return True
-        cut = max(len(window) - hold, 0)
+        cut = len(window) - _secret_prefix_at_end(window, secret)
         tail = window[cut:]
         sink.write(window[:cut])
         await sink.drain()
@@ -799,6 +952,14 @@ async def _copy_response(
     if sink.can_write_eof():
         sink.write_eof()
     return False
+
+
+def _secret_prefix_at_end(data: bytes, secret: bytes) -> int:
+    """The length of the longest end of ``data`` that begins ``secret`` (0 if none)."""
+    for size in range(min(len(secret) - 1, len(data)), 0, -1):
+        if data.endswith(secret[:size]):
+            return size
+    return 0
 
 
 async def _splice(

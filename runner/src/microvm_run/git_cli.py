@@ -42,7 +42,11 @@ class Session:
 
 
 def before_run(
-    plan: GitPlan | None, environ: Mapping[str, str], *, project: Path | None = None
+    plan: GitPlan | None,
+    environ: Mapping[str, str],
+    *,
+    project: Path | None = None,
+    trust_git: bool = False,
 ) -> Session | None:
     if plan is None:
         if project is None:
@@ -56,19 +60,23 @@ def before_run(
                 "not see: the agent has no git here (run from the repository's top level)"
             )
         # Whatever .git the agent leaves here is the agent's from now on.
-        _mark_run(environ, project, git_hidden=False)
+        mark_run(environ, project, git_hidden=False)
         return None
     if plan.mode == "gitfile":
         process.log(
             f"{plan.user_git} is a file (a linked worktree or submodule): the guest sees it "
             "read-only and gets no git; run from the main checkout, or use --worktree NAME there"
         )
-        _mark_run(environ, plan.project, git_hidden=True)
+        mark_run(environ, plan.project, git_hidden=True)
         return None
-    # Planned though marked: the user said --trust-git.  Then this run too.
     if agentgit.git_untrusted(_state_home(environ), plan.project):
+        if not trust_git:
+            # Marked since it was planned (a VM above it started meanwhile).
+            process.log(agentgit.untrusted_git_line(plan.project))
+            mark_run(environ, plan.project, git_hidden=True)
+            return None
         agentgit.trust(_state_home(environ), plan.project)
-    _mark_run(environ, plan.project, git_hidden=True)
+    mark_run(environ, plan.project, git_hidden=True)
     try:
         agentgit.make_dirs(plan)
         plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
@@ -99,6 +107,12 @@ def after_run(session: Session | None, environ: Mapping[str, str]) -> gitimport.
     if session is None:
         return None
     plan = session.plan
+    if agentgit.git_untrusted(_state_home(environ), plan.project):
+        # Another VM, on a directory above the project, started meanwhile:
+        # its agent could have written the .git this import would run in.
+        os.close(session.lock_fd)
+        process.log(f"{agentgit.untrusted_git_line(plan.project)} (kept in {plan.agent_git})")
+        return None
     try:
         imported = gitimport.import_commits(plan, session.meta, environ)
         if imported.head is not None:
@@ -176,7 +190,7 @@ def _project(raw: str | None, environ: Mapping[str, str]) -> Path:
     return path
 
 
-def _mark_run(environ: Mapping[str, str], project: Path, *, git_hidden: bool) -> None:
+def mark_run(environ: Mapping[str, str], project: Path, *, git_hidden: bool) -> None:
     try:
         agentgit.mark_run(_state_home(environ), project, git_hidden=git_hidden)
     except OSError as err:
@@ -467,6 +481,12 @@ def prune(environ: Mapping[str, str], *, explicit: Sequence[str] = ()) -> list[s
             except GitError:
                 continue
             project = Path(meta.project)
+            if agentgit.git_untrusted(_state_home(environ), project):
+                # No git at all on a .git an agent may have written since.
+                removed.append(
+                    f"kept {meta.mode} run {meta.name}: {agentgit.untrusted_git_line(project)}"
+                )
+                continue
             if (project / ".git").is_dir():
                 # Commits a killed runner never imported are not lost here.
                 meta = _import_pending(project, run_dir, meta, environ)

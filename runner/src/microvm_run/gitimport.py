@@ -102,6 +102,10 @@ def agent_head(agent_git: Path) -> str | None:
     return None
 
 
+# Names one object folder may hold: a real one holds far fewer.
+MAX_OBJECT_NAMES = 1 << 16
+
+
 def _copy_objects(agent_git: Path, target_objects: Path) -> None:
     """The agent's own objects as plain files (loose ones and packs), bounded."""
     budget = _Budget()
@@ -115,7 +119,7 @@ def _copy_objects(agent_git: Path, target_objects: Path) -> None:
                 continue  # info/ (the guest's alternates) and anything else: never read
             try:
                 with _opendir(Path(entry), objects) as folder:
-                    for name in sorted(safefs.names_in(folder)):
+                    for name in sorted(safefs.names_in(folder, limit=MAX_OBJECT_NAMES)):
                         if wanted.fullmatch(name):
                             dest = target_objects / entry / name
                             dest.parent.mkdir(exist_ok=True)

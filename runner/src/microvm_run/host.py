@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from microvm_run import home, netpolicy
-from microvm_run.plan import HostFacts, PlanError
-from microvm_run.spec import Spec
+from microvm_run import home, localdirs
+
+if TYPE_CHECKING:
+    from microvm_run.plan import HostFacts
+    from microvm_run.spec import Spec
+
+# plan (and with it spec, netpolicy, qemu, ...) is imported only by the
+# functions that plan: `ps`, `stop` and `gc` use this module's directory
+# helpers and stay quick.
 
 
 def resolve_work_dir(
@@ -27,6 +33,8 @@ def resolve_work_dir(
     writes the project, so a project that holds them would let the agent
     rewrite what the user allowed.
     """
+    from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
+
     path = Path(raw).expanduser()
     try:
         resolved = path.resolve(strict=True)
@@ -88,6 +96,8 @@ def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -
     # symlink is refused, never followed.
     resolved = given.parent.resolve() / given.name
     if resolved.is_relative_to(work_dir):
+        from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
+
         raise PlanError(
             f"AGENT_HOME {resolved} lies inside the project {work_dir}: the agent could replace "
             "it with a link to any of your directories; set it elsewhere"
@@ -143,6 +153,8 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
     if not runtime:
         return False, "XDG_RUNTIME_DIR is not set"
     private = Path(runtime) / "systemd" / "private"
+    import socket  # noqa: PLC0415 - `ps` and `gc` without instances never get here
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
@@ -217,12 +229,16 @@ def project_allow_file(agent: str, work_dir: Path, environ: Mapping[str, str]) -
 
 
 def read_project_allow(path: Path) -> tuple[str, ...]:
+    from microvm_run import netpolicy  # noqa: PLC0415 - see the note at the imports
+    from microvm_run.plan import PlanError  # noqa: PLC0415
+
     try:
         text = path.read_text()
     except FileNotFoundError:
         return ()
     except (OSError, UnicodeDecodeError) as err:
         raise PlanError(f"cannot read the project allowlist {path}: {err}") from None
+
     try:
         # Checked here, where the file and line are known.
         netpolicy.parse_allow_file(text, str(path))
@@ -327,6 +343,8 @@ def gather(
     allow_home: bool,
     instance_id: str | None = None,
 ) -> HostFacts:
+    from microvm_run.plan import HostFacts  # noqa: PLC0415 - see the note at the imports
+
     raw_work = work_dir_arg or environ.get("WORK_DIR") or os.getcwd()
     user_home = Path(environ["HOME"]) if environ.get("HOME") else None
     uid, gid = os.getuid(), os.getgid()
@@ -354,4 +372,6 @@ def gather(
         python=Path(sys.executable),
         relay=Path(__file__).with_name("relay.py"),
         gitmask=Path(__file__).with_name("gitmask.py"),
+        implied_local_dirs=localdirs.implied(work_dir),
+        local_slot=localdirs.free_slot(project_state_dir(work_dir, environ)),
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +86,8 @@ def _entry(entry: Any, path: Path) -> HostVM:
 
 def state(vm: HostVM, environ: Mapping[str, str]) -> str:
     """``systemctl is-active microvm@NAME``: active, inactive, failed, ... or unknown."""
+    import shutil  # noqa: PLC0415 - only with host VMs declared: keeps `ps` quick
+
     env = _tool_env(environ)
     systemctl = shutil.which("systemctl", path=env.get("PATH"))
     if systemctl is None:
@@ -107,6 +108,14 @@ def attach_argv(vm: HostVM) -> list[str]:
         "-o", f"UserKnownHostsFile={vm.known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "UpdateHostKeys=no",
+        # The VM is not trusted with the user's ssh-agent, X display or
+        # forwardings, whatever ~/.ssh/config says for `Host *`.
+        "-a", "-x",
+        "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no",
+        "-o", "ClearAllForwardings=yes",
+        "-o", "PermitLocalCommand=no",
+        "-o", "ControlPath=none",
         f"{GUEST_USER}@{vm.address}",
         ATTACH_COMMAND,
     ]  # fmt: skip

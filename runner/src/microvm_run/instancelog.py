@@ -30,10 +30,12 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from microvm_run import host, state
-from microvm_run.plan import LaunchPlan
+
+if TYPE_CHECKING:  # ps and gc read logs without the planner's imports
+    from microvm_run.plan import LaunchPlan
 
 LOG_DIR = "instances"
 SUFFIX = ".jsonl"

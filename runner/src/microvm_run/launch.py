@@ -35,6 +35,7 @@ from microvm_run import (
     evalguard,
     host,
     instancelog,
+    localdirs,
     notify,
     process,
     safefs,
@@ -54,6 +55,8 @@ DAEMON_DEATH_GRACE_S = 1.0
 POWEROFF_GRACE_S = 30.0
 # A guest that writes without newlines must not grow the runner's memory.
 MAX_STATUS_LINE = 4096
+MAX_LOGGED_NOTIFICATIONS = 100
+_POLL_S = 0.01
 
 
 class LaunchError(RuntimeError):
@@ -114,6 +117,9 @@ def launch(
         try:
             try:
                 create_private_dirs(plan)
+                if plan.local_image is not None:
+                    # The runner's own file in its state dir; the guest formats it.
+                    localdirs.ensure_image(plan.local_image, plan.local_size_bytes)
                 roots = shareroots.identities(plan, os.getuid())
                 _prepare_runtime_dir(plan, instance)
                 _record(instance)
@@ -399,6 +405,7 @@ class _Watcher:
         self.failure: str | None = None
         self.code = EXIT_NO_STATUS
         self.poweroff_deadline: float | None = None
+        self.notified = 0
 
     def run(self) -> int:
         plan = self.instance.plan
@@ -462,6 +469,17 @@ class _Watcher:
         self.poller.unregister(self.listener)
         self.poller.register(self.conn, selectors.EVENT_READ, "status")
 
+    def _notify(self, text: str) -> None:
+        if self.instance.notifier is None:
+            return
+        shown = self.instance.notifier(text)
+        if shown is not None:
+            self.notified += 1
+            # The log keeps the first ones; a guest that loops does not grow
+            # it without bound (the count is kept).
+            if self.notified <= MAX_LOGGED_NOTIFICATIONS:
+                self.instance.event("notify", text=shown, count=self.notified)
+
     def _read_status(self, until_eof: bool) -> None:
         if self.conn is None:
             return
@@ -488,10 +506,8 @@ class _Watcher:
         for line in lines:
             text = line.decode(errors="replace")
             word, _, rest = text.partition(" ")
-            if word == "notify" and self.instance.notifier is not None:
-                shown = self.instance.notifier(rest)
-                if shown is not None:
-                    self.instance.event("notify", text=shown)
+            if word == "notify":
+                self._notify(rest)
             self.status = self.status.feed(text)
         if self.status.ready and not was_ready:
             _remove_credentials(self.instance.plan)

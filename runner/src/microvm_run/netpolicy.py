@@ -43,6 +43,8 @@ HTTP_PORT = 80  # transparent: destination from the Host header
 TLS_PORT = 443  # transparent: destination from the SNI
 PROXY_PORT = 3128  # explicit: HTTP CONNECT host:port (HTTPS_PROXY points here)
 KEY_PROXY_PORT = 4180  # --inject-keys: the API base URL points here
+# What the guest gets instead of the key with --inject-keys.
+KEY_PLACEHOLDER = "microvm-run-placeholder"
 BASE_PORTS = (DNS_PORT, HTTP_PORT, TLS_PORT, PROXY_PORT)
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
@@ -119,6 +121,18 @@ class AllowRule:
 
 def normalise_host(host: str) -> str:
     return host.strip().rstrip(".").lower()
+
+
+def _safe_to_show_as_command(host: str) -> bool:
+    """A host name or an address: nothing a shell would read as syntax."""
+    if valid_hostname(host.removeprefix("*.")):
+        return True
+    bare = host.removeprefix("[").removesuffix("]")
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return False
+    return "%" not in bare and str(address) == bare
 
 
 def valid_hostname(host: str) -> bool:
@@ -359,6 +373,9 @@ class Refusal:
         """One line: which host, under which mode, why, and what the user can run."""
         shown = self.host if self.port == DNS_PORT else self.key
         line = f"microvm-run refused {shown}: {self.why} (--net {self.mode})"
+        if not _safe_to_show_as_command(self.host):
+            # A command the user may paste into a shell names only a real host name.
+            return line
         if self.fix == FIX_ALLOW:
             command = f"microvm-run allow {self.instance_id} {self.entry()}"
             line += f"; to allow it, on the host: {command}"

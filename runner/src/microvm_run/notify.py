@@ -89,10 +89,16 @@ class Notifier:
             return False
         try:
             done = process.run(
-                [program, "--app-name=microvm-run", title, text],
+                # `--`: the guest's text is never an option; the body is
+                # markup to the notification daemon, so & < > are escaped.
+                [program, "--app-name=microvm-run", "--", title, _no_markup(text)],
                 env=env,
                 timeout=NOTIFY_SEND_TIMEOUT_S,
             )
         except process.ProcessError:
             return False
         return done.returncode == 0
+
+
+def _no_markup(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -10,11 +10,9 @@ a reused pid is never signalled.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
-import socket
 import stat
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -62,6 +60,8 @@ class OpsError(ValueError):
 
 def qmp_probe(path: Path) -> bool:
     """Does something accept connections on this socket (QEMU's monitor)?"""
+    import socket  # noqa: PLC0415 - only instances that run need it: keeps `ps` quick
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(0.5)
@@ -75,6 +75,9 @@ def qmp_probe(path: Path) -> bool:
 
 def qmp_powerdown(path: Path, timeout: float = QMP_TIMEOUT_S) -> str | None:
     """Press the guest's power button over QMP; None if QEMU accepted it, else why not."""
+    import json  # noqa: PLC0415 - only `stop` needs these: keeps `ps` quick
+    import socket  # noqa: PLC0415
+
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
@@ -99,6 +102,8 @@ def qmp_powerdown(path: Path, timeout: float = QMP_TIMEOUT_S) -> str | None:
 
 
 def _qmp_read(reader: IO[bytes]) -> dict[str, Any]:
+    import json  # noqa: PLC0415 - see qmp_powerdown
+
     line = reader.readline(MAX_QMP_LINE)
     if not line:
         raise ValueError("connection closed")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microvm_run import contract, home, live, netpolicy, presets, qemu, virtiofsd
+from microvm_run import contract, home, live, localdirs, netpolicy, presets, qemu, virtiofsd
 from microvm_run.agentgit import GitPlan
 from microvm_run.netpolicy import NET_ALIASES, EgressConfig, KeyRoute, NetMode, PolicyError
 from microvm_run.qemu import Accel
@@ -22,7 +22,7 @@ from microvm_run.spec import Share, Spec
 from microvm_run.virtiofsd import Supervisor
 
 # What the guest sees instead of an API key the host-side proxy adds.
-KEY_PLACEHOLDER = "microvm-run-placeholder"
+KEY_PLACEHOLDER = netpolicy.KEY_PLACEHOLDER
 # --supervisor: a Supervisor, or "auto" (systemd when a user manager runs).
 SUPERVISOR_CHOICES = ("auto", *(s.value for s in Supervisor))
 # sun_path is 108 bytes including the terminating NUL.
@@ -64,6 +64,12 @@ class RunOptions:
     memory_mib: int | None = None
     vcpus: int | None = None
     agent_args: tuple[str, ...] = ()
+    # virtiofsd's cache mode for /work and the home (virtiofsd.FS_CACHE_MODES)
+    fs_cache: str = virtiofsd.DEFAULT_FS_CACHE
+    # Directories of /work on the guest's own disk: None = what the project's
+    # lockfiles imply (localdirs.RULES), () = none (--no-local-dirs).
+    local_dirs: tuple[str, ...] | None = None
+    local_dirs_size_gib: int = localdirs.DEFAULT_SIZE_GIB
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,9 @@ class HostFacts:
     # The project's git as the guest sees it (agentgit.plan_git); None: no git.
     git: GitPlan | None = None
     gitmask: Path = Path("gitmask.py")  # hides the user's .git from the work share
+    # localdirs.implied(work_dir), and the first disk slot no running QEMU holds
+    implied_local_dirs: tuple[str, ...] = ()
+    local_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,10 @@ class LaunchPlan:
     # them, whether the key goes to the guest or stays with the key proxy.
     secret_vars: tuple[str, ...] = ()
     git: GitPlan | None = None
+    # The local-directories disk (localdirs.py): the dirs, its image and size.
+    local_dirs: tuple[str, ...] = ()
+    local_image: Path | None = None
+    local_size_bytes: int = 0
     qemu_argv: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +164,9 @@ class LaunchPlan:
 
 
 def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
+    if options.fs_cache not in virtiofsd.FS_CACHE_MODES:
+        modes = ", ".join(virtiofsd.FS_CACHE_MODES)
+        raise PlanError(f"--fs-cache must be one of {modes}, not {options.fs_cache!r}")
     if options.accel not in tuple(Accel):
         raise PlanError(f"--accel must be one of {', '.join(Accel)}, not {options.accel!r}")
     accel = Accel(options.accel)
@@ -178,6 +194,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
             runtime_dir=runtime_dir,
             basename=basename,
             facts=facts,
+            fs_cache=options.fs_cache,
         )
         for share in spec.shares
     )
@@ -207,7 +224,15 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         inject=inject,
         preset_hosts=preset_hosts,
     )
+    local_dirs = _local_dirs(options, facts)
+    local_image = (
+        localdirs.image_dir(facts.state_dir) / f"{facts.local_slot}.img" if local_dirs else None
+    )
+    if local_image is not None and "," in str(local_image):
+        raise PlanError(f"the state dir {facts.state_dir} has a comma, which QEMU cannot take")
     guest_env = _guest_env(facts, cri)
+    if local_dirs:
+        guest_env["PYTHONPYCACHEPREFIX"] = contract.LOCAL_PYCACHE
     if egress is not None:
         guest_env |= _proxy_env(spec, egress, facts)
     launch_file = runtime_dir / "launch.sh"
@@ -218,6 +243,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         [*spec.command, *options.agent_args],
         net=net,
         tty_size=facts.terminal_size,
+        local_dirs=local_dirs,
     ).decode()
     memory_mib = options.memory_mib or spec.memory_mib
     vcpus = options.vcpus or spec.vcpus
@@ -237,6 +263,7 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
             launch_file=launch_file,
             credential_files=credentials,
             tsc_khz=facts.tsc_khz,
+            local_image=local_image,
         ),
     )
     return LaunchPlan(
@@ -266,8 +293,23 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         credentials=credentials,
         secret_vars=spec.api_key_vars,
         git=facts.git,
+        local_dirs=local_dirs,
+        local_image=local_image,
+        local_size_bytes=options.local_dirs_size_gib << 30 if local_dirs else 0,
         qemu_argv=tuple(argv),
     )
+
+
+def _local_dirs(options: RunOptions, facts: HostFacts) -> tuple[str, ...]:
+    """The /work directories on the guest's own disk (every spec shares /work)."""
+    if not 1 <= options.local_dirs_size_gib <= localdirs.MAX_SIZE_GIB:
+        raise PlanError(
+            f"--local-dirs-size must be 1..{localdirs.MAX_SIZE_GIB} GiB, "
+            f"not {options.local_dirs_size_gib}"
+        )
+    if options.local_dirs is None:
+        return facts.implied_local_dirs
+    return options.local_dirs
 
 
 def _daemon(
@@ -278,6 +320,7 @@ def _daemon(
     runtime_dir: Path,
     basename: str,
     facts: HostFacts,
+    fs_cache: str,
 ) -> VirtiofsdPlan:
     socket = _socket(runtime_dir / f"fs-{share.tag}.sock")
     masked = share.source == "work" and facts.git is not None
@@ -291,6 +334,7 @@ def _daemon(
         gid=0 if masked else facts.gid,
         read_only=share.read_only,
         source=share.source,
+        cache=fs_cache,
     )
     if masked:
         assert facts.git is not None

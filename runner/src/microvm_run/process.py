@@ -16,8 +16,6 @@ import ctypes
 import enum
 import functools
 import os
-import selectors
-import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +146,8 @@ def wait_exits(pidfds: Sequence[int], timeout: float) -> set[int]:
     if not pidfds:
         return done
     deadline = time.monotonic() + timeout
+    import selectors  # noqa: PLC0415 - only stopping needs it: keeps `ps` quick
+
     with selectors.DefaultSelector() as poller:
         for pidfd in pidfds:
             poller.register(pidfd, selectors.EVENT_READ)
@@ -285,6 +285,8 @@ def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
 
     Returns only by raising ProcessError when the program cannot be run.
     """
+    import shutil  # noqa: PLC0415 - only attach needs it: keeps `ps` quick
+
     found = shutil.which(argv[0], path=env.get("PATH"))
     if found is None:
         raise ProcessError(f"{argv[0]} not found on PATH")

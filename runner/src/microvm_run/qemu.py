@@ -6,17 +6,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from microvm_run.contract import (
     CREDENTIAL_FW_CFG_PREFIX,
     FALLBACK_TSC_KHZ,
     LAUNCH_FW_CFG,
+    LOCAL_DISK_SERIAL,
     RUNNER_KERNEL_PARAMS,
     STATUS_PORT,
     TCG_MICROVM_EXTRA_PARAMS,
     TCG_MICROVM_TSC_PARAM,
 )
-from microvm_run.spec import Spec
+
+if TYPE_CHECKING:
+    # Annotations only: `ps` and `doctor`'s parser import Accel without the spec parser.
+    from microvm_run.spec import Spec
 
 
 class Accel(StrEnum):
@@ -43,6 +48,7 @@ class QemuInputs:
     launch_file: Path
     credential_files: Sequence[tuple[str, Path]]  # (VAR, file)
     tsc_khz: int | None = None  # the host's TSC frequency, if known
+    local_image: Path | None = None  # the local-directories disk (localdirs.py)
 
 
 def kernel_params(spec: Spec, accel: Accel, tsc_khz: int | None = None) -> list[str]:
@@ -95,6 +101,12 @@ def qemu_argv(spec: Spec, inputs: QemuInputs) -> list[str]:
         argv += [
             "-chardev", f"socket,id=fs{index},path={socket}",
             "-device", f"vhost-user-fs-{dev},chardev=fs{index},tag={tag}",
+        ]  # fmt: skip
+    if inputs.local_image is not None:
+        argv += [
+            # Raw and sparse; discard=unmap gives deleted blocks back to the host.
+            "-drive", f"file={inputs.local_image},if=none,id=local,format=raw,discard=unmap",
+            "-device", f"virtio-blk-{dev},drive=local,serial={LOCAL_DISK_SERIAL}",
         ]  # fmt: skip
     if inputs.netdev is not None:
         argv += ["-netdev", inputs.netdev, "-device", f"virtio-net-{dev},netdev=net0"]

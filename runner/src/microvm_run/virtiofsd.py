@@ -27,7 +27,19 @@ _CRI_XATTRMAP = ":map:trusted.:user.virtiofs.trusted.:"
 # change on the host while the guest runs: `auto` re-validates within 1 s
 # (virtiofsd's attribute and entry timeout) and on every open.
 _CACHE = {"nix-store": "always"}
-_DEFAULT_CACHE = "auto"
+# The shares the host edits too (the project, the agent home) take the
+# user's --fs-cache; README "Bench" has the measurements behind the default.
+USER_CACHED_SOURCES = ("work", "home")
+FS_CACHE_MODES = ("auto", "always", "never")
+DEFAULT_FS_CACHE = "auto"
+
+
+def cache_mode(source: str, chosen: str) -> str:
+    """virtiofsd's --cache for a share: the store's fixed one, else the user's for
+    the project and the home, else auto."""
+    if source in _CACHE:
+        return _CACHE[source]
+    return chosen if source in USER_CACHED_SOURCES else DEFAULT_FS_CACHE
 
 
 def virtiofsd_argv(
@@ -39,6 +51,7 @@ def virtiofsd_argv(
     gid: int,
     read_only: bool,
     source: str,
+    cache: str = DEFAULT_FS_CACHE,
 ) -> list[str]:
     """One unprivileged virtiofsd for one share.
 
@@ -65,7 +78,7 @@ def virtiofsd_argv(
         # 0666 node of the host's disk, or a file granting capabilities, in
         # the project for any local user.  FIFOs and sockets need neither.
         "--modcaps=-mknod:-setfcap",
-        f"--cache={_CACHE.get(source, _DEFAULT_CACHE)}",
+        f"--cache={cache_mode(source, cache)}",
     ]
     if read_only:
         argv.append("--readonly")
