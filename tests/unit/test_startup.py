@@ -52,6 +52,9 @@ def test_ps_and_help_do_not_import_the_planner(tmp_path: Path, command: list[str
     planner = {"microvm_run.plan", "microvm_run.spec", "microvm_run.agentgit"}
     assert not ours & planner, ours & planner
     assert not ours & {"microvm_run.doctor", "microvm_run.git_cli", "microvm_run.launch"}
+    # Nor the egress policy (state.py records the --net mode from netmode.py)
+    # or the process layer.
+    assert not ours & {"microvm_run.netpolicy", "microvm_run.process", "microvm_run.safefs"}
     # argparse would import shutil for the terminal width.  inspect comes
     # with dataclasses, which the runner's records are.  (At most: a newer
     # Python may import less.)

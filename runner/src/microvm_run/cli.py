@@ -472,7 +472,7 @@ def _others_running(plan: LaunchPlan) -> bool:
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     from microvm_run.localdirs import DEFAULT_SIZE_GIB  # noqa: PLC0415
-    from microvm_run.netpolicy import NET_ALIASES, NetMode  # noqa: PLC0415
+    from microvm_run.netmode import NET_ALIASES, NetMode  # noqa: PLC0415
     from microvm_run.plan import SUPERVISOR_CHOICES  # noqa: PLC0415
     from microvm_run.qemu import Accel  # noqa: PLC0415
     from microvm_run.virtiofsd import DEFAULT_FS_CACHE, FS_CACHE_MODES  # noqa: PLC0415

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from microvm_run import home
 from microvm_run.atomic import write_atomic
-from microvm_run.netpolicy import NetMode
+from microvm_run.netmode import NetMode
 from microvm_run.virtiofsd import Supervisor
 
 TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
