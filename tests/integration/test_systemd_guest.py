@@ -299,6 +299,8 @@ def test_local_dirs_land_on_the_guest_disk_persist_and_a_planted_symlink_stops_t
         in output
     )
     assert "the guest ended without reporting an exit status" in third.stderr
+    assert "its last console lines above say why" in third.stderr
+    assert "virtiofsd work log" not in third.stderr
 
     shutil.rmtree(work)
     pruned = sd_vm.ops("gc", "--prune", "--yes")
