@@ -27,7 +27,7 @@ from typing import Literal
 
 from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS
 
-# lib/agents.nix lists the same names (tests/unit/test_newvm.py compares them).
+# The flavors of lib/flavors.nix (tests/unit/test_newvm.py compares them).
 AGENTS = ("claude", "codex", "gemini")
 
 # Where the agent-microvm flake comes from in a generated flake.nix (README: Using the flake).
