@@ -30,6 +30,15 @@
 let
   claudeSettings = "agent-microvm/claude-settings.json";
   geminiDefaults = "agent-microvm/gemini-system-defaults.json";
+  qwenDefaults = "agent-microvm/qwen-system-defaults.json";
+  qwenQuiet = {
+    # The settings schema's version: without it Qwen Code (0.10) rewrites
+    # the file to add it, and says so on every start where it cannot.
+    "$version" = 3;
+    privacy.usageStatisticsEnabled = false;
+    telemetry.enabled = false;
+    general.enableAutoUpdate = false;
+  };
   # agent-microvm-notify's message as one shell word (lib.escapeShellArg
   # without nixpkgs; the messages are plain text).
   notify = message: "agent-microvm-notify '${message}'";
@@ -274,6 +283,66 @@ in
       export GEMINI_CLI_TRUST_WORKSPACE=true
       if [ -n "''${GEMINI_API_KEY:-}" ]; then
         export GEMINI_CLI_SYSTEM_DEFAULTS_PATH=/etc/${geminiDefaults}
+      fi
+    '';
+  };
+
+  # Qwen Code (Alibaba), an OpenAI-compatible client: it reads
+  # OPENAI_API_KEY and OPENAI_BASE_URL (packages/core/src/models/constants.ts
+  # in QwenLM/qwen-code), but only once an auth type is chosen, and sends
+  # POST $OPENAI_BASE_URL/chat/completions with `Authorization: Bearer`.
+  qwen = {
+    title = "Qwen Code";
+    package = "qwen-code";
+    # --yolo: accept every tool call; the VM is the sandbox.
+    command = [
+      "qwen"
+      "--yolo"
+    ];
+    keyVars = [ "OPENAI_API_KEY" ];
+    configDir = ".qwen";
+    allow = [
+      # Alibaba Cloud Model Studio's OpenAI-compatible API, Qwen Code's
+      # default for an API key.
+      "dashscope.aliyuncs.com"
+      # The Qwen OAuth login (device flow); the API host its token names
+      # is the user's to --allow.
+      "chat.qwen.ai"
+    ];
+    keyProxy = [
+      {
+        var = "OPENAI_API_KEY";
+        upstream = "https://dashscope.aliyuncs.com/compatible-mode";
+        header = "authorization";
+        baseUrlVar = "OPENAI_BASE_URL";
+        baseUrlPath = "/v1";
+        # /compatible-mode/v1/chat/completions, /compatible-mode/v1/models
+        methods = [
+          "GET"
+          "POST"
+        ];
+        paths = [ "/compatible-mode/v1/" ];
+      }
+    ];
+    # Qwen Code's system defaults, the lowest layer of its settings (a user
+    # who chose another auth type, a Qwen OAuth login "qwen-oauth", or
+    # another model in ~/.qwen/settings.json keeps it): no usage statistics
+    # or telemetry (their host is not in the allowlist), no update check.
+    # With a key the defaults are a second file that also selects the key
+    # ("openai") and a model that Model Studio serves (in Qwen Code 0.24.4's
+    # list of its models): with a key and no auth type chosen, `qwen -p`
+    # fails ("No auth type is selected") and the TUI opens its "Connect a
+    # Provider" dialog (seen with 0.10.1 and 0.24.4).
+    etc = {
+      "qwen-code/system-defaults.json".json = qwenQuiet;
+      ${qwenDefaults}.json = qwenQuiet // {
+        security.auth.selectedType = "openai";
+        model.name = "qwen3-coder-plus";
+      };
+    };
+    preStart = ''
+      if [ -n "''${OPENAI_API_KEY:-}" ]; then
+        export QWEN_CODE_SYSTEM_DEFAULTS_PATH=/etc/${qwenDefaults}
       fi
     '';
   };

@@ -1,12 +1,12 @@
 """The real agent CLIs from npm, through the real microvm-run and its key proxy.
 
 Each flavor of lib/flavors.nix has its CLI (Claude Code, Codex, Gemini
-CLI; the version nixpkgs ships and the latest, installed by
+CLI, Qwen Code; the version nixpkgs ships and the latest, installed by
 scripts/setup-host) run in the systemd test guest with that flavor's own
 rendered session, pre-start and /etc files
 (tests/guest-systemd/rendered-flavors/NAME), the flavor's command,
 allowlist and key route from its entry, and answer a prompt without a
-terminal (`claude -p`, `codex exec`, `gemini -p`); once per
+terminal (`claude -p`, `codex exec`, `gemini -p`, `qwen -p`); once per
 flavor its TUI starts on a host terminal (tmux) and must reach its prompt
 with no login screen or dialog in between.
 
@@ -54,13 +54,15 @@ HEADLESS = {
     "claude": ["-p", PROMPT],
     "codex": ["exec", "--skip-git-repo-check", PROMPT],
     "gemini": ["-p", PROMPT],
+    "qwen": ["-p", PROMPT],
 }
 TUI_READY = {
     "claude": "bypass permissions on",
     "codex": "Ask Codex",
     "gemini": "Type your message",
+    "qwen": "Type your message",
 }
-TUI_EXIT = {"claude": "/exit", "codex": "/quit", "gemini": "/quit"}
+TUI_EXIT = {"claude": "/exit", "codex": "/quit", "gemini": "/quit", "qwen": "/quit"}
 # What must not be on screen on the way to the prompt: login screens and
 # blocking dialogs.
 TUI_BLOCKERS = (
@@ -74,6 +76,8 @@ TUI_BLOCKERS = (
     "Do you want to use this API key",
     "Unable to connect",
     "Invalid auth",
+    "Connect a Provider",
+    "No auth type is selected",
 )
 STAND_IN_ADDR = "127.0.0.5"
 
