@@ -33,7 +33,9 @@ in
     };
     environment.etc = lib.mkIf config.agentVM.enable (
       lib.mapAttrs (
-        _: file: { text = builtins.toJSON file.json; } // lib.optionalAttrs (file ? mode) { inherit (file) mode; }
+        _: file:
+        { text = builtins.toJSON file.json; }
+        // lib.optionalAttrs (file ? mode) { inherit (file) mode; }
       ) (flavor.etc or { })
     );
     agentVM.launch.agentPreStart = lib.mkIf (preStart != "") (

@@ -703,7 +703,8 @@ in
   # The docs' tables made from the entries are in the docs as they are
   # (expected: the table to paste).
   readmeKeyProxyTableIsTheFlavors = {
-    expr = if hasInfix tables.rendered.keyProxy readme then tables.rendered.keyProxy else "not in README.md";
+    expr =
+      if hasInfix tables.rendered.keyProxy readme then tables.rendered.keyProxy else "not in README.md";
     expected = tables.rendered.keyProxy;
   };
   docsAgentTableIsTheFlavors = {

@@ -145,10 +145,13 @@ else
         allowed = import ./stand-in-unfree.nix { lib = nixpkgsLib; } config.nixpkgs.config;
       in
       nixpkgsLib.mapAttrs (_: allowed) (
-        nixpkgsLib.genAttrs (flavorPackages ++ [
-          "unfree-other"
-          "git"
-        ]) (name: pkgs.${name})
+        nixpkgsLib.genAttrs (
+          flavorPackages
+          ++ [
+            "unfree-other"
+            "git"
+          ]
+        ) (name: pkgs.${name})
       );
     agentGroups = config.users.users.agent.extraGroups;
     networking = {
