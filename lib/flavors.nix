@@ -6,7 +6,7 @@
 # (tests/nix/cases.nix fails when one of them lists a flavor by hand).
 #
 # An entry:
-#   title       the CLI's name, for the docs
+#   title       the CLI's name (the flavor package's description)
 #   package     its nixpkgs attribute (installed in the guest)
 #   unfree      true: the package's licence is unfree; only it is allowed
 #   command     the command the guest runs in /work
