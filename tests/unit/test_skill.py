@@ -82,6 +82,7 @@ def test_install_puts_the_skill_in_each_agents_directory_once(
         "claude": home / ".claude/skills/create-agent-vm/SKILL.md",
         "gemini": home / ".gemini/skills/create-agent-vm/SKILL.md",
         "codex": tmp_path / "codex/skills/create-agent-vm/SKILL.md",
+        "qwen": home / ".qwen/skills/create-agent-vm/SKILL.md",
     }
     for agent, path in expected.items():
         code, out, _ = run(capsys, ["skill", "install", "--agent", agent], env)
