@@ -19,6 +19,7 @@ from pathlib import Path
 
 from microvm_run import safefs, usage
 from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run.newvm import AGENTS
 
 SKILL = "create-agent-vm"
 EXIT_REFUSED = 1
@@ -52,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     install = commands.add_parser("install", help="install the skill for an agent")
-    install.add_argument("--agent", default="claude", choices=("claude", "gemini", "codex", "qwen"))
+    install.add_argument("--agent", default="claude", choices=AGENTS)
     install.add_argument("--dir", help="a skills directory instead of the agent's own")
     install.add_argument("--force", action="store_true", help="replace a copy that differs")
     install.add_argument("--dry-run", action="store_true", help="say where; write nothing")
