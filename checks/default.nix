@@ -75,7 +75,7 @@ let
             let
               svc = nixos.config.systemd.services.agent-microvm;
               devices = [
-                "dev-hvc0.device"
+                "dev-${contract.console}.device"
                 "dev-virtio\\x2dports-${lib.replaceStrings [ "-" ] [ "\\x2d" ] contract.statusPort}.device"
               ];
             in

@@ -33,6 +33,9 @@
     credentialPrefix = "opt/io.systemd.credentials/";
   };
   statusPort = "org.agent-microvm.status";
+  # contract.py CONSOLE: the virtio console the runner names in console=,
+  # the agent's terminal.
+  console = "hvc0";
 
   # contract.py LAUNCH_VAR_*: the launch fragment's variables the guest
   # reads (render_launch writes the first three, plan.py exports the others

@@ -30,7 +30,7 @@ let
   statusPort = "/dev/virtio-ports/${contract.statusPort}";
   # systemd's device units for the console and the status port (udev tags
   # hvc* and vport* for systemd; names as `systemd-escape --path` gives).
-  consoleDevice = "dev-hvc0.device";
+  consoleDevice = "dev-${contract.console}.device";
   statusDevice = "dev-virtio\\x2dports-${
     lib.replaceStrings [ "-" ] [ "\\x2d" ] contract.statusPort
   }.device";
@@ -95,7 +95,7 @@ let
           size)
             read -r rows cols _ <<<"$rest"
             case "$rows $cols" in
-              [0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+              [0-9]*" "[0-9]*) stty -F /dev/${contract.console} rows "$rows" cols "$cols" 2>/dev/null ;;
             esac
             ;;
           denied) printf '%s\n' "$rest" >>${runDir}/denied ;;
@@ -635,7 +635,7 @@ in
       networking.firewall.enable = lib.mkDefault false;
 
       # The console belongs to the agent, not to a login prompt.
-      systemd.services."serial-getty@hvc0".enable = false;
+      systemd.services."serial-getty@${contract.console}".enable = false;
       systemd.services."getty@tty1".enable = false;
       systemd.services."autovt@".enable = false;
 
@@ -741,7 +741,7 @@ in
           StandardInput = "tty-force";
           StandardOutput = "tty";
           StandardError = "tty";
-          TTYPath = "/dev/hvc0";
+          TTYPath = "/dev/${contract.console}";
           TTYReset = true;
           TTYVHangup = true;
           ImportCredential = cfg.agent.apiKeyVars;

@@ -15,8 +15,8 @@ in
     default = true;
     description = ''
       Whether to source the dev environment the runner cached (launch variable
-      MICROVM_DEVSHELL) before the agent starts. Inert when the runner sets
-      no MICROVM_DEVSHELL.
+      ${var}) before the agent starts. Inert when the runner sets
+      no ${var}.
     '';
   };
 

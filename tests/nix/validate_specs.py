@@ -37,6 +37,7 @@ def runner_side(nix: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         ("fwCfg.launch", fw_cfg["launch"], contract.LAUNCH_FW_CFG),
         ("fwCfg.credentialPrefix", fw_cfg["credentialPrefix"], contract.CREDENTIAL_FW_CFG_PREFIX),
         ("statusPort", nix["statusPort"], contract.STATUS_PORT),
+        ("console", nix["console"], contract.CONSOLE),
         ("launchVars.net", launch_vars["net"], contract.LAUNCH_VAR_NET),
         ("launchVars.localDirs", launch_vars["localDirs"], contract.LAUNCH_VAR_LOCAL_DIRS),
         ("launchVars.ttySize", launch_vars["ttySize"], contract.LAUNCH_VAR_TTY_SIZE),

@@ -114,7 +114,8 @@ LAUNCH_VAR_TTY_SIZE = "MICROVM_TTY_SIZE"
 # Exported with the agent's environment (plan.py):
 LAUNCH_VAR_DEVSHELL = "MICROVM_DEVSHELL"
 LAUNCH_VAR_ENABLE_CRI = "ENABLE_CRI"
-RUNNER_KERNEL_PARAMS = ("console=hvc0", "panic=-1")
+CONSOLE = "hvc0"  # the agent's terminal (lib/contract.nix console)
+RUNNER_KERNEL_PARAMS = (f"console={CONSOLE}", "panic=-1")
 # Without tsc_early_khz the guest hangs at "Marking TSC unstable" on microvm
 # under TCG (no HPET or PIT to calibrate against).  Under TCG the guest reads
 # the host's TSC (QEMU's cpu_get_host_ticks), so the host's TSC frequency is
