@@ -12,6 +12,7 @@
 let
   agents = self.lib.agents;
   guest = import ../lib/guest.nix;
+  contract = import ../lib/contract.nix;
 
   libTests =
     let
@@ -64,8 +65,8 @@ let
             in
             !c.services.resolved.enable
             && !c.networking.resolvconf.enable
-            && c.environment.etc."resolv.conf".text == "nameserver 10.0.2.100\noptions use-vc\n";
-          msg = "/etc/resolv.conf is not the contract's (nameserver 10.0.2.100, options use-vc)";
+            && c.environment.etc."resolv.conf".text == "nameserver ${contract.network.egressAddr}\noptions use-vc\n";
+          msg = "/etc/resolv.conf is not the contract's (nameserver ${contract.network.egressAddr}, options use-vc)";
         }
         {
           # The agent waits for its console and the status port (a module in
@@ -74,8 +75,8 @@ let
             let
               svc = nixos.config.systemd.services.agent-microvm;
               devices = [
-                "dev-hvc0.device"
-                "dev-virtio\\x2dports-org.agent\\x2dmicrovm.status.device"
+                "dev-${contract.console}.device"
+                "dev-virtio\\x2dports-${lib.replaceStrings [ "-" ] [ "\\x2d" ] contract.statusPort}.device"
               ];
             in
             lib.all (d: lib.elem d svc.requires && lib.elem d svc.after) devices

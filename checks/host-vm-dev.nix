@@ -2,6 +2,9 @@
 # scripts/eval-modules evaluates the same declaration against microvm.nix's
 # host module and the stand-in (the check itself needs a NixOS host).
 { lib, ... }:
+let
+  inherit (import ../lib/contract.nix) workDir;
+in
 {
   services.agent-microvm = {
     enable = true;
@@ -24,7 +27,7 @@
           agentVM.agent.command = lib.mkForce [
             "sh"
             "-c"
-            "echo agent-started > /work/started; printf 'key=%s url=%s\\n' \"$ANTHROPIC_API_KEY\" \"$ANTHROPIC_BASE_URL\"; echo AGENT-SCREEN; exec sleep infinity"
+            "echo agent-started > ${workDir}/started; printf 'key=%s url=%s\\n' \"$ANTHROPIC_API_KEY\" \"$ANTHROPIC_BASE_URL\"; echo AGENT-SCREEN; exec sleep infinity"
           ];
         }
       ];

@@ -12,6 +12,7 @@
   system,
 }:
 let
+  contract = import ../lib/contract.nix;
   # nixpkgs' test keys (never used outside tests).
   sshKeys = import (pkgs.path + "/nixos/tests/ssh-keys.nix") pkgs;
 in
@@ -92,14 +93,14 @@ pkgs.testers.runNixOSTest {
         "grep -q AGENT-SCREEN /tmp/attach.log",
         timeout=300,
     )
-    host.succeed("grep -q 'key=microvm-run-placeholder' /tmp/attach.log")
+    host.succeed("grep -q 'key=${contract.network.keyPlaceholder}' /tmp/attach.log")
     host.fail("grep -q s3cret-canary /tmp/attach.log")
 
     def inside(command):
         ssh = (
             "ssh -o StrictHostKeyChecking=yes "
             "-o UserKnownHostsFile=/var/lib/microvms/dev/ssh/known_hosts "
-            f"agent@{address} {shlex.quote(command)}"
+            f"${contract.guestUser.name}@{address} {shlex.quote(command)}"
         )
         return host.execute(f"su - alice -c {shlex.quote(ssh)}")
 

@@ -16,6 +16,10 @@
   cri ? false,
 }:
 let
+  contract = import ../lib/contract.nix;
+  net = contract.network;
+  proxyUrl = "http://${net.egressAddr}:${toString net.ports.keyProxy}";
+
   # An image built from store paths: `docker load` / `podman load` take it
   # from the shared store, nothing is pulled.
   image = pkgs.dockerTools.buildImage {
@@ -30,23 +34,23 @@ let
       ''
         set -e
         docker load -i ${image}
-        docker run --rm --network none agent-microvm-test:local sh -c 'echo docker-ok' > /work/docker-run
-        docker info --format '{{.Driver}}' > /work/docker-driver
+        docker run --rm --network none agent-microvm-test:local sh -c 'echo docker-ok' > ${contract.workDir}/docker-run
+        docker info --format '{{.Driver}}' > ${contract.workDir}/docker-driver
         podman load -i ${image}
-        podman run --rm --network none agent-microvm-test:local sh -c 'echo podman-ok' > /work/podman-run
-        podman info --format '{{.Store.GraphDriverName}}' > /work/podman-driver
+        podman run --rm --network none agent-microvm-test:local sh -c 'echo podman-ok' > ${contract.workDir}/podman-run
+        podman info --format '{{.Store.GraphDriverName}}' > ${contract.workDir}/podman-driver
         exit 7
       ''
     else
       ''
-        echo ok > /work/ok
-        printf %s "$ANTHROPIC_API_KEY" > /work/key
-        printf %s "$ANTHROPIC_BASE_URL" > /work/base-url
-        cat /etc/resolv.conf > /work/resolv.conf
+        echo ok > ${contract.workDir}/ok
+        printf %s "$ANTHROPIC_API_KEY" > ${contract.workDir}/key
+        printf %s "$ANTHROPIC_BASE_URL" > ${contract.workDir}/base-url
+        cat /etc/resolv.conf > ${contract.workDir}/resolv.conf
         # DNS over TCP to the runner's egress proxy (contract "Network").
-        getent hosts api.anthropic.com > /work/dns || true
-        id -u > /work/uid
-        pwd > /work/pwd
+        getent hosts api.anthropic.com > ${contract.workDir}/dns || true
+        id -u > ${contract.workDir}/uid
+        pwd > ${contract.workDir}/pwd
         exit 7
       '';
 
@@ -74,15 +78,15 @@ let
   plainAsserts = ''
     machine.succeed("grep -qx ok /home/alice/project/ok")
     # --inject-keys is the default: the guest sees a placeholder and the proxy URL.
-    machine.succeed('test "$(cat /home/alice/project/key)" = microvm-run-placeholder')
+    machine.succeed('test "$(cat /home/alice/project/key)" = ${net.keyPlaceholder}')
     machine.succeed(
-        'test "$(cat /home/alice/project/base-url)" = http://10.0.2.100:4180/anthropic-api-key'
+        'test "$(cat /home/alice/project/base-url)" = ${proxyUrl}/anthropic-api-key'
     )
-    machine.succeed("grep -qx 'nameserver 10.0.2.100' /home/alice/project/resolv.conf")
+    machine.succeed("grep -qx 'nameserver ${net.egressAddr}' /home/alice/project/resolv.conf")
     machine.succeed("grep -q 'use-vc' /home/alice/project/resolv.conf")
-    machine.succeed("grep -q '^10.0.2.100 ' /home/alice/project/dns")
-    machine.succeed('test "$(cat /home/alice/project/pwd)" = /work')
-    machine.succeed('test "$(cat /home/alice/project/uid)" = 1000')
+    machine.succeed("grep -q '^${net.egressAddr} ' /home/alice/project/dns")
+    machine.succeed('test "$(cat /home/alice/project/pwd)" = ${contract.workDir}')
+    machine.succeed('test "$(cat /home/alice/project/uid)" = ${toString contract.guestUser.uid}')
     # virtiofsd maps the agent user to the invoking host user.
     machine.succeed('test "$(stat -c %U /home/alice/project/ok)" = alice')
   '';

@@ -33,21 +33,47 @@
     credentialPrefix = "opt/io.systemd.credentials/";
   };
   statusPort = "org.agent-microvm.status";
+  # contract.py CONSOLE: the virtio console the runner names in console=,
+  # the agent's terminal.
+  console = "hvc0";
 
-  # contract.py GUEST_UID, GUEST_HOME, WORK_DIR: who runs the command, where.
+  # contract.py LAUNCH_VAR_*: the launch fragment's variables the guest
+  # reads (render_launch writes the first three, plan.py exports the others
+  # with the agent's environment).
+  launchVars = {
+    net = "MICROVM_NET";
+    localDirs = "MICROVM_LOCAL_DIRS";
+    ttySize = "MICROVM_TTY_SIZE";
+    devshell = "MICROVM_DEVSHELL";
+    enableCri = "ENABLE_CRI";
+  };
+
+  # contract.py LOCAL_DISK_SERIAL, LOCAL_MOUNT: the local directories' disk
+  # and where the guest mounts it.
+  localDisk = {
+    serial = "agent-microvm-local";
+    mount = "/run/microvm-local";
+  };
+
+  # contract.py GUEST_UID, GUEST_HOME, GUEST_WORK_DIR: who runs the command,
+  # where; hostvms.py GUEST_USER: the user `microvm-run attach` logs in as.
   guestUser = {
     name = "agent";
     uid = 1000;
     home = "/home/agent";
   };
   workDir = "/work";
+  # hostvms.py ATTACH_COMMAND: what `microvm-run attach` runs over SSH in a
+  # host-declared VM (modules/persistent.nix provides it).
+  attachCommand = "agent-microvm-attach";
 
   # contract.py EXIT_NO_STATUS: what the guest reports when it cannot even
   # start the command (no /work), the status the runner gives a guest failure.
   guestFailureStatus = 125;
 
   # netpolicy.py: QEMU user networking's fixed addresses and the ports of
-  # the runner's egress proxy on EGRESS_ADDR.
+  # the runner's egress proxy on EGRESS_ADDR (prefixLength and gatewayAddr
+  # are QEMU's defaults, which the runner never names: not compared).
   network = {
     guestAddr = "10.0.2.15";
     prefixLength = 24;
@@ -60,6 +86,9 @@
       proxy = 3128;
       keyProxy = 4180;
     };
+    # netpolicy.py KEY_PLACEHOLDER: the API key a guest sees while the key
+    # proxy holds the real one.
+    keyPlaceholder = "microvm-run-placeholder";
   };
 
   # ENABLE_CRI's names, sorted (modules/cri.nix gives each its units); since spec

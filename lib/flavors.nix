@@ -28,6 +28,7 @@
 # Pure data apart from preStart, and flat: `nix-instantiate --eval` of
 # lib/network.nix (or of an entry without preStart) gives JSON.
 let
+  contract = import ./contract.nix;
   claudeSettings = "agent-microvm/claude-settings.json";
   geminiDefaults = "agent-microvm/gemini-system-defaults.json";
   qwenDefaults = "agent-microvm/qwen-system-defaults.json";
@@ -138,7 +139,7 @@ in
         claude_tmp=$(mktemp "$claude_state.XXXXXX") &&
           if { [ -e "$claude_state" ] && cat "$claude_state" || echo '{}'; } |
             ${jq}/bin/jq --arg key "$claude_key" '
-              .projects["/work"].hasTrustDialogAccepted //= true
+              .projects[${builtins.toJSON contract.workDir}].hasTrustDialogAccepted //= true
               | if $key == "" then . else
                   .hasCompletedOnboarding //= true
                   | .customApiKeyResponses.approved //= []

@@ -3,6 +3,8 @@
 # builtins-and-lib only, so the tests render the ruleset from the same code.
 { lib }:
 let
+  contract = import ./contract.nix;
+
   pow2 = n: if n == 0 then 1 else 2 * pow2 (n - 1);
 
   parseIPv4 =
@@ -107,8 +109,9 @@ rec {
         if vm.mode == "allowlist" then
           "iifname ${br} ip saddr ${vm.address} meta l4proto tcp redirect to :${toString vm.proxyPort}"
         else
-          # open: only the key proxy port on the gateway goes to the proxy.
-          "iifname ${br} ip saddr ${vm.address} ip daddr ${bridge.address} tcp dport 4180 redirect to :${toString vm.proxyPort}";
+          # open: only the key proxy port on the gateway goes to the proxy
+          # (the runner's port: the guest's base URLs name it).
+          "iifname ${br} ip saddr ${vm.address} ip daddr ${bridge.address} tcp dport ${toString contract.network.ports.keyProxy} redirect to :${toString vm.proxyPort}";
       openForward =
         vm:
         lib.optional (vm.mode == "open" && ext != null)

@@ -21,6 +21,7 @@ let
   guest = import ../lib/guest.nix;
   contract = import ../lib/contract.nix;
   net = contract.network;
+  inherit (contract) workDir launchVars;
 
   user = guest.user.name;
   inherit (guest.user) uid home;
@@ -29,7 +30,7 @@ let
   statusPort = "/dev/virtio-ports/${contract.statusPort}";
   # systemd's device units for the console and the status port (udev tags
   # hvc* and vport* for systemd; names as `systemd-escape --path` gives).
-  consoleDevice = "dev-hvc0.device";
+  consoleDevice = "dev-${contract.console}.device";
   statusDevice = "dev-virtio\\x2dports-${
     lib.replaceStrings [ "-" ] [ "\\x2d" ] contract.statusPort
   }.device";
@@ -42,8 +43,8 @@ let
     # The environment of a login shell (PATH, environment.variables), without
     # an interactive shell: nothing here runs twice in nested shells.
     . /etc/profile
-    cd ${contract.workDir} || {
-      echo "agent-microvm: ${contract.workDir} is not available" >&2
+    cd ${workDir} || {
+      echo "agent-microvm: ${workDir} is not available" >&2
       exit ${toString contract.guestFailureStatus}
     }
     # The runner's launch data (values quoted by the runner): exports the
@@ -51,8 +52,8 @@ let
     . ${runDir}/launch
     # The host terminal's size at launch ("ROWS COLS"); resizes come later
     # over the status port.
-    if [ -n "''${MICROVM_TTY_SIZE:-}" ]; then
-      stty rows "''${MICROVM_TTY_SIZE% *}" cols "''${MICROVM_TTY_SIZE#* }" 2>/dev/null || true
+    if [ -n "''${${launchVars.ttySize}:-}" ]; then
+      stty rows "''${${launchVars.ttySize}% *}" cols "''${${launchVars.ttySize}#* }" 2>/dev/null || true
     fi
     ${lib.optionalString (cfg.agent.configDir != null) ''
       mkdir -p "$HOME/${cfg.agent.configDir}"
@@ -94,7 +95,7 @@ let
           size)
             read -r rows cols _ <<<"$rest"
             case "$rows $cols" in
-              [0-9]*" "[0-9]*) stty -F /dev/hvc0 rows "$rows" cols "$cols" 2>/dev/null ;;
+              [0-9]*" "[0-9]*) stty -F /dev/${contract.console} rows "$rows" cols "$cols" 2>/dev/null ;;
             esac
             ;;
           denied) printf '%s\n' "$rest" >>${runDir}/denied ;;
@@ -116,12 +117,12 @@ let
 
     # The uplink is static but comes up asynchronously: the agent starts
     # once networkd has configured it, unless the runner gave no network
-    # device at all (MICROVM_NET=none).
-    net=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${MICROVM_NET:-}")
+    # device at all (${launchVars.net}=none).
+    net=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${${launchVars.net}:-}")
     if [ "$net" != none ]; then
       if ! ${config.systemd.package}/lib/systemd/systemd-networkd-wait-online \
         --any --operational-state=routable --timeout=${toString uplinkTimeoutSec} >/dev/null; then
-        echo "agent-microvm: the network (MICROVM_NET=$net) was not configured within ${toString uplinkTimeoutSec} s" >&2
+        echo "agent-microvm: the network (${launchVars.net}=$net) was not configured within ${toString uplinkTimeoutSec} s" >&2
         exit 1 # no status line: the runner reports a guest failure
       fi
     fi
@@ -140,7 +141,7 @@ let
     ) &
     # Local directories (contract.py "Local directories"): build trees of
     # /work on the guest's own disk, formatted here the first time.
-    local_dirs=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${MICROVM_LOCAL_DIRS:-}")
+    local_dirs=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${${launchVars.localDirs}:-}")
     if [ -n "$local_dirs" ]; then
       if ! ${localDirsSetup} "$local_dirs"; then
         exit 1 # no status line: the runner reports a guest failure
@@ -207,7 +208,8 @@ let
   '';
   # Root's side of the local directories: find the disk by its serial, make
   # an ext4 on it if it has none, mount it, bind its directories over /work.
-  localMount = "/run/microvm-local";
+  localMount = contract.localDisk.mount;
+  localSerial = contract.localDisk.serial;
   localDirsSetupText = ''
     set -u
     PATH=${
@@ -235,12 +237,12 @@ let
         # read, not $(cat): no process per try (each costs under TCG).
         serial=
         read -r serial 2>/dev/null <"$blk/serial"
-        [ "$serial" = agent-microvm-local ] && disk=/dev/''${blk##*/}
+        [ "$serial" = ${localSerial} ] && disk=/dev/''${blk##*/}
       done
       [ -n "$disk" ] && [ -e "$disk" ] && break
       sleep 0.02
     done
-    [ -n "$disk" ] || fail "no disk with serial agent-microvm-local"
+    [ -n "$disk" ] || fail "no disk with serial ${localSerial}"
     if ! blkid -p -n ext2,ext3,ext4 "$disk" >/dev/null 2>&1; then
       # lazy_itable_init: a sparse 16 GiB image stays small and quick to make.
       mkfs.ext4 -q -m 0 -L microvm-local "$disk" || fail "cannot format $disk"
@@ -256,13 +258,13 @@ let
         *[!A-Za-z0-9._/-]* | */../* | */./* | *//* | /.git/*) fail "bad directory '$dir'" ;;
       esac
       # A symlink the agent planted in an earlier run: a bind mount follows it.
-      no_symlink /work "$dir"
+      no_symlink ${workDir} "$dir"
       no_symlink ${localMount}/dirs "$dir"
       setpriv --reuid=${toString uid} --regid=${toString uid} --init-groups \
-        mkdir -p "/work/$dir" "${localMount}/dirs/$dir" || fail "cannot create /work/$dir"
-      no_symlink /work "$dir"
+        mkdir -p "${workDir}/$dir" "${localMount}/dirs/$dir" || fail "cannot create ${workDir}/$dir"
+      no_symlink ${workDir} "$dir"
       no_symlink ${localMount}/dirs "$dir"
-      mount --bind "${localMount}/dirs/$dir" "/work/$dir" || fail "cannot bind /work/$dir"
+      mount --bind "${localMount}/dirs/$dir" "${workDir}/$dir" || fail "cannot bind ${workDir}/$dir"
     done
   '';
   localDirsSetup = pkgs.writeShellScript "agent-microvm-local-dirs" localDirsSetupText;
@@ -633,7 +635,7 @@ in
       networking.firewall.enable = lib.mkDefault false;
 
       # The console belongs to the agent, not to a login prompt.
-      systemd.services."serial-getty@hvc0".enable = false;
+      systemd.services."serial-getty@${contract.console}".enable = false;
       systemd.services."getty@tty1".enable = false;
       systemd.services."autovt@".enable = false;
 
@@ -653,7 +655,7 @@ in
       # The project belongs to the host user; git must not refuse it.
       programs.git = {
         enable = true;
-        config.safe.directory = [ "/work" ];
+        config.safe.directory = [ workDir ];
       };
 
       environment.systemPackages = lib.optional (cfg.agent.package != null) cfg.agent.package ++ [
@@ -739,7 +741,7 @@ in
           StandardInput = "tty-force";
           StandardOutput = "tty";
           StandardError = "tty";
-          TTYPath = "/dev/hvc0";
+          TTYPath = "/dev/${contract.console}";
           TTYReset = true;
           TTYVHangup = true;
           ImportCredential = cfg.agent.apiKeyVars;

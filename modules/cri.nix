@@ -148,7 +148,7 @@ let
   # The runner checks the names on the host before boot; this is the guest's
   # own check, for VMs started some other way.
   readEnableCri = ''
-    enable_cri=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${ENABLE_CRI:-}")
+    enable_cri=$(. ${runDir}/launch >/dev/null 2>&1; printf '%s' "''${${contract.launchVars.enableCri}:-}")
   '';
 in
 {

@@ -7,6 +7,7 @@
 { config, lib, ... }:
 let
   cfg = config.agentVM.devshell;
+  var = (import ../lib/contract.nix).launchVars.devshell;
 in
 {
   options.agentVM.devshell.enable = lib.mkOption {
@@ -14,23 +15,23 @@ in
     default = true;
     description = ''
       Whether to source the dev environment the runner cached (launch variable
-      MICROVM_DEVSHELL) before the agent starts. Inert when the runner sets
-      no MICROVM_DEVSHELL.
+      ${var}) before the agent starts. Inert when the runner sets
+      no ${var}.
     '';
   };
 
   config = lib.mkIf (config.agentVM.enable && cfg.enable) {
     agentVM.launch.agentPreStart = ''
-      if [ -n "''${MICROVM_DEVSHELL:-}" ]; then
-        if [ -r "$MICROVM_DEVSHELL" ]; then
+      if [ -n "''${${var}:-}" ]; then
+        if [ -r "${"$"}${var}" ]; then
           agent_microvm_path=$PATH
-          . "$MICROVM_DEVSHELL"
+          . "${"$"}${var}"
           # The dev shell's tools first, the guest's after them.
           PATH="$PATH:$agent_microvm_path"
           export PATH
           unset agent_microvm_path
         else
-          echo "agent-microvm: dev environment $MICROVM_DEVSHELL is not readable; starting without it" >&2
+          echo "agent-microvm: dev environment ${"$"}${var} is not readable; starting without it" >&2
         fi
       fi
     '';

@@ -20,12 +20,14 @@ let
   cfg = config.services.agent-microvm;
   hostnet = import ../lib/hostnet.nix { inherit lib; };
   guest = import ../lib/guest.nix;
+  contract = import ../lib/contract.nix;
   inherit (config.microvm) stateDir;
 
   net = hostnet.subnet cfg.bridge;
-  placeholder = "microvm-run-placeholder";
-  keyProxyPort = 4180;
-  httpProxyPort = 3128;
+  # The runner's: what a guest sees instead of a key, and its proxy's ports.
+  placeholder = contract.network.keyPlaceholder;
+  keyProxyPort = contract.network.ports.keyProxy;
+  httpProxyPort = contract.network.ports.proxy;
 
   vmOptions =
     { name, config, ... }:

@@ -18,8 +18,10 @@ let
   cfg = config.agentVM.persistent;
   agent = config.agentVM.agent;
   guest = import ../lib/guest.nix;
+  contract = import ../lib/contract.nix;
   user = guest.user.name;
   inherit (guest.user) home;
+  inherit (contract) workDir;
   withAgent = cfg.flavor != null;
   keyDir = "/etc/ssh/agent-microvm";
 
@@ -28,7 +30,7 @@ let
   # for those it keeps, then the agent (or a shell) in /work.
   sessionScript = pkgs.writeShellScript "agent-microvm-session" ''
     . /etc/profile
-    cd /work || exit 125
+    cd ${workDir} || exit ${toString contract.guestFailureStatus}
     ${lib.concatMapStrings (var: ''
       if [ -r /run/agent-microvm/credentials/${var} ]; then
         export ${var}="$(cat /run/agent-microvm/credentials/${var})"
@@ -57,9 +59,9 @@ let
   tmux = "${pkgs.tmux}/bin/tmux -L agent-microvm";
   # What `microvm-run attach NAME` runs over SSH: the session, started when
   # it is not running (the agent exited and its shell was closed).
-  attachScript = pkgs.writeShellScriptBin "agent-microvm-attach" ''
+  attachScript = pkgs.writeShellScriptBin contract.attachCommand ''
     ${tmux} has-session -t agent 2>/dev/null ||
-      ${tmux} new-session -d -s agent -c /work ${sessionScript}
+      ${tmux} new-session -d -s agent -c ${workDir} ${sessionScript}
     exec ${tmux} attach-session -t agent
   '';
 in
@@ -165,7 +167,7 @@ in
           proto = "virtiofs";
           tag = "work";
           source = cfg.workspace;
-          mountPoint = "/work";
+          mountPoint = workDir;
         }
         {
           proto = "virtiofs";
@@ -240,7 +242,7 @@ in
 
     programs.git = {
       enable = true;
-      config.safe.directory = [ "/work" ];
+      config.safe.directory = [ workDir ];
     };
 
     environment.systemPackages =
@@ -271,7 +273,7 @@ in
       ];
       wants = [ "network-online.target" ];
       unitConfig.RequiresMountsFor = [
-        "/work"
+        workDir
         home
       ];
       serviceConfig = {
@@ -287,7 +289,7 @@ in
             fi
           done
         ''}";
-        ExecStart = "${tmux} new-session -d -s agent -c /work ${sessionScript}";
+        ExecStart = "${tmux} new-session -d -s agent -c ${workDir} ${sessionScript}";
         ExecStop = "${tmux} kill-server";
         ImportCredential = cfg.guestKeyVars;
         Restart = "no";

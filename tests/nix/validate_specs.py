@@ -4,8 +4,11 @@ PYTHONPATH=runner/src python3 tests/nix/validate_specs.py DIR
 
 DIR/*-spec.toml: the sample flavors' specs, read with the runner's schema.
 DIR/contract.json: lib/contract.nix, compared value by value with the
-runner's constants (spec.py, contract.py, netpolicy.py): the one check that
-the two languages state the seam alike.
+runner's constants (spec.py, contract.py, netpolicy.py, hostvms.py): the
+one check that the two languages state the seam alike. Not compared, as the
+runner names none of them: network.prefixLength and gatewayAddr (QEMU user
+networking's defaults) and criRuntimes (the runner reads them from each
+spec; check_specs compares the samples' with them).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from microvm_run import contract, netpolicy, spec
+from microvm_run import contract, hostvms, netpolicy, spec
 from microvm_run.spec import SpecError, load_spec
 
 
@@ -23,6 +26,7 @@ def runner_side(nix: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(name, Nix value, runner value) for every value of the seam."""
     net = nix["network"]
     fw_cfg = nix["fwCfg"]
+    launch_vars = nix["launchVars"]
     return [
         ("specVersion", nix["specVersion"], spec.SPEC_VERSION),
         ("contractVersion", nix["contractVersion"], contract.CONTRACT_VERSION),
@@ -33,9 +37,19 @@ def runner_side(nix: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         ("fwCfg.launch", fw_cfg["launch"], contract.LAUNCH_FW_CFG),
         ("fwCfg.credentialPrefix", fw_cfg["credentialPrefix"], contract.CREDENTIAL_FW_CFG_PREFIX),
         ("statusPort", nix["statusPort"], contract.STATUS_PORT),
+        ("console", nix["console"], contract.CONSOLE),
+        ("launchVars.net", launch_vars["net"], contract.LAUNCH_VAR_NET),
+        ("launchVars.localDirs", launch_vars["localDirs"], contract.LAUNCH_VAR_LOCAL_DIRS),
+        ("launchVars.ttySize", launch_vars["ttySize"], contract.LAUNCH_VAR_TTY_SIZE),
+        ("launchVars.devshell", launch_vars["devshell"], contract.LAUNCH_VAR_DEVSHELL),
+        ("launchVars.enableCri", launch_vars["enableCri"], contract.LAUNCH_VAR_ENABLE_CRI),
+        ("localDisk.serial", nix["localDisk"]["serial"], contract.LOCAL_DISK_SERIAL),
+        ("localDisk.mount", nix["localDisk"]["mount"], contract.LOCAL_MOUNT),
+        ("guestUser.name", nix["guestUser"]["name"], hostvms.GUEST_USER),
         ("guestUser.uid", nix["guestUser"]["uid"], contract.GUEST_UID),
         ("guestUser.home", nix["guestUser"]["home"], contract.GUEST_HOME),
         ("workDir", nix["workDir"], contract.GUEST_WORK_DIR),
+        ("attachCommand", nix["attachCommand"], hostvms.ATTACH_COMMAND),
         ("guestFailureStatus", nix["guestFailureStatus"], contract.EXIT_NO_STATUS),
         ("network.guestAddr", net["guestAddr"], netpolicy.GUEST_ADDR),
         ("network.egressAddr", net["egressAddr"], netpolicy.EGRESS_ADDR),
@@ -44,6 +58,7 @@ def runner_side(nix: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         ("network.ports.tls", net["ports"]["tls"], netpolicy.TLS_PORT),
         ("network.ports.proxy", net["ports"]["proxy"], netpolicy.PROXY_PORT),
         ("network.ports.keyProxy", net["ports"]["keyProxy"], netpolicy.KEY_PROXY_PORT),
+        ("network.keyPlaceholder", net["keyPlaceholder"], netpolicy.KEY_PLACEHOLDER),
     ]
 
 

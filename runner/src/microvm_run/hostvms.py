@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 REGISTRY = Path("/etc/agent-microvm/vms.json")
 REGISTRY_VERSION = 1
-GUEST_USER = "agent"  # lib/guest.nix
-ATTACH_COMMAND = "agent-microvm-attach"  # modules/persistent.nix
+GUEST_USER = "agent"  # lib/contract.nix guestUser.name (make nix-test compares)
+ATTACH_COMMAND = "agent-microvm-attach"  # lib/contract.nix attachCommand (likewise)
 _NAME = re.compile(r"[a-z][a-z0-9-]{0,11}")
 _KEYS = frozenset({"name", "address", "user", "known_hosts"})
 

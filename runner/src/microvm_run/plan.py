@@ -512,9 +512,9 @@ def _qemu_escape(value: str) -> str:
 def _guest_env(facts: HostFacts, cri: tuple[str, ...]) -> dict[str, str]:
     env = {name: facts.environ[name] for name in TERMINAL_VARS if facts.environ.get(name)}
     if facts.devshell_guest_file:
-        env["MICROVM_DEVSHELL"] = facts.devshell_guest_file
+        env[contract.LAUNCH_VAR_DEVSHELL] = facts.devshell_guest_file
     if cri:
-        env["ENABLE_CRI"] = ",".join(cri)
+        env[contract.LAUNCH_VAR_ENABLE_CRI] = ",".join(cri)
     return env
 
 
