@@ -430,7 +430,7 @@ def foresee(
     except (OSError, ValueError) as error:
         return None, f"not evaluated: {_unsafe_reason(error)}"
     if not decision.allowed:
-        return None, str(decision.message)
+        return None, str(decision.message).removeprefix("dev shell ")
     command = evaluation_command(kind, work_dir, nix=nix, devenv=devenv)
     paths = CachePaths(state_dir / CACHE_SUBDIR, cache_key(files, command))
     if _is_intact(paths.env_file):
