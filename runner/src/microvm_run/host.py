@@ -168,8 +168,9 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
 
 def which(program: str, environ: Mapping[str, str]) -> str | None:
     """Where ``environ``'s PATH finds an executable ``program`` (a name with a
-    / is taken as it is), or None.  Not shutil.which: it reads the runner's
-    own PATH unless told, and importing shutil costs more than this."""
+    / is taken as it is), or None.  The runner's one PATH lookup.  Not
+    shutil.which: it reads the runner's own PATH unless told, and importing
+    shutil costs more than this."""
     if os.sep in program:
         return program if _executable(program) else None
     for entry in environ.get("PATH", os.defpath).split(os.pathsep):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from microvm_run import process
+from microvm_run import host, process
 
 REGISTRY = Path("/etc/agent-microvm/vms.json")
 REGISTRY_VERSION = 1
@@ -86,10 +86,8 @@ def _entry(entry: Any, path: Path) -> HostVM:
 
 def state(vm: HostVM, environ: Mapping[str, str]) -> str:
     """``systemctl is-active microvm@NAME``: active, inactive, failed, ... or unknown."""
-    import shutil  # noqa: PLC0415 - only with host VMs declared: keeps `ps` quick
-
     env = _tool_env(environ)
-    systemctl = shutil.which("systemctl", path=env.get("PATH"))
+    systemctl = host.which("systemctl", env)
     if systemctl is None:
         return "unknown"
     try:

@@ -285,9 +285,9 @@ def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
 
     Returns only by raising ProcessError when the program cannot be run.
     """
-    import shutil  # noqa: PLC0415 - only attach needs it: keeps `ps` quick
+    from microvm_run.host import which  # noqa: PLC0415 - only attach needs it
 
-    found = shutil.which(argv[0], path=env.get("PATH"))
+    found = which(argv[0], env)
     if found is None:
         raise ProcessError(f"{argv[0]} not found on PATH")
     sys.stdout.flush()
