@@ -184,6 +184,8 @@ def _write_excludes(plan: GitPlan, environ: Mapping[str, str]) -> None:
     if configured:
         global_file = Path(configured)
     else:
+        # Where git itself looks (any non-empty XDG_CONFIG_HOME), not the
+        # runner's own config_home (absolute values only).
         xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "/")) / ".config")
         global_file = Path(xdg) / "git" / "ignore"
     parts = []
