@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run.cli import SUBCOMMANDS, main, subcommand_list
+from microvm_run.cli import SUBCOMMANDS, subcommand_list
 from microvm_run.evalguard import projects_overlap
+from tests.support.cli import run
 
 from .conftest import SAMPLE
 
@@ -31,23 +32,10 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def spec_file(tmp_path: Path) -> Path:
-    path = tmp_path / "spec.toml"
-    path.write_bytes(tomli_w.dumps(SAMPLE).encode())
-    return path
-
-
-@pytest.fixture
 def work(tmp_path: Path) -> Path:
     path = tmp_path / "project"
     path.mkdir()
     return path
-
-
-def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]) -> Any:
-    code = main(argv, env)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(
@@ -196,16 +184,7 @@ def test_missing_kvm_names_the_fix(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    # A spec whose binaries exist, so the KVM check is what fails.
-    sample = json.loads(json.dumps(SAMPLE))
-    true = shutil.which("true")
-    assert true is not None
-    sample["host"] = {"qemu": true, "virtiofsd": true}
-    sample["guest"] |= {"kernel": str(tmp_path / "k"), "initrd": str(tmp_path / "i")}
-    (tmp_path / "k").write_text("")
-    (tmp_path / "i").write_text("")
-    spec = tmp_path / "ok.toml"
-    spec.write_bytes(tomli_w.dumps(sample).encode())
+    spec = _runnable_spec(tmp_path)  # its binaries exist: the KVM check is what fails
     real_exists = Path.exists
     monkeypatch.setattr(
         Path, "exists", lambda self: False if str(self) == "/dev/kvm" else real_exists(self)
