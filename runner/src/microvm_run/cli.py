@@ -203,7 +203,7 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
             environ=env,
             trust_git=args.trust_git,
         )
-    except (SpecError, PlanError) as err:
+    except (SpecError, PlanError, host.HostError) as err:
         return usage.bad_input(str(err))
     return _launch(spec, options, facts, env, trust_git=args.trust_git)
 
