@@ -108,15 +108,12 @@ class Child:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signum)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def stop(self, *, grace: float | None = None, kill_grace: float | None = None) -> Stopped:
+    def stop(self) -> Stopped:
         """The stop ladder, then reap it (already gone: BY_ITSELF)."""
-        outcome = stop([self.pidfd], grace=grace, kill_grace=kill_grace)[self.pidfd]
+        outcome = stop([self.pidfd])[self.pidfd]
         if outcome is not Stopped.SURVIVED:
             self.wait()
         return outcome
