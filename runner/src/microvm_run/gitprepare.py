@@ -121,7 +121,8 @@ def config_text(object_format: str, identity: Mapping[str, str]) -> str:
             "logallrefupdates": "true",
             # The guest sees other inode numbers, owners and ctimes than the
             # host wrote into the index: compare size, whole-second mtime and
-            # mode only, or the first `git status` re-hashes every file (#22).
+            # mode only, or the first `git status` re-hashes every file
+            # (bench/git_status measures both).
             "checkStat": "minimal",
             "trustCtime": "false",
         }
