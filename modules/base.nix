@@ -221,7 +221,6 @@ let
       echo "agent-microvm: local directories: $*" >&2
       exit 1
     }
-    set -f # the directory list is split on spaces, never globbed
     no_symlink() { # BASE DIR: no component of BASE/DIR is a symlink
       path=$1
       for part in $(printf '%s' "$2" | tr / ' '); do
@@ -233,9 +232,10 @@ let
     disk=
     for _ in $(seq 250); do
       for blk in /sys/block/*; do
-        if [ "$(cat "$blk/serial" 2>/dev/null)" = agent-microvm-local ]; then
-          disk=/dev/''${blk##*/}
-        fi
+        # read, not $(cat): no process per try (each costs under TCG).
+        serial=
+        read -r serial 2>/dev/null <"$blk/serial"
+        [ "$serial" = agent-microvm-local ] && disk=/dev/''${blk##*/}
       done
       [ -n "$disk" ] && [ -e "$disk" ] && break
       sleep 0.02
@@ -248,6 +248,9 @@ let
     mkdir -p ${localMount}
     mount -t ext4 -o noatime "$disk" ${localMount} || fail "cannot mount $disk"
     install -d -o ${toString uid} -g ${toString uid} ${localMount}/dirs ${localMount}/pycache
+    # The directory list (and each path in no_symlink) is split on spaces,
+    # never globbed; only from here on: the disk search above globs /sys/block.
+    set -f
     for dir in $1; do
       case "/$dir/" in
         *[!A-Za-z0-9._/-]* | */../* | */./* | *//* | /.git/*) fail "bad directory '$dir'" ;;

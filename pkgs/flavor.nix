@@ -8,7 +8,7 @@
 {
   lib,
   runCommand,
-  makeWrapper,
+  makeBinaryWrapper,
   microvm-run,
   nixos,
 }:
@@ -19,7 +19,7 @@ let
 in
 runCommand exe
   {
-    nativeBuildInputs = [ makeWrapper ];
+    nativeBuildInputs = [ makeBinaryWrapper ];
     passthru = {
       inherit nixos;
       inherit (cfg) spec specFile;
@@ -32,6 +32,9 @@ runCommand exe
     };
   }
   ''
+    # makeBinaryWrapper's makeWrapper (same flags): a compiled wrapper, where
+    # a shell one would start a bash before microvm-run's own (about 2 ms of
+    # CPU each, README "Tests and benchmarks").
     makeWrapper ${lib.getExe microvm-run} $out/bin/${exe} \
       --set-default MICROVM_RUN_SPEC ${cfg.specFile}
     mkdir -p $out/share/agent-microvm

@@ -160,6 +160,9 @@ def test_a_kernel_panic_is_a_failure_not_success(vm: VM, scratch: Path) -> None:
     result = vm.run(vm.project(), "true")
     assert result.returncode == 125, result.stderr
     assert "without reporting an exit status" in result.stderr
+    assert "its last console lines above say why" in result.stderr
+    # The daemons were healthy: their start-up lines would bury the reason.
+    assert "virtiofsd work log" not in result.stderr
 
 
 def test_no_network_device_with_net_none(vm: VM) -> None:

@@ -66,6 +66,7 @@ def test_qemu_killed_is_a_failure_and_cleans_up(vm: VM) -> None:
     _, err = running.communicate(timeout=60)
     assert running.returncode == 125, err
     assert "without reporting an exit status" in err
+    assert "QEMU crashed or was killed" in err
     _intact(vm, work)
 
 

@@ -5,10 +5,10 @@ Debian trixie root with systemd 257 as PID 1, running exactly what our
 modules generate: ``agent-microvm.service``, the launcher and session
 scripts, networkd's uplink, resolv.conf and the share mounts, rendered
 from the evaluated modules into tests/guest-systemd/rendered (kept fresh by
-`make eval-modules`). virtio_console and virtio_net are loaded late, by
-udev, as on NixOS, so the unit's ordering against its devices is what
-makes these pass. Each boot costs tens of seconds under TCG: few tests,
-each checking much.
+`make eval-modules`), with the local-directories script on a virtio-blk
+disk. virtio_console and virtio_net are loaded late, by udev, as on NixOS,
+so the unit's ordering against its devices is what makes these pass.
+Each boot costs tens of seconds under TCG: few tests, each checking much.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from tests.support.devshell_fixture import copy_fixture
 from tests.support.terminal import set_size, start_on_pty
 
 from .conftest import REPO, VM, VM_TIMEOUT_S, HostUser, _vm, make_root_vm, wait_until_clean
+from .test_localdirs import images
 from .test_ops import _wait_for
 
 pytestmark = pytest.mark.integration
@@ -227,3 +229,80 @@ def test_the_dev_shell_reaches_the_agent_and_home_stays_its_own(
     assert result.returncode == 0, result.stderr
     assert (work / "seen").read_text().splitlines() == ["hello-from-devshell", "/home/agent"]
     assert wait_until_clean(vm.user, [vm.runtime_dir]) == []
+
+
+def test_local_dirs_land_on_the_guest_disk_persist_and_a_planted_symlink_stops_the_boot(
+    sd_vm: VM,
+) -> None:
+    """#20 in the NixOS launcher: agent-microvm-local-dirs, run as root before the
+    session, on the default 16 GiB disk. Three boots, the agent in each: it builds
+    into target/ (Cargo.lock makes it local); it finds its build again and plants
+    /work/node_modules -> /etc with a package-lock.json, so that the next launch
+    would bind its own disk over the guest's /etc; that launch is refused before
+    the agent starts. Then `gc --prune` removes the disk."""
+    work = sd_vm.project()
+    home = sd_vm.agent_home(work)
+    (work / "Cargo.lock").write_text("version = 4\n")
+    os.chown(work / "Cargo.lock", sd_vm.user.uid, sd_vm.user.gid)
+    marker = "built-in-the-guest-7c3e7c3e"
+
+    first = sd_vm.run(
+        work,
+        "; ".join(
+            [
+                f"mkdir -p target/release && echo {marker} > target/release/app",
+                "grep ' /work/target ' /proc/mounts > /work/mounts",
+                "stat -c %u /run/microvm-local /work/target > /work/owners",
+                'printf "%s\n" "$PYTHONPYCACHEPREFIX" > /work/pycache',
+                'touch "$PYTHONPYCACHEPREFIX/probe" && echo writable >> /work/pycache',
+            ]
+        ),
+        "--net",
+        "none",
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    device, mount_point, fs_type, *_ = (work / "mounts").read_text().split()
+    assert (mount_point, fs_type) == ("/work/target", "ext4")
+    assert device.startswith("/dev/vd"), device
+    assert (work / "owners").read_text().split() == ["0", "1000"]
+    assert (work / "pycache").read_text() == "/run/microvm-local/pycache\nwritable\n"
+    # The host has the empty mount point the guest made; the build is on the disk,
+    # an image in the runner's state: in neither share.
+    assert (work / "target").is_dir() and list((work / "target").iterdir()) == []
+    assert _files_containing(work, marker.encode()) == []
+    assert _files_containing(home, marker.encode()) == []
+    [image] = images(sd_vm, work)
+    assert not image.is_relative_to(work) and not image.is_relative_to(home)
+    info = image.stat()
+    assert (info.st_mode & 0o777, info.st_uid) == (0o600, sd_vm.user.uid)
+    assert info.st_size == 16 << 30 and info.st_blocks * 512 < info.st_size
+
+    second = sd_vm.run(
+        work,
+        "cat target/release/app > /work/seen; "
+        "ln -s /etc /work/node_modules && echo '{}' > /work/package-lock.json",
+        "--net",
+        "none",
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (work / "seen").read_text() == marker + "\n"
+    assert images(sd_vm, work) == [image]
+
+    third = sd_vm.run(work, "echo ran > /work/ran", "--net", "none")
+    output = third.stdout + third.stderr
+    assert third.returncode == 125, output
+    assert not (work / "ran").exists()
+    assert os.readlink(work / "node_modules") == "/etc"
+    # The launcher's one line on the console, and the runner's on stderr.
+    assert (
+        "agent-microvm: local directories: /work/node_modules is or passes through a symlink"
+        in output
+    )
+    assert "the guest ended without reporting an exit status" in third.stderr
+    assert "its last console lines above say why" in third.stderr
+    assert "virtiofsd work log" not in third.stderr
+
+    shutil.rmtree(work)
+    pruned = sd_vm.ops("gc", "--prune", "--yes")
+    assert pruned.returncode == 0, pruned.stderr
+    assert not image.exists()

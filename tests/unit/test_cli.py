@@ -549,7 +549,7 @@ def test_everything_after_dashdash_goes_to_the_agent_untouched(
     caller: str,
 ) -> None:  # fmt: skip
     # The flavor wrappers are microvm-run with MICROVM_RUN_SPEC preset
-    # (pkgs/flavor.nix, makeWrapper --set-default): `claude-microvm -- ...`.
+    # (pkgs/flavor.nix, makeBinaryWrapper's --set-default): `claude-microvm -- ...`.
     env |= {"WORK_DIR": str(work)}
     argv = ["--dry-run", "--json", "--", "--resume", "ps", "--", "--help", "stauts"]
     if caller == "wrapper":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,26 @@ def test_a_work_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(other, 4242, 4242)
     with pytest.raises(host.HostError, match="owned by uid 4242"):
         host.resolve_work_dir(str(other), None, allow_home=False)
+
+
+def test_the_user_manager_answers_only_where_something_listens(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("systemd-run", "systemctl"):
+        (bin_dir / tool).write_text("#!/bin/sh\n")
+        (bin_dir / tool).chmod(0o755)
+    run = tmp_path / "run"
+    (run / "systemd").mkdir(parents=True)
+    environ = {"PATH": str(bin_dir), "XDG_RUNTIME_DIR": str(run)}
+    private = run / "systemd" / "private"
+    answers, why = host.user_manager(environ)
+    assert not answers
+    assert f"no user manager at {private}" in why
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(private))
+        listener.listen()
+        assert host.user_manager(environ) == (True, f"user manager at {private}")
+    # A socket file left behind by a manager that is gone.
+    assert private.exists()
+    assert not host.user_manager(environ)[0]
+    assert not host.user_manager({**environ, "PATH": str(tmp_path / "none")})[0]

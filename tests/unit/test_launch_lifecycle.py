@@ -52,6 +52,8 @@ FAKE_VIRTIOFSD = textwrap.dedent(
         os.chroot(shared)
     os.chdir("/")
     conn, _ = server.accept()
+    # A start-up line as the real one logs, to the log the runner keeps.
+    print("[0Z INFO  virtiofsd] Client connected, servicing requests", file=sys.stderr, flush=True)
     if scenario == "die":
         time.sleep(0.3)
         sys.exit(1)
@@ -78,6 +80,10 @@ FAKE_QEMU = textwrap.dedent(
     status = conns["status"]
     if scenario in ("hang", "ignore-term"):
         time.sleep(600)
+    if scenario == "poweroff-early":  # a guest that powers off before `ready`
+        sys.exit(0)
+    if scenario == "crash":
+        os._exit(1)
     status.sendall(b"ready\\n")
     if scenario == "ready-then-hang":
         time.sleep(600)
@@ -183,3 +189,22 @@ def test_a_virtiofsd_dying_under_a_running_vm_stops_the_vm(
 ) -> None:
     assert _run(spec, short_tmp, "ready-then-hang", virtiofsd="die") == EXIT_NO_STATUS
     assert "died while the VM ran" in capsys.readouterr().err
+
+
+def test_a_guest_that_powers_off_without_a_status_points_at_its_console(
+    spec: Spec, short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(spec, short_tmp, "poweroff-early") == EXIT_NO_STATUS
+    err = capsys.readouterr().err
+    assert "its last console lines above say why" in err
+    # The daemons were healthy: their start-up lines are not the reason.
+    assert "Client connected" not in err
+
+
+def test_a_qemu_that_crashes_shows_the_daemons_logs(
+    spec: Spec, short_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _run(spec, short_tmp, "crash") == EXIT_NO_STATUS
+    err = capsys.readouterr().err
+    assert "QEMU crashed or was killed" in err
+    assert "Client connected" in err

@@ -221,12 +221,17 @@ def wait_for_sockets(daemons: Sequence[Daemon]) -> None:
             time.sleep(_POLL_S)
 
 
-def show_logs(daemons: Sequence[Daemon]) -> None:
+def show_logs(daemons: Sequence[Daemon], *, problems_only: bool = False) -> None:
+    """The last lines of each virtiofsd's log; with ``problems_only``, only its
+    warnings and errors (a guest that powered off on its own left the daemons
+    healthy: their start-up lines would bury the guest's own reason)."""
     for daemon in daemons:
         with contextlib.suppress(OSError):
-            text = daemon.plan.log.read_text(errors="replace").strip()
-            if text:
-                tail = "\n  ".join(text.splitlines()[-5:])
+            lines = daemon.plan.log.read_text(errors="replace").strip().splitlines()
+            if problems_only:
+                lines = [line for line in lines if " WARN " in line or " ERROR " in line]
+            if lines:
+                tail = "\n  ".join(lines[-5:])
                 process.log(f"virtiofsd {daemon.plan.tag} log:\n  {tail}")
 
 

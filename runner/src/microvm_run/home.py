@@ -13,7 +13,6 @@ absolute path, UTF-8, no trailing newline.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -26,6 +25,9 @@ def project_basename(work_dir: Path) -> str:
 
 
 def project_hash(work_dir: Path) -> str:
+    # hashlib loads OpenSSL (about 3 ms): `ps` and `gc` without instances never hash.
+    import hashlib  # noqa: PLC0415
+
     return hashlib.sha256(str(work_dir).encode()).hexdigest()[:12]
 
 

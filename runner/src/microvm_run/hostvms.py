@@ -12,14 +12,16 @@ checking the host key strictly.  MICROVM_HOST_VMS names another registry
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from microvm_run import host, process
+from microvm_run import host
+
+TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
+if TYPE_CHECKING:
+    from typing import Any
 
 REGISTRY = Path("/etc/agent-microvm/vms.json")
 REGISTRY_VERSION = 1
@@ -57,6 +59,8 @@ def load(path: Path) -> tuple[HostVM, ...]:
         return ()
     except OSError as err:
         raise RegistryError(f"cannot read {path}: {err.strerror}") from None
+    import json  # noqa: PLC0415 - only a host with the module has the file: keeps `ps` quick
+
     try:
         data = json.loads(text)
     except ValueError:
@@ -86,6 +90,8 @@ def _entry(entry: Any, path: Path) -> HostVM:
 
 def state(vm: HostVM, environ: Mapping[str, str]) -> str:
     """``systemctl is-active microvm@NAME``: active, inactive, failed, ... or unknown."""
+    from microvm_run import process  # noqa: PLC0415 - only with host VMs declared: keeps `ps` quick
+
     env = _tool_env(environ)
     systemctl = host.which("systemctl", env)
     if systemctl is None:

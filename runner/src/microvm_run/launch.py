@@ -539,11 +539,20 @@ class _Watcher:
             process.log(self.failure)
             daemons.show_logs(instance.virtiofsd.daemons)
             return self.code
+        # QEMU runs with -no-reboot: a guest that powers off or panics
+        # (panic=-1 reboots) ends it with status 0, and the reason is in the
+        # guest's last console lines, just above.
+        why = (
+            "its last console lines above say why (a refused local-directory setup, "
+            "a failed unit, a kernel panic)"
+            if self.qemu.returncode == 0
+            else "QEMU crashed or was killed"
+        )
         process.log(
             "the guest ended without reporting an exit status "
-            f"(QEMU exit status {self.qemu.returncode}; kernel panic, crash or killed?)"
+            f"(QEMU exit status {self.qemu.returncode}): {why}"
         )
-        daemons.show_logs(instance.virtiofsd.daemons)
+        daemons.show_logs(instance.virtiofsd.daemons, problems_only=self.qemu.returncode == 0)
         return EXIT_NO_STATUS
 
     def close(self) -> None:

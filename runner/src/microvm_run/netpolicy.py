@@ -17,21 +17,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
-
-class NetMode(StrEnum):
-    """--net: what the guest may reach (README "Threat model")."""
-
-    OPEN = "open"
-    ALLOWLIST = "allowlist"
-    NONE = "none"
-
-
-# Accepted for compatibility with earlier releases, where "user" was the
-# default (QEMU user networking, host loopback reachable).  It now means open.
-NET_ALIASES = {"user": NetMode.OPEN}
+from microvm_run.netmode import NetMode
 
 # QEMU user networking's fixed addresses (the guest configures them itself;
 # lib/contract.nix holds the same values, and make nix-test compares them).

@@ -18,10 +18,15 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from microvm_run import host, instancelog, process, qmp, safefs, state
+from microvm_run import host, qmp, state
 from microvm_run.state import Entry, HomeRecord, InstanceState
+
+TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
+if TYPE_CHECKING:
+    from typing import Any
+
+    from microvm_run import process
 
 # A runtime dir without a readable state this young may be a launch that has
 # only just run mkdir: gc leaves it alone.
@@ -275,6 +280,8 @@ def stop(
 def _stop_all(
     stopping: list[_Stopping], timeout_s: float, term_grace_s: float, kill_grace_s: float
 ) -> None:
+    from microvm_run import process  # noqa: PLC0415 - subprocess and ctypes: keeps `ps` quick
+
     asked: list[_Stopping] = []
     for item in stopping:
         # Tells the runner (and so the user at its terminal) who stopped it.
@@ -355,6 +362,8 @@ def gc(
     for verdict in dead:
         report.actions.append(Action(verdict.entry.id, f"stale: {verdict.reason}"))
         report.actions += collect(verdict.entry, environ, manager)
+
+    from microvm_run import instancelog  # noqa: PLC0415 - only gc reads them: keeps `ps` quick
 
     # Logs of instances that no longer run (instancelog.py): kept until now.
     # A young one may belong to a launch that has not made its runtime dir yet.
@@ -479,6 +488,8 @@ def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
     """What a killed runner could not undo after its guest: share root modes,
     set-uid/set-gid bits and write for group and others in the project and
     the home."""
+    from microvm_run import safefs  # noqa: PLC0415 - only cleaning up needs it: keeps `ps` quick
+
     uid = os.getuid()
     fixed: list[str] = []
     failed: list[str] = []
@@ -558,6 +569,8 @@ def _list_units(pattern: str, environ: Mapping[str, str]) -> list[str]:
 
 
 def _systemctl(args: list[str], environ: Mapping[str, str]) -> process.Completed | None:
+    from microvm_run import process  # noqa: PLC0415 - see _stop_all
+
     env = {name: environ[name] for name in _SYSTEMCTL_ENV if name in environ}
     try:
         return process.run(["systemctl", "--user", *args], env=env, timeout=SYSTEMCTL_TIMEOUT_S)
@@ -573,6 +586,8 @@ def remove_tree(path: Path) -> str | None:
     the guest can make them deeper than any recursion: the walk is
     iterative (safefs.walk_tree) and follows no symlink.
     """
+    from microvm_run import safefs  # noqa: PLC0415 - see _close_shares
+
     try:
         with safefs.opened_dir(path) as top:
             if os.fstat(top).st_mode & stat.S_IRWXU != stat.S_IRWXU:

@@ -11,14 +11,15 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from microvm_run import host, hostvms, ops, usage
 from microvm_run.qemu import Accel
 
+TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
 if TYPE_CHECKING:
+    from datetime import tzinfo
+
     from microvm_run import doctor
 
 # doctor and git_cli (and the spec parser they bring) are imported by the
@@ -173,6 +174,8 @@ def human_kib(kib: int | None) -> str:
 
 def format_started(started: str, tz: tzinfo | None = None) -> str:
     """Local time to the minute (tz: for tests)."""
+    from datetime import datetime  # noqa: PLC0415 - only instances that run have a time
+
     try:
         moment = datetime.fromisoformat(started)
     except ValueError:

@@ -16,7 +16,8 @@ from typing import Any
 
 from microvm_run import contract, home, live, localdirs, netpolicy, presets, qemu, virtiofsd
 from microvm_run.agentgit import GitPlan
-from microvm_run.netpolicy import NET_ALIASES, EgressConfig, KeyRoute, NetMode, PolicyError
+from microvm_run.netmode import NET_ALIASES, NetMode
+from microvm_run.netpolicy import EgressConfig, KeyRoute, PolicyError
 from microvm_run.qemu import Accel
 from microvm_run.spec import Share, Spec
 from microvm_run.virtiofsd import Supervisor

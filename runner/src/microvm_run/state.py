@@ -43,20 +43,19 @@ import contextlib
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
-
-import tomli_w
 
 from microvm_run import home
 from microvm_run.atomic import write_atomic
-from microvm_run.netpolicy import NetMode
+from microvm_run.netmode import NetMode
 from microvm_run.virtiofsd import Supervisor
+
+TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
+if TYPE_CHECKING:
+    from typing import Any
 
 STATE_VERSION = 1
 STATE_FILE = "state.toml"
@@ -179,6 +178,8 @@ class StateError(ValueError):
 
 def now_utc() -> str:
     """The ``started`` value for an instance starting now."""
+    from datetime import UTC, datetime  # noqa: PLC0415 - see _read_toml
+
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -188,6 +189,8 @@ def write_state(runtime_dir: Path, state: InstanceState) -> None:
     Raises OSError (the runner reports it); a ValueError for a state that
     would not read back, so a bug shows up at the writer.
     """
+    import tomli_w  # noqa: PLC0415 - see _read_toml
+
     _validate(state.to_toml(), expected_id=runtime_dir.name)
     write_atomic(runtime_dir / STATE_FILE, tomli_w.dumps(state.to_toml()).encode())
 
@@ -307,6 +310,8 @@ class _Fields:
         return Path(value)
 
     def timestamp(self, key: str) -> str:
+        from datetime import datetime  # noqa: PLC0415 - see _read_toml
+
         value = self.text(key)
         try:
             datetime.fromisoformat(value)
@@ -423,6 +428,8 @@ def write_home_record(agent_home: Path, project: Path, agent: str) -> None:
     """Record which project a home belongs to, beside it (raises OSError)."""
     if not project.is_absolute():
         raise ValueError(f"project {project} is not absolute")
+    import tomli_w  # noqa: PLC0415 - see _read_toml
+
     data = {"version": HOME_RECORD_VERSION, "agent": agent, "project": str(project)}
     write_atomic(home_record_path(agent_home), tomli_w.dumps(data).encode())
 
@@ -496,6 +503,10 @@ def _subdirs(directory: Path) -> list[Path]:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    # tomllib, tomli_w and datetime are imported where a state is read or
+    # written: `ps` and `gc` without instances need none of them (bench/startup).
+    import tomllib  # noqa: PLC0415
+
     try:
         with path.open("rb") as file:
             raw = file.read(MAX_STATE_BYTES + 1)
