@@ -24,7 +24,7 @@ help:
 	@echo "make integration  real QEMU + virtiofsd + the busybox test guest"
 	@echo "make bench        print the bench/ tables"
 	@echo "make ci-fresh     rehearse CI: .ci/run on a clean clone in a bare bookworm root (root)"
-	@echo "make claude.run   run Claude Code on WORK_DIR (Nix host; also gemini.run, codex.run)"
+	@echo "make claude.run   run Claude Code on WORK_DIR (Nix host; every flavor: make agents)"
 
 setup:
 	scripts/setup-host

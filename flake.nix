@@ -1,5 +1,5 @@
 {
-  description = "Run an AI coding agent (Claude Code, Gemini CLI, Codex CLI) in a throw-away NixOS microVM";
+  description = "Run an AI coding agent (lib/flavors.nix lists them) in a throw-away NixOS microVM";
 
   inputs = {
     nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
@@ -22,7 +22,8 @@
       systems = [ "x86_64-linux" ];
       forAllSystems = f: lib.genAttrs systems (system: f system nixpkgs.legacyPackages.${system});
 
-      # name -> module; a new agent is a module plus one line in lib/agents.nix.
+      # name -> module (modules/flavor.nix); a new agent is one entry in
+      # lib/flavors.nix, and its packages, apps and modules follow.
       agents = import ./lib/agents.nix;
 
       base = {
@@ -32,7 +33,7 @@
         ];
       };
 
-      # A flavor package from an agent (a name from lib/agents.nix, or a
+      # A flavor package from an agent (a name from lib/flavors.nix, or a
       # module of your own setting agentVM.agent.*), extra NixOS modules and
       # extra guest packages (a list, or a function from the guest's pkgs).
       mkAgentVM =
@@ -71,6 +72,8 @@
       lib = {
         inherit mkAgentVM;
         agents = builtins.attrNames agents;
+        # Each flavor's entry (lib/flavors.nix says what each field means).
+        flavors = import ./lib/flavors.nix;
         spec = import ./lib/spec.nix;
         toml = import ./lib/toml.nix;
         # Each flavor's default allowlist and key proxy routes, to extend.

@@ -3,7 +3,8 @@
 #
 #   make claude            build the flavor (result-claude/bin/claude-microvm)
 #   make claude.run        run it on WORK_DIR (default: the current directory)
-#   (gemini, codex likewise; ENABLE_CRI=docker,... selects the -cri flavor)
+#   (every flavor of lib/flavors.nix likewise: `make agents` lists them;
+#   ENABLE_CRI=docker,... selects the -cri flavor)
 #   make nix-test          builtins-only Nix tests + the runner's schema on their specs
 #   make eval-modules LIB=DIR MICROVM=DIR
 #                          evalModules over microvm.nix's real options for
@@ -17,7 +18,6 @@ NIX ?= nix
 NIX_FLAGS ?= --extra-experimental-features 'nix-command flakes'
 NIX_INSTANTIATE ?= nix-instantiate
 PY ?= python3
-AGENTS := claude gemini codex
 NIX_SPEC_DIR ?= build/nix-specs
 EVAL_DIR ?= build/eval-modules
 ARGS ?=
@@ -26,18 +26,26 @@ ARGS ?=
 # machine's /etc/nix is read, so a fresh machine needs none.
 NIX_TEST_ENV = NIX_CONF_DIR=$(CURDIR)/tests/support/nix-conf NIX_USER_CONF_FILES=
 
+# The flavors' names, read from lib/flavors.nix (none without Nix).
+AGENTS := $(shell $(NIX_TEST_ENV) $(NIX_INSTANTIATE) --eval --json -E 'builtins.attrNames (import $(CURDIR)/lib/flavors.nix)' 2>/dev/null | tr -d '[]"' | tr , ' ')
+
 # The -cri flavor carries the container runtimes ENABLE_CRI starts.
 nix_flavor = $(1)$(if $(ENABLE_CRI),-cri)
 quote = '$(subst ','\'',$(1))'
 run_env = $(foreach v,WORK_DIR WORK_WORKTREE AGENT_HOME DIRENV_ALLOW ENABLE_CRI,$(if $($(v)),$(v)=$(call quote,$($(v)))))
 
-.PHONY: $(AGENTS) $(AGENTS:%=%.run) nix-test eval-modules
+.PHONY: $(AGENTS) $(AGENTS:%=%.run) agents nix-test eval-modules
 
+agents:
+	@echo $(or $(AGENTS),"agents: none found ($(NIX_INSTANTIATE) reads lib/flavors.nix)")
+
+ifneq ($(AGENTS),)
 $(AGENTS): %:
 	$(NIX) $(NIX_FLAGS) build .#$(call nix_flavor,$*) --out-link result-$*
 
 $(AGENTS:%=%.run): %.run:
 	$(run_env) $(NIX) $(NIX_FLAGS) run .#$(call nix_flavor,$*) -- $(if $(ARGS),-- $(ARGS))
+endif
 
 nix-test:
 	@command -v $(NIX_INSTANTIATE) >/dev/null || { \

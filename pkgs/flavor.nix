@@ -15,6 +15,9 @@
 let
   cfg = nixos.config.agentVM;
   name = "${cfg.agent.name}${lib.optionalString cfg.cri.enable "-cri"}";
+  # The CLI's name from its entry in lib/flavors.nix (an agent module of
+  # your own: its agent name).
+  title = (import ../lib/flavors.nix).${cfg.agent.name}.title or cfg.agent.name;
   exe = "${name}-microvm";
 in
 runCommand exe
@@ -25,7 +28,7 @@ runCommand exe
       inherit (cfg) spec specFile;
     };
     meta = {
-      description = "${cfg.agent.name} in a throw-away NixOS microVM${lib.optionalString cfg.cri.enable " with container runtimes"}";
+      description = "${title} in a throw-away NixOS microVM${lib.optionalString cfg.cri.enable " with container runtimes"}";
       license = lib.licenses.mit;
       platforms = [ nixos.pkgs.stdenv.hostPlatform.system ];
       mainProgram = exe;

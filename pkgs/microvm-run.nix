@@ -21,7 +21,7 @@ python3Packages.buildPythonApplication {
       ../runner
       ../skills
       # tests/unit/test_newvm.py compares the runner's agent names with it.
-      ../lib/agents.nix
+      ../lib/flavors.nix
       ../tests/__init__.py
       ../tests/unit
       # nix-eval-jobs' recorded output, which tests/unit/test_check_cli.py parses.

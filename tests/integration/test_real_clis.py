@@ -1,13 +1,14 @@
 """The real agent CLIs from npm, through the real microvm-run and its key proxy.
 
-Each flavor's CLI (Claude Code, Gemini CLI, Codex; the version nixpkgs
-ships and the latest, installed by scripts/setup-host) runs in the systemd
-test guest with that flavor's own rendered session, pre-start and /etc
-files (tests/guest-systemd/rendered-flavors/NAME), the flavor's allowlist
-and key route from lib/network.nix, and answers a prompt without a
-terminal (`claude -p`, `gemini -p`, `codex exec`); once per flavor its TUI
-starts on a host terminal (tmux) and must reach its prompt with no login
-screen or dialog in between.
+Each flavor of lib/flavors.nix has its CLI (Claude Code, Codex, Gemini
+CLI, Qwen Code; the version nixpkgs ships and the latest, installed by
+scripts/setup-host) run in the systemd test guest with that flavor's own
+rendered session, pre-start and /etc files
+(tests/guest-systemd/rendered-flavors/NAME), the flavor's command,
+allowlist and key route from its entry, and answer a prompt without a
+terminal (`claude -p`, `codex exec`, `gemini -p`, `qwen -p`); once per
+flavor its TUI starts on a host terminal (tmux) and must reach its prompt
+with no login screen or dialog in between.
 
 Nothing leaves the machine: microvm-run, QEMU and the vendor stand-in
 (tests/support/vendor_api.py: TLS, streaming, every request recorded) run
@@ -23,6 +24,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,19 +47,24 @@ KEY = "sk-real-canary-" + "7e3a91" * 5
 PLACEHOLDER = "microvm-run-placeholder"
 BOOT_TIMEOUT_S = 480
 PROMPT = "Say hello."
-# The agent's arguments for one answer without a terminal.
+# What the tests know of each CLI, beside its entry in lib/flavors.nix: its
+# arguments for one answer without a terminal (after the flavor's command),
+# what its TUI shows once it waits for the first prompt, and how it quits.
 HEADLESS = {
     "claude": ["-p", PROMPT],
-    "gemini": ["-p", PROMPT],
     "codex": ["exec", "--skip-git-repo-check", PROMPT],
+    "gemini": ["-p", PROMPT],
+    "qwen": ["-p", PROMPT],
 }
-# What the TUI shows once it waits for the user's first prompt, and what
-# must not be on screen on the way there: login screens and blocking dialogs.
 TUI_READY = {
     "claude": "bypass permissions on",
-    "gemini": "Type your message",
     "codex": "Ask Codex",
+    "gemini": "Type your message",
+    "qwen": "Type your message",
 }
+TUI_EXIT = {"claude": "/exit", "codex": "/quit", "gemini": "/quit", "qwen": "/quit"}
+# What must not be on screen on the way to the prompt: login screens and
+# blocking dialogs.
 TUI_BLOCKERS = (
     "Sign in",
     "Select login method",
@@ -69,8 +76,9 @@ TUI_BLOCKERS = (
     "Do you want to use this API key",
     "Unable to connect",
     "Invalid auth",
+    "Connect a Provider",
+    "No auth type is selected",
 )
-TUI_EXIT = {"claude": "/exit", "gemini": "/quit", "codex": "/quit"}
 STAND_IN_ADDR = "127.0.0.5"
 
 
@@ -88,17 +96,32 @@ class VendorNet:
         return [json.loads(line) for line in self.record.read_text().splitlines() if line]
 
 
-@pytest.fixture(scope="session")
-def network_data(host_env: dict[str, str]) -> dict[str, dict[str, object]]:
-    """lib/network.nix, evaluated: each flavor's allowlist and key route."""
+def _flavors() -> dict[str, dict[str, object]]:
+    """lib/flavors.nix, evaluated: each flavor's entry (its pre-start left out)."""
     require(shutil.which("nix-instantiate") is not None, "nix-instantiate (Debian's nix-bin)")
+    table = REPO / "lib" / "flavors.nix"
     out = subprocess.run(
-        ["nix-instantiate", "--eval", "--strict", "--json", str(REPO / "lib" / "network.nix")],
+        ["nix-instantiate", "--eval", "--strict", "--json", "-E",
+         f'builtins.mapAttrs (_: f: removeAttrs f [ "preStart" ]) (import {table})'],
         env={**NIX_TEST_ENV, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp"},
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     data: dict[str, dict[str, object]] = json.loads(out.stdout)
     return data
+
+
+# Every flavor of the table (its entries, two spaces in), read without Nix
+# at collection: a new entry is tested without a line here, and fails until
+# HEADLESS and TUI_READY know its CLI.
+FLAVORS = sorted(
+    re.findall(r"^  ([a-z][a-z0-9-]*) = \{$", (REPO / "lib" / "flavors.nix").read_text(), re.M)
+)
+
+
+@pytest.fixture(scope="session")
+def network_data(host_env: dict[str, str]) -> dict[str, dict[str, object]]:
+    """Each flavor's entry: command, allowlist and key route."""
+    return _flavors()
 
 
 def _vendor_names(network_data: dict[str, dict[str, object]]) -> list[str]:
@@ -203,19 +226,12 @@ def _toml_list(values: list[str]) -> str:
 
 def _flavor_spec(base: Path, flavor: str, data: dict[str, object]) -> Path:
     """The guest's spec as the flavor's own: name, key, command, allowlist, key route."""
-    commands = {
-        "claude": [
-            "claude", "--settings", "/etc/agent-microvm/claude-settings.json",
-            "--dangerously-skip-permissions",
-        ],
-        "gemini": ["gemini", "--yolo"],
-        "codex": ["codex", "--dangerously-bypass-approvals-and-sandbox"],
-    }  # fmt: skip
+    command = [str(a) for a in data["command"]]  # type: ignore[attr-defined]
     (route,) = data["keyProxy"]  # type: ignore[misc]
     allow = [str(n) for n in data["allow"]]  # type: ignore[attr-defined]
     text = base.read_text().replace("spec_version = 1", "spec_version = 2")
     text = text.replace('name = "testagent"', f'name = "{flavor}"')
-    text = text.replace('command = ["/bin/sh", "-c"]', f"command = {_toml_list(commands[flavor])}")
+    text = text.replace('command = ["/bin/sh", "-c"]', f"command = {_toml_list(command)}")
     text = text.replace(
         'api_key_vars = ["TESTAGENT_API_KEY"]', f"api_key_vars = {_toml_list([route['var']])}"
     )
@@ -293,7 +309,7 @@ def _check_requests(
 # more by the TUI test below (which also waits for an answer).
 CASES = [
     (flavor, which, mode)
-    for flavor in ("claude", "gemini", "codex")
+    for flavor in FLAVORS
     for which, mode in (("latest", "open"), ("nixpkgs", "allowlist"))
 ]
 
@@ -336,7 +352,7 @@ def test_the_real_cli_answers_through_the_key_proxy(
     assert KEY not in result.stdout and KEY not in result.stderr
 
 
-@pytest.mark.parametrize("flavor", ["claude", "gemini", "codex"])
+@pytest.mark.parametrize("flavor", FLAVORS)
 def test_the_tui_first_start_reaches_the_prompt_without_a_login(
     cli_vm: VM,
     vendor_net: VendorNet,

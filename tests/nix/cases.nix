@@ -5,6 +5,11 @@ let
   spec = import ../../lib/spec.nix;
   guest = import ../../lib/guest.nix;
   samples = import ./samples.nix;
+  flavors = import ../../lib/flavors.nix;
+  tables = import ./flavor-tables.nix;
+  readme = builtins.readFile ../../README.md;
+  nixDoc = builtins.readFile ../../docs/nix.md;
+  hasInfix = needle: text: builtins.replaceStrings [ needle ] [ "" ] text != text;
   inherit (samples) store minimal twoKeys;
 
   # Does evaluating x throw? (tryEval catches throw/assert only.)
@@ -178,6 +183,8 @@ in
         name = "claude";
         command = [
           "claude"
+          "--settings"
+          "/etc/agent-microvm/claude-settings.json"
           "--dangerously-skip-permissions"
         ];
         api_key_vars = [ "ANTHROPIC_API_KEY" ];
@@ -262,16 +269,21 @@ in
     };
   };
 
+  # One sample per flavor and its -cri twin, each with its entry's keys.
   everySampleHasItsKeyVar = {
     expr = builtins.mapAttrs (_: c: (spec.fromConfig c).agent.api_key_vars) samples.configs;
-    expected = {
-      claude = [ "ANTHROPIC_API_KEY" ];
-      claude-cri = [ "ANTHROPIC_API_KEY" ];
-      gemini = [ "GEMINI_API_KEY" ];
-      gemini-cri = [ "GEMINI_API_KEY" ];
-      codex = [ "OPENAI_API_KEY" ];
-      codex-cri = [ "OPENAI_API_KEY" ];
-    };
+    expected = builtins.listToAttrs (
+      builtins.concatMap (name: [
+        {
+          inherit name;
+          value = flavors.${name}.keyVars;
+        }
+        {
+          name = "${name}-cri";
+          value = flavors.${name}.keyVars;
+        }
+      ]) (builtins.attrNames flavors)
+    );
   };
 
   claudeSpecToml = {
@@ -281,7 +293,7 @@ in
 
       [agent]
       api_key_vars = ["ANTHROPIC_API_KEY"]
-      command = ["claude", "--dangerously-skip-permissions"]
+      command = ["claude", "--settings", "/etc/agent-microvm/claude-settings.json", "--dangerously-skip-permissions"]
       name = "claude"
 
       [guest]
@@ -654,8 +666,88 @@ in
     expected = true;
   };
 
-  agentsListMatchesModules = {
-    expr = builtins.all (p: builtins.pathExists p) (builtins.attrValues (import ../../lib/agents.nix));
-    expected = true;
+  # --- lib/flavors.nix: a flavor is one entry ------------------------------
+  everyFlavorEntryIsComplete = {
+    expr = builtins.mapAttrs (_: f: {
+      fields = builtins.all (n: f ? ${n}) [
+        "title"
+        "package"
+        "command"
+        "keyVars"
+        "configDir"
+        "allow"
+        "keyProxy"
+      ];
+      routesUseItsOwnKeys = builtins.all (r: builtins.elem r.var f.keyVars) f.keyProxy;
+      etcIsJson = builtins.all (e: e ? json) (builtins.attrValues (f.etc or { }));
+    }) flavors;
+    expected = builtins.mapAttrs (_: _: {
+      fields = true;
+      routesUseItsOwnKeys = true;
+      etcIsJson = true;
+    }) flavors;
+  };
+  # Modules, network defaults and samples: one per entry, none by hand.
+  everyFlavorHasItsModuleNetworkAndSample = {
+    expr = {
+      modules = builtins.attrNames (import ../../lib/agents.nix);
+      network = builtins.attrNames (import ../../lib/network.nix);
+      samples = builtins.attrNames samples.agents;
+    };
+    expected = {
+      modules = tables.names;
+      network = tables.names;
+      samples = tables.names;
+    };
+  };
+  # The docs' tables made from the entries are in the docs as they are
+  # (expected: the table to paste).
+  readmeKeyProxyTableIsTheFlavors = {
+    expr =
+      if hasInfix tables.rendered.keyProxy readme then tables.rendered.keyProxy else "not in README.md";
+    expected = tables.rendered.keyProxy;
+  };
+  docsAgentTableIsTheFlavors = {
+    expr =
+      if hasInfix tables.rendered.agents nixDoc then tables.rendered.agents else "not in docs/nix.md";
+    expected = tables.rendered.agents;
+  };
+  # The README's hand-written flavor tables have one row per flavor.
+  readmeAgentTablesListEveryFlavor = {
+    expr =
+      map
+        (header: builtins.sort builtins.lessThan (tables.firstColumn readme header))
+        [
+          "| flavor | CLI | tested with (npm, in CI) | key | first start in a new project |"
+          "| flavor | the login lives in (agent home) | with a login and an exported key | to use the key instead |"
+        ];
+    expected = [
+      tables.names
+      tables.names
+    ];
+  };
+  # The real-CLI tests install one npm package per flavor (setup-host).
+  cliVersionsListEveryFlavor = {
+    expr = builtins.sort builtins.lessThan (
+      map (m: builtins.head m) (
+        builtins.filter (m: m != null) (
+          map (builtins.match "([a-z][a-z0-9-]*) @?[a-z0-9./@-]+ [0-9][0-9A-Za-z.+-]*") (
+            builtins.filter builtins.isString (
+              builtins.split "\n" (builtins.readFile ../clis/versions.env)
+            )
+          )
+        )
+      )
+    );
+    expected = tables.names;
+  };
+  # nix.mk's targets come from the entries, not from a list of names.
+  nixMkAgentsComeFromTheFlavors = {
+    expr = map (l: builtins.match ".*lib/flavors.nix.*" l != null) (
+      builtins.filter (l: builtins.match "AGENTS *[:?]?=.*" l != null) (
+        builtins.filter builtins.isString (builtins.split "\n" (builtins.readFile ../../nix.mk))
+      )
+    );
+    expected = [ true ];
   };
 }

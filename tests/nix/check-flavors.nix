@@ -1,5 +1,5 @@
 # Our flavors as `microvm-run check` finds them in a flake: for every agent of
-# lib/agents.nix, with and without container runtimes, a derivation shaped as
+# lib/flavors.nix, with and without container runtimes, a derivation shaped as
 # pkgs/flavor.nix makes a flavor (`spec`, `specFile`), its spec from our
 # modules evaluated against microvm.nix's real options (eval-modules.nix).
 # Stand-in packages (nixpkgs itself cannot be fetched here), so nothing of it
@@ -14,7 +14,7 @@
   broken ? true,
 }:
 let
-  agents = builtins.attrNames (import ../../lib/agents.nix);
+  agents = builtins.attrNames (import ../../lib/flavors.nix);
 
   flavor =
     agent: cri: extraModules:

@@ -1,6 +1,7 @@
 """Check what tests/nix/eval-modules.nix resolved for each flavor.
 
-Run by scripts/eval-modules: reads OUT/<flavor>.json, writes the spec TOML and
+Run by scripts/eval-modules: reads OUT/<flavor>.json and OUT/flavors.json (the
+flavors' entries in lib/flavors.nix, what each must resolve to), writes the spec TOML and
 the guest scripts next to it, validates each spec with the runner's schema
 (microvm_run.spec.load_spec) and checks the resolved values the README
 promises: resolved values, not declarations (a mkDefault in one module
@@ -15,50 +16,11 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from microvm_run.contract import STATUS_PORT
 from microvm_run.spec import load_spec
 
-EXPECTED_KEYS = {
-    "claude": ["ANTHROPIC_API_KEY"],
-    "gemini": ["GEMINI_API_KEY"],
-    "codex": ["OPENAI_API_KEY"],
-}
-# (var, upstream, header, base_url_var, base_url_path) per flavor.
-EXPECTED_KEY_PROXY = {
-    "claude": (
-        "ANTHROPIC_API_KEY",
-        "https://api.anthropic.com",
-        "x-api-key",
-        "ANTHROPIC_BASE_URL",
-        "",
-    ),
-    "gemini": (
-        "GEMINI_API_KEY",
-        "https://generativelanguage.googleapis.com",
-        "x-goog-api-key",
-        "GOOGLE_GEMINI_BASE_URL",
-        "",
-    ),
-    "codex": (
-        "OPENAI_API_KEY",
-        "https://api.openai.com",
-        "authorization",
-        "OPENAI_BASE_URL",
-        "/v1",
-    ),
-}
-EXPECTED_KEY_PATHS = {
-    "claude": ("/v1/",),
-    "gemini": ("/v1beta/", "/v1/"),
-    "codex": ("/v1/",),
-}
-# At least these: each flavor's API endpoint and its login.
-EXPECTED_ALLOW = {
-    "claude": ["api.anthropic.com", "console.anthropic.com"],
-    "gemini": ["generativelanguage.googleapis.com", "oauth2.googleapis.com"],
-    "codex": ["api.openai.com", "auth.openai.com"],
-}
 CRI_RUNTIMES = ["containerd", "cri-o", "crun", "docker", "podman"]
 
 
@@ -77,7 +39,19 @@ def systemd_device_unit(path: str) -> str:
     return "-".join(escaped) + ".device"
 
 
-def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
+def etc_problems(etc: dict[str, Any], entry: dict[str, Any]) -> list[str]:
+    """The entry's /etc files against what NixOS would install (text and mode)."""
+    problems = []
+    for path, file in entry.get("etc", {}).items():
+        got = etc.get(path)
+        if got is None or json.loads(got["text"]) != file["json"]:
+            problems.append(f"/etc/{path}: {got}")
+        elif got["mode"] != file.get("mode", "symlink"):
+            problems.append(f"/etc/{path} mode {got['mode']}")
+    return problems
+
+
+def check_flavor(out: Path, agent: str, cri: bool, entry: dict[str, Any]) -> list[str]:
     name = f"{agent}-cri" if cri else agent
     data = json.loads((out / f"{name}.json").read_text())
     mv = data["microvm"]
@@ -131,7 +105,10 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
         "spec qemu is not microvm.qemu.package",
     )
     expect(loaded.agent == agent, f"agent name {loaded.agent}")
-    expect(list(loaded.api_key_vars) == EXPECTED_KEYS[agent], f"api_key_vars {loaded.api_key_vars}")
+    expect(list(loaded.api_key_vars) == entry["keyVars"], f"api_key_vars {loaded.api_key_vars}")
+    expect(list(loaded.command) == entry["command"], f"command {loaded.command}")
+    agent_cfg = data["agentVM"]["agent"]
+    expect(agent_cfg["configDir"] == entry["configDir"], f"configDir {agent_cfg['configDir']}")
     expect(mv["writableStoreOverlay"] == "/nix/.rw-store", "no writable store overlay")
     expect(mv["storeOnDisk"] is False, "store on disk instead of the host store share")
     expect(mv["machineId"] is not None, "microvm.machineId is null")
@@ -172,13 +149,11 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
     # What nixpkgs would let the guest use (stand-in-unfree.nix): free
     # packages, the flavor's own unfree package, no other unfree one.
     unfree = data["unfreeAllowed"]
+    flavors: dict[str, dict[str, Any]] = json.loads((out / "flavors.json").read_text())
     want_unfree = {
-        "claude-code": agent == "claude",
-        "unfree-other": False,
-        "gemini-cli": True,
-        "codex": True,
-        "git": True,
-    }
+        f["package"]: not f.get("unfree", False) or f["package"] == entry["package"]
+        for f in flavors.values()
+    } | {"unfree-other": False, "git": True}
     expect(unfree == want_unfree, f"unfree allowed: {unfree}, expected {want_unfree}")
     expect(data["sudo"] is False, "sudo is enabled")
     groups = data["agentGroups"]
@@ -249,21 +224,32 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
             f"codex's turn-complete notification: {command}",
         )
 
-    # The flavor's allowlist and key proxy route reach the spec.
-    want_proxy = EXPECTED_KEY_PROXY[agent]
+    # The flavor's /etc files (its entry's extras), as the entry has them.
+    problems += etc_problems(data["flavorEtc"], entry)
+
+    # The flavor's allowlist and key proxy routes, methods and path prefixes
+    # included, survive the module's option types into the spec.
+    want_proxy = [
+        (
+            r["var"],
+            r["upstream"],
+            r["header"],
+            r["baseUrlVar"],
+            r.get("baseUrlPath", ""),
+            tuple(r["methods"]),
+            tuple(r["paths"]),
+        )
+        for r in entry["keyProxy"]
+    ]
     expect(
-        [(p.var, p.upstream, p.header, p.base_url_var, p.base_url_path) for p in loaded.key_proxies]
-        == [want_proxy],
+        [
+            (p.var, p.upstream, p.header, p.base_url_var, p.base_url_path, p.methods, p.paths)
+            for p in loaded.key_proxies
+        ]
+        == want_proxy,
         f"key proxies {loaded.key_proxies}",
     )
-    expect(set(EXPECTED_ALLOW[agent]) <= set(loaded.allow), f"allow {loaded.allow}")
-    # The key route's methods and path prefixes (lib/network.nix) survive the
-    # module's option type into the spec.
-    expect(
-        [(p.methods, p.paths) for p in loaded.key_proxies]
-        == [(("GET", "POST"), EXPECTED_KEY_PATHS[agent])],
-        f"key route methods/paths {[(p.methods, p.paths) for p in loaded.key_proxies]}",
-    )
+    expect(list(loaded.allow) == entry["allow"], f"allow {loaded.allow}")
 
     # The agent starts once its console and the status port exist (systemd's
     # device units, named as `systemd-escape --path` names them).
@@ -300,7 +286,7 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
 
     expect(svc["unitConfig"].get("SuccessAction") == "poweroff", "agent service does not power off")
     expect(svc["serviceConfig"].get("TTYPath") == "/dev/hvc0", "agent service not on hvc0")
-    expect(svc["serviceConfig"].get("ImportCredential") == EXPECTED_KEYS[agent], "credentials")
+    expect(svc["serviceConfig"].get("ImportCredential") == entry["keyVars"], "credentials")
 
     cmd = data["microvmQemuCommand"]
     expect(
@@ -335,11 +321,12 @@ def check_flavor(out: Path, agent: str, cri: bool) -> list[str]:
 def main() -> int:
     out = Path(sys.argv[1])
     agents = sys.argv[2:]
+    flavors = json.loads((out / "flavors.json").read_text())
     problems: list[str] = []
     count = 0
     for agent in agents:
         for cri in (False, True):
-            problems += check_flavor(out, agent, cri)
+            problems += check_flavor(out, agent, cri, flavors[agent])
             count += 1
     print(f"eval-modules: {count} flavors evaluated, {len(problems)} problems")
     return 1 if problems else 0

@@ -22,6 +22,9 @@
 let
   nixpkgsLib = import lib;
   pkgs = import ./stand-in-pkgs.nix { lib = nixpkgsLib; };
+  # Every flavor's package (lib/flavors.nix), for the unfree check.
+  flavors = import ../../lib/flavors.nix;
+  flavorPackages = map (f: f.package) (builtins.attrValues flavors);
   microvmLib = import (microvm + "/lib") { lib = nixpkgsLib; };
   microvmModule = name: microvm + "/nixos-modules/microvm/${name}.nix";
 
@@ -32,7 +35,7 @@ let
       # (nixos-modules/microvm/default.nix), as the flake's base imports it.
       (microvm + "/nixos-modules/microvm")
       ../../modules/base.nix
-      (../../modules + "/${flavor}.nix")
+      (import ../../lib/agents.nix).${flavor}
       {
         _module.args.pkgs = pkgs;
         agentVM.enable = enable;
@@ -89,6 +92,14 @@ else
     };
     # Claude Code's managed settings (the notification hooks), if any.
     claudeSettings = config.environment.etc."claude-code/managed-settings.json".text or null;
+    # The /etc files of the flavor's entry (lib/flavors.nix), as NixOS has them.
+    flavorEtc = builtins.mapAttrs (
+      path: _:
+      let
+        file = config.environment.etc.${path} or null;
+      in
+      if file == null then null else { inherit (file) text mode; }
+    ) (flavors.${flavor}.etc or { });
     systemPackages = map nixpkgsLib.getName config.environment.systemPackages;
     microvm = {
       inherit (mv)
@@ -133,15 +144,15 @@ else
       let
         allowed = import ./stand-in-unfree.nix { lib = nixpkgsLib; } config.nixpkgs.config;
       in
-      nixpkgsLib.mapAttrs (_: allowed) {
-        inherit (pkgs)
-          claude-code
-          unfree-other
-          gemini-cli
-          codex
-          git
-          ;
-      };
+      nixpkgsLib.mapAttrs (_: allowed) (
+        nixpkgsLib.genAttrs (
+          flavorPackages
+          ++ [
+            "unfree-other"
+            "git"
+          ]
+        ) (name: pkgs.${name})
+      );
     agentGroups = config.users.users.agent.extraGroups;
     networking = {
       inherit (config.networking) hostName useNetworkd;

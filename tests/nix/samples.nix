@@ -1,7 +1,8 @@
 # Sample flavors as plain attrsets shaped like the evaluated NixOS config
-# that lib/spec.nix's fromConfig reads, built from the same pure defaults
-# (lib/guest.nix, lib/network.nix) the modules use, and two inputs for
-# lib/spec.nix's make: the smallest, and one with two key proxy routes.
+# that lib/spec.nix's fromConfig reads, one per flavor, built from the same
+# pure data (lib/flavors.nix, lib/guest.nix, lib/network.nix) the modules
+# use, and two inputs for lib/spec.nix's make: the smallest, and one with
+# two key proxy routes.
 # Store paths are made up.
 let
   guest = import ../../lib/guest.nix;
@@ -9,29 +10,11 @@ let
   contract = import ../../lib/contract.nix;
   store = name: "/nix/store/00000000000000000000000000000000-${name}";
 
-  agents = {
-    claude = {
-      command = [
-        "claude"
-        "--dangerously-skip-permissions"
-      ];
-      apiKeyVars = [ "ANTHROPIC_API_KEY" ];
-    };
-    gemini = {
-      command = [
-        "gemini"
-        "--yolo"
-      ];
-      apiKeyVars = [ "GEMINI_API_KEY" ];
-    };
-    codex = {
-      command = [
-        "codex"
-        "--dangerously-bypass-approvals-and-sandbox"
-      ];
-      apiKeyVars = [ "OPENAI_API_KEY" ];
-    };
-  };
+  # Every flavor of lib/flavors.nix, as its module sets agentVM.agent.
+  agents = builtins.mapAttrs (_: f: {
+    inherit (f) command;
+    apiKeyVars = f.keyVars;
+  }) (import ../../lib/flavors.nix);
 
   config =
     name: cri:

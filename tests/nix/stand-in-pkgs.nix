@@ -35,12 +35,13 @@ let
     in
     out;
 
+  # Every flavor's package (lib/flavors.nix), unfree where the entry says
+  # so, and the other packages the modules use.
+  flavors = builtins.attrValues (import ../../lib/flavors.nix);
   names = [
     "bashInteractive"
     "cacert"
-    "claude-code"
     "cni-plugins"
-    "codex"
     "containerd"
     "coreutils"
     "cri-tools"
@@ -48,7 +49,6 @@ let
     "curl"
     "docker-compose"
     "e2fsprogs"
-    "gemini-cli"
     "git"
     "iptables"
     "jq"
@@ -77,7 +77,7 @@ let
     # the kernel's own `target` names the image (pkgs.linux.target).
   };
 
-  # meta.license as nixpkgs has it: claude-code is unfree; "unfree-other"
+  # meta.license as nixpkgs has it (claude-code is unfree); "unfree-other"
   # stands for any other unfree package (nothing may allow it by accident).
   unfree = {
     shortName = "unfree";
@@ -92,8 +92,13 @@ let
 
   pkgs =
     lib.genAttrs names (n: mkFake n { })
+    // builtins.listToAttrs (
+      map (f: {
+        name = f.package;
+        value = if f.unfree or false then licensed f.package unfree else mkFake f.package { };
+      }) flavors
+    )
     // {
-      claude-code = licensed "claude-code" unfree;
       unfree-other = licensed "unfree-other" unfree;
       inherit lib;
       _type = "pkgs"; # what types.pkgs checks

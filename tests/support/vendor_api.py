@@ -1,8 +1,9 @@
 """A local stand-in for the vendors' model APIs: records requests, streams answers.
 
-Anthropic's Messages API, Gemini's generateContent / streamGenerateContent
-and OpenAI's Responses API, enough for the real CLIs (`claude -p`,
-`gemini -p`, `codex exec`) to print an answer.  Every request is recorded
+Anthropic's Messages API, Gemini's generateContent / streamGenerateContent,
+OpenAI's Responses API and the OpenAI-compatible Chat Completions (under
+any prefix: Model Studio's is /compatible-mode/v1/), enough for the real
+CLIs (`claude -p`, `gemini -p`, `codex exec`, `qwen`) to print an answer.  Every request is recorded
 (method, path, headers, body), so a test can check which key arrived in
 which header.  TLS with a certificate from a throw-away CA (``make_tls``),
 so the key proxy's upstream is ``https://`` as in production.  Listens on
@@ -219,6 +220,32 @@ def _openai(body: dict[str, object]) -> tuple[str, bytes]:
     )
 
 
+def _chat_completions(body: dict[str, object]) -> tuple[str, bytes]:
+    """Chat Completions: one chunk with the answer, then [DONE] (or one JSON answer)."""
+    model = str(body.get("model", "qwen"))
+    usage = {"prompt_tokens": 12, "completion_tokens": 6, "total_tokens": 18}
+    base = {"id": "chatcmpl-standin", "created": 1, "model": model}
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": ANSWER}
+        done = {
+            **base,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "usage": usage,
+        }
+        return "application/json", json.dumps(done).encode()
+    chunk = {**base, "object": "chat.completion.chunk"}
+    delta = {"role": "assistant", "content": ANSWER}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    ]
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        events.append({**chunk, "choices": [], "usage": usage})
+    return "text/event-stream", _sse([(None, e) for e in events]) + b"data: [DONE]\n\n"
+
+
 class VendorAPI:
     """The stand-in server on ``address``; ``requests`` grows as it is called."""
 
@@ -291,7 +318,9 @@ class VendorAPI:
             return (200, *_gemini(path, body))
         if path.startswith("/v1/responses") and request.method == "POST":
             return (200, *_openai(body))
-        if path.split("?")[0] in ("/v1/models", "/v1beta/models"):
+        if path.split("?")[0].endswith("/v1/chat/completions") and request.method == "POST":
+            return (200, *_chat_completions(body))
+        if path.split("?")[0] in ("/v1/models", "/v1beta/models", "/compatible-mode/v1/models"):
             models = {"data": [], "models": [], "object": "list"}
             return 200, "application/json", json.dumps(models).encode()
         return 404, "application/json", b'{"error": {"message": "not in the stand-in"}}'

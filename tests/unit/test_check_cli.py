@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,12 @@ from tests.support.cli import run
 from .conftest import SAMPLE
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "check" / "eval-jobs-flavors.jsonl"
-FLAVORS = {"claude", "claude-cri", "codex", "codex-cri", "gemini", "gemini-cri"}
+# The flavors, from the one file the Nix tests hold to lib/flavors.nix
+# (tests/nix/cases.nix: one line per flavor): each with and without CRI.
+_NAMES = re.findall(
+    r"^([a-z0-9-]+) \S+ \S+$", (RECORDED.parents[2] / "clis" / "versions.env").read_text(), re.M
+)
+FLAVORS = {f"{name}{cri}" for name in _NAMES for cri in ("", "-cri")}
 
 
 def vm(attr: str, spec: object, **kw: object) -> Derivation:
@@ -90,7 +96,8 @@ def test_the_recorded_output_shows_how_check_reports_it(capsys: pytest.CaptureFi
         "will be built"
     )
     assert out[-1] == (
-        "check: 7 agent VMs in .#packages.x86_64-linux: 6 fine, 1 not (nix-eval-jobs)"
+        f"check: {len(FLAVORS) + 1} agent VMs in .#packages.x86_64-linux: "
+        f"{len(FLAVORS)} fine, 1 not (nix-eval-jobs)"
     )
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -66,9 +68,12 @@ FAKE_QEMU = textwrap.dedent(
     """
     import os, re, signal, socket, sys, time
     scenario, pidfile, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+    # Longer than any deadline under test, short enough that a regression
+    # fails the `< 20 s` check within a minute instead of hanging the suite.
+    HANG_S = 40
     with open(pidfile, "a") as f:
         f.write(f"{os.getpid()}\\n")
-    if scenario == "ignore-term":
+    if scenario in ("ignore-term", "ready-ignore-term"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conns = {}
     for arg in argv:
@@ -79,17 +84,17 @@ FAKE_QEMU = textwrap.dedent(
             conns[found.group(1)] = conn
     status = conns["status"]
     if scenario in ("hang", "ignore-term"):
-        time.sleep(600)
+        time.sleep(HANG_S)
     if scenario == "poweroff-early":  # a guest that powers off before `ready`
         sys.exit(0)
     if scenario == "crash":
         os._exit(1)
     status.sendall(b"ready\\n")
-    if scenario == "ready-then-hang":
-        time.sleep(600)
+    if scenario in ("ready-then-hang", "ready-ignore-term"):
+        time.sleep(HANG_S)
     status.sendall(b"exit 7\\n")
     if scenario == "no-poweroff":
-        time.sleep(600)
+        time.sleep(HANG_S)
     """
 )
 
@@ -208,3 +213,38 @@ def test_a_qemu_that_crashes_shows_the_daemons_logs(
     err = capsys.readouterr().err
     assert "QEMU crashed or was killed" in err
     assert "Client connected" in err
+
+
+def _signals_at(*delays: float) -> list[threading.Timer]:
+    """SIGINT to this process (the runner's main thread handles it) after each delay."""
+    timers = [threading.Timer(d, os.kill, (os.getpid(), signal.SIGINT)) for d in delays]
+    for timer in timers:
+        timer.start()
+    return timers
+
+
+def test_ctrl_c_under_a_qemu_that_ignores_sigterm_kills_it_after_the_grace(
+    spec: Spec, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(process, "STOP_GRACE_S", 0.5)
+    timers = _signals_at(2.0)
+    try:
+        assert _run(spec, short_tmp, "ready-ignore-term") == 128 + signal.SIGINT
+    finally:
+        for timer in timers:
+            timer.cancel()
+    assert "QEMU did not stop within 0.5 s; killed it" in capsys.readouterr().err
+
+
+def test_a_second_ctrl_c_kills_qemu_at_once(
+    spec: Spec, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "STOP_GRACE_S", 30.0)  # the grace is not what ends it
+    timers = _signals_at(2.0, 2.5)
+    try:
+        started = time.monotonic()
+        assert _run(spec, short_tmp, "ready-ignore-term") == 128 + signal.SIGINT
+        assert time.monotonic() - started < 10
+    finally:
+        for timer in timers:
+            timer.cancel()

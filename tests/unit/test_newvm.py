@@ -42,9 +42,11 @@ def written(plan: newvm.Plan, path: Path) -> str:
     return texts[0]
 
 
-def test_agents_are_the_ones_lib_agents_nix_lists() -> None:
-    text = (REPO / "lib" / "agents.nix").read_text()
-    assert tuple(sorted(re.findall(r"^\s*([a-z]+) = \.\./modules/", text, re.M))) == newvm.AGENTS
+def test_agents_are_the_flavors_of_lib_flavors_nix() -> None:
+    # The table's entries: its top-level attributes, two spaces in.
+    text = (REPO / "lib" / "flavors.nix").read_text()
+    names = re.findall(r"^  ([a-z][a-z0-9-]*) = \{$", text, re.M)
+    assert names and tuple(sorted(names)) == newvm.AGENTS
 
 
 @pytest.mark.parametrize(

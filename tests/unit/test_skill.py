@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm_run import skill_cli
+from microvm_run import newvm, skill_cli
 from tests.support.cli import run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,10 @@ def test_install_puts_the_skill_in_each_agents_directory_once(
         "claude": home / ".claude/skills/create-agent-vm/SKILL.md",
         "gemini": home / ".gemini/skills/create-agent-vm/SKILL.md",
         "codex": tmp_path / "codex/skills/create-agent-vm/SKILL.md",
+        "qwen": home / ".qwen/skills/create-agent-vm/SKILL.md",
     }
+    # Every flavor (newvm.AGENTS, held to lib/flavors.nix by test_newvm) has one.
+    assert set(expected) == set(newvm.AGENTS) == set(skill_cli.skills_dirs(env))
     for agent, path in expected.items():
         code, out, _ = run(capsys, ["skill", "install", "--agent", agent], env)
         assert code == 0

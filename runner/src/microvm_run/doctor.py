@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microvm_run import host, openfiles, process, state
+from microvm_run.qemu import Accel
 from microvm_run.spec import Spec, SpecError, load_spec
 
 OK = "ok"
@@ -53,7 +54,7 @@ def iter_checks(
     environ: Mapping[str, str],
     *,
     spec_path: str | None,
-    accel: str = "kvm",
+    accel: Accel = Accel.KVM,
     boot: BootFn | None = None,
     uid: int | None = None,
     paths: DoctorPaths | None = None,
@@ -62,7 +63,7 @@ def iter_checks(
     where = paths or DoctorPaths()
     user = os.getuid() if uid is None else uid
     yield check_kvm(where.kvm, accel)
-    if accel == "tcg":
+    if accel == Accel.TCG:
         yield check_tsc(host.tsc_khz())
     yield from check_userns(where.proc_sys, environ, user)
     spec_checks, spec = check_spec(spec_path)
@@ -84,9 +85,9 @@ def exit_status(checks: list[Check]) -> int:
     return 1 if any(check.status == FAIL for check in checks) else 0
 
 
-def check_kvm(kvm: Path, accel: str) -> Check:
+def check_kvm(kvm: Path, accel: Accel) -> Check:
     # Without KVM, TCG still works: then a missing /dev/kvm is worth a warning only.
-    bad = FAIL if accel == "kvm" else WARN
+    bad = FAIL if accel == Accel.KVM else WARN
     try:
         info = kvm.stat()
     except FileNotFoundError:

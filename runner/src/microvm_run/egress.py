@@ -55,10 +55,12 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from microvm_run import live, netpolicy, sniff
 from microvm_run.egresslog import EgressLog, printable
+from microvm_run.netmode import NetMode
 from microvm_run.netpolicy import FIX_ALLOW, FIX_PRIVATE, EgressConfig, KeyRoute, Refusal
 
 __all__ = ["EgressConfig", "EgressError", "EgressProxy", "KeyRoute"]
@@ -331,7 +333,7 @@ class EgressProxy:
     def _dns_address(self, name: str) -> str | None:
         """The answer address for a name the policy may admit; None (NXDOMAIN, at once) if not."""
         if (
-            self.config.mode == "open"
+            self.config.mode == NetMode.OPEN
             or any(
                 rule.matches(name, rule.port or netpolicy.TLS_PORT) for rule in self.config.rules
             )
@@ -574,10 +576,10 @@ class EgressProxy:
             raise self._deny(host, port, via, "not a host name")
         rules = self.config.rules
         live_rule = None
-        if self.config.mode == "open" or not netpolicy.permitted(rules, host, port):
+        if self.config.mode == NetMode.OPEN or not netpolicy.permitted(rules, host, port):
             # Spends a once rule only where no launch rule admits the name.
             live_rule = self._live.permits(host, port, take=True)
-            if self.config.mode == "allowlist" and live_rule is None:
+            if self.config.mode == NetMode.ALLOWLIST and live_rule is None:
                 raise self._deny(host, port, via, "not in the allowlist", FIX_ALLOW)
         inward = netpolicy.private_permitted(rules, host, port) or (
             live_rule is not None and live_rule.private
@@ -718,14 +720,14 @@ def _same_authority(authority: str, host: str, port: int) -> bool:
     return same_name and named_port in (0, port)
 
 
-async def _read_until(reader: asyncio.StreamReader, parse: object) -> bytes:
+async def _read_until(reader: asyncio.StreamReader, parse: Callable[[bytes], Any]) -> bytes:
     data = b""
     while len(data) < sniff.MAX_HEAD:
         chunk = await asyncio.wait_for(reader.read(4096), HEAD_TIMEOUT_S)
         if not chunk:
             break
         data += chunk
-        if parse(data) is not sniff.NEED_MORE:  # type: ignore[operator]
+        if parse(data) is not sniff.NEED_MORE:
             break
     return data
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from microvm_run import netpolicy
 from microvm_run.egress import EgressError, EgressProxy
+from microvm_run.netmode import NetMode
 from microvm_run.netpolicy import EgressConfig, KeyRoute, PolicyError, TcpListen
 
 CONFIG_VERSION = 1
@@ -62,9 +63,11 @@ def parse_config(text: str, source: str) -> HostEgress:
         raise ConfigError(f"{source}: unknown keys {unknown}, missing keys {missing}")
     if data["version"] != CONFIG_VERSION:
         raise ConfigError(f"{source}: version {data['version']!r}, expected {CONFIG_VERSION}")
-    mode = data["mode"]
-    if mode not in ("open", "allowlist"):
-        raise ConfigError(f"{source}: mode {mode!r} is not open or allowlist")
+    # --net none has no proxy: a declared VM's egress is open or allowlist.
+    proxied = (NetMode.OPEN, NetMode.ALLOWLIST)
+    if data["mode"] not in proxied:
+        raise ConfigError(f"{source}: mode {data['mode']!r} is not {' or '.join(proxied)}")
+    mode = NetMode(data["mode"])
     listen = _address(data["listen"], source, "listen")
     peer = _address(data["peer"], source, "peer")
     port = data["port"]

@@ -28,7 +28,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -174,7 +174,7 @@ def _short(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def follow(path: Path, running: Any, poll_s: float = 0.5) -> Iterator[str]:
+def follow(path: Path, running: Callable[[], bool], poll_s: float = 0.5) -> Iterator[str]:
     """Lines as they are written, until the ``stop`` event or ``running()`` is false."""
     offset = 0
     while True:

@@ -85,10 +85,14 @@ class Instance:
     runtime_dir_created: bool = False
     started: str = ""  # ISO 8601 UTC, for ps
     signum: int | None = None
+    # After the first signal QEMU was sent SIGTERM; it is killed if it still
+    # runs at this time.monotonic() (a wedged QEMU must not keep Ctrl-C waiting).
+    stop_deadline: float | None = None
     cleaning: bool = False
     work_mode: int | None = None  # the project dir's mode before the guest ran
     # Refusals from the egress thread, handled on the main thread: the
     # thread appends and writes a byte to wake_w, which wakes the watcher.
+    # A signal handler wakes it the same way.
     refusals: collections.deque[Refusal] = field(default_factory=collections.deque)
     wake_r: int = -1
     wake_w: int = -1
@@ -127,6 +131,7 @@ def launch(
                 evalguard.wait_for_evaluations(plan.runtime_dir.parent, plan.work_dir, process.log)
                 _write_launch_files(plan, environ)
                 instance.listener = _listen(plan.status_socket)
+                instance.wake_r, instance.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
                 _start_egress(plan, instance, environ)
                 instance.virtiofsd.start(plan.virtiofsd)
                 _record(instance)
@@ -328,7 +333,6 @@ def _start_egress(plan: LaunchPlan, instance: Instance, environ: Mapping[str, st
 
     keys = {route.var: environ.get(route.var, "") for route in plan.egress.key_routes}
     instance.denials = denials.Denials(plan.runtime_dir)
-    instance.wake_r, instance.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def refused(refusal: Refusal) -> None:  # on the egress thread
         instance.refusals.append(refusal)
@@ -396,9 +400,8 @@ class _Watcher:
         self.poller.register(self.listener, selectors.EVENT_READ, "listener")
         for daemon in instance.virtiofsd.daemons:
             self.poller.register(daemon.pidfd, selectors.EVENT_READ, daemon)
-        if instance.wake_r >= 0:
-            self.poller.register(instance.wake_r, selectors.EVENT_READ, "wake")
-            _handle_refusals(instance)  # any from before QEMU started
+        self.poller.register(instance.wake_r, selectors.EVENT_READ, "wake")
+        _handle_refusals(instance)  # any from before QEMU started
         self.conn: socket.socket | None = None
         self.status = GuestStatus()
         self.buffer = b""
@@ -412,6 +415,8 @@ class _Watcher:
         boot_deadline = time.monotonic() + plan.boot_timeout_s
         while True:
             events = self.poller.select(self._timeout(boot_deadline))
+            if not events and self._kill_if_stop_overdue():
+                continue
             if not events and self.poweroff_deadline is not None:
                 # The agent has reported; a guest whose power-off hangs does
                 # not keep the user waiting.
@@ -453,7 +458,15 @@ class _Watcher:
                         )
 
     def _timeout(self, boot_deadline: float) -> float | None:
-        """Until ready: the boot deadline; after exit N: the power-off grace."""
+        """Until ready: the boot deadline; after exit N: the power-off grace;
+        after a signal, no later than the time QEMU has to stop."""
+        timeout = self._deadline_timeout(boot_deadline)
+        if self.instance.stop_deadline is not None:
+            left = max(0.0, self.instance.stop_deadline - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        return timeout
+
+    def _deadline_timeout(self, boot_deadline: float) -> float | None:
         if self.status.exit_code is not None and self.poweroff_deadline is None:
             self.poweroff_deadline = time.monotonic() + POWEROFF_GRACE_S
         if self.poweroff_deadline is not None:
@@ -461,6 +474,17 @@ class _Watcher:
         if self.status.ready:
             return None
         return max(0.0, boot_deadline - time.monotonic())
+
+    def _kill_if_stop_overdue(self) -> bool:
+        """QEMU was sent SIGTERM on a signal and still runs past its grace: kill it."""
+        deadline = self.instance.stop_deadline
+        if deadline is None or time.monotonic() < deadline:
+            return False
+        self.instance.stop_deadline = None
+        if not self.qemu.exited():
+            process.log(f"QEMU did not stop within {process.STOP_GRACE_S:g} s; killed it")
+            self.qemu.send_signal(signal.SIGKILL)
+        return True
 
     def _accept(self) -> None:
         self.conn, _ = self.listener.accept()
@@ -672,7 +696,13 @@ def _signals_forwarded(instance: Instance) -> Iterator[None]:
                 raise Interrupted(signum)
             return
         if not qemu.exited():
-            qemu.send_signal(signal.SIGTERM)
+            # The first signal asks QEMU to stop (the watcher kills it after
+            # the grace); a second one, from a user who will not wait, kills.
+            qemu.send_signal(signal.SIGTERM if first else signal.SIGKILL)
+            if first:
+                instance.stop_deadline = time.monotonic() + process.STOP_GRACE_S
+            with contextlib.suppress(OSError):
+                os.write(instance.wake_w, b"!")  # re-evaluate the watcher's timeout
 
     wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, handle) for signum in wanted}

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from microvm_run import host, instancelog, state, usage
@@ -56,7 +57,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     return 0
 
 
-def _running(base: Any, instance_id: str) -> bool:
+def _running(base: Path, instance_id: str) -> bool:
     st = state.read_state(base / instance_id).state
     return st is not None and state.is_alive(st.runner_pid, st.runner_start)
 

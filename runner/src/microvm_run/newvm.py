@@ -27,8 +27,8 @@ from typing import Literal
 
 from microvm_run.spec import MAX_MEMORY_MIB, MAX_VCPUS
 
-# lib/agents.nix lists the same names (tests/unit/test_newvm.py compares them).
-AGENTS = ("claude", "codex", "gemini")
+# The flavors of lib/flavors.nix (tests/unit/test_newvm.py compares them).
+AGENTS = ("claude", "codex", "gemini", "qwen")
 
 # Where the agent-microvm flake comes from in a generated flake.nix (README: Using the flake).
 DEFAULT_FLAKE_URL = "github:ORG/agent-microvm"

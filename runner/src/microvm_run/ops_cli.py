@@ -284,7 +284,7 @@ def _doctor(
 
     checks = []
     for check in doctor.iter_checks(
-        environ, spec_path=args.spec, accel=args.accel, boot=boot if args.boot else None
+        environ, spec_path=args.spec, accel=Accel(args.accel), boot=boot if args.boot else None
     ):
         print(check.line(), flush=True)
         checks.append(check)

@@ -53,7 +53,7 @@ class QemuInputs:
 
 def kernel_params(spec: Spec, accel: Accel, tsc_khz: int | None = None) -> list[str]:
     params = [*spec.kernel_params, *RUNNER_KERNEL_PARAMS]
-    if accel == "tcg" and spec.machine == "microvm":
+    if accel == Accel.TCG and spec.machine == "microvm":
         params.append(f"{TCG_MICROVM_TSC_PARAM}={tsc_khz or FALLBACK_TSC_KHZ}")
         params += TCG_MICROVM_EXTRA_PARAMS
     return params
@@ -66,7 +66,7 @@ def qemu_argv(spec: Spec, inputs: QemuInputs) -> list[str]:
         str(spec.qemu),
         "-name", inputs.name,
         "-machine", machine,
-        "-cpu", "host" if inputs.accel == "kvm" else "max",
+        "-cpu", "host" if inputs.accel == Accel.KVM else "max",
         "-m", f"{inputs.memory_mib}M",
         "-smp", str(inputs.vcpus),
         # vhost-user-fs needs guest RAM that virtiofsd can map: shared memfd.

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from microvm_run import safefs, usage
 from microvm_run.contract import EXIT_BAD_INPUT
+from microvm_run.newvm import AGENTS
 
 SKILL = "create-agent-vm"
 EXIT_REFUSED = 1
@@ -26,13 +27,14 @@ MAX_SKILL = 1 << 20
 
 
 def skills_dirs(environ: Mapping[str, str]) -> dict[str, Path]:
-    """Each agent's user-level skills directory (Claude Code, Gemini CLI, Codex CLI)."""
+    """Each agent's user-level skills directory (Claude Code, Gemini CLI, Codex CLI, Qwen Code)."""
     home = Path(environ.get("HOME") or os.path.expanduser("~"))
     codex_home = Path(environ["CODEX_HOME"]) if environ.get("CODEX_HOME") else home / ".codex"
     return {
         "claude": home / ".claude" / "skills",
         "gemini": home / ".gemini" / "skills",
         "codex": codex_home / "skills",
+        "qwen": home / ".qwen" / "skills",
     }
 
 
@@ -51,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     )
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     install = commands.add_parser("install", help="install the skill for an agent")
-    install.add_argument("--agent", default="claude", choices=("claude", "gemini", "codex"))
+    install.add_argument("--agent", default="claude", choices=AGENTS)
     install.add_argument("--dir", help="a skills directory instead of the agent's own")
     install.add_argument("--force", action="store_true", help="replace a copy that differs")
     install.add_argument("--dry-run", action="store_true", help="say where; write nothing")
