@@ -15,16 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from microvm_run.cli import main
+from tests.support.cli import host_roots, origin_repo, run
 from tests.support.nixenv import NIX_TEST_ENV
 from tests.support.prereq import require
 
 REPO = Path(__file__).resolve().parents[2]
 VMS = REPO / "tests" / "fixtures" / "check" / "vms.nix"
-
-
-def host_roots(state: Path) -> list[str]:
-    return ["--workspace-root", str(state / "workspaces"), "--user", "alice"]
 
 
 @pytest.fixture
@@ -40,14 +36,6 @@ def env(tmp_path: Path) -> dict[str, str]:
         "MICROVM_RUN_NIX_EVAL_JOBS": str(tmp_path / "no-nix-eval-jobs"),
         **NIX_TEST_ENV,
     }
-
-
-def run(
-    capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]
-) -> tuple[int, str, str]:
-    code = main(argv, env)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def nix_eval(expr: str, env: dict[str, str]) -> object:
@@ -111,13 +99,7 @@ def test_a_new_flavor_evaluates_with_the_real_mkagentvm_arguments(
 def test_a_host_vm_is_cloned_detected_and_its_module_evaluates(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], tmp_path: Path
 ) -> None:
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    (origin / "Cargo.toml").write_text("[package]\n")
-    git = ["git", "-C", str(origin), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git[:3], "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    origin = origin_repo(tmp_path / "origin", {"Cargo.toml": "[package]\n"})
     config, state = tmp_path / "etc-nixos", tmp_path / "state"
     config.mkdir()
     argv = [
@@ -199,13 +181,7 @@ def test_check_of_a_flake_with_the_fallback(
 def test_a_refusal_after_a_clone_leaves_the_workspace_as_it_was(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], tmp_path: Path
 ) -> None:
-    origin = tmp_path / "origin"
-    origin.mkdir()
-    (origin / "go.mod").write_text("module x\n")
-    git = ["git", "-C", str(origin), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git[:3], "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "x"], check=True)
+    origin = origin_repo(tmp_path / "origin", {"go.mod": "module x\n"})
     config, state = tmp_path / "etc-nixos", tmp_path / "state"
     config.mkdir()
     argv = [

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from microvm_run.plan import HostFacts
 from microvm_run.spec import Spec, parse_spec
@@ -45,6 +46,14 @@ SAMPLE: dict[str, Any] = {
 @pytest.fixture
 def sample() -> dict[str, Any]:
     return copy.deepcopy(SAMPLE)
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    """SAMPLE as a spec file (its binaries do not exist: no launch gets past preflight)."""
+    path = tmp_path / "spec.toml"
+    path.write_bytes(tomli_w.dumps(SAMPLE).encode())
+    return path
 
 
 @pytest.fixture

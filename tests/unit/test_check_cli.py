@@ -17,9 +17,9 @@ import pytest
 
 from microvm_run import check_cli, evaljobs
 from microvm_run.evaljobs import Derivation, Failure
+from tests.support.cli import run
 
 from .conftest import SAMPLE
-from .test_cli import run
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "check" / "eval-jobs-flavors.jsonl"
 # The flavors, from the one file the Nix tests hold to lib/flavors.nix

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import tomli_w
 
-from microvm_run.cli import SUBCOMMANDS, main, subcommand_list
+from microvm_run.cli import SUBCOMMANDS, subcommand_list
 from microvm_run.evalguard import projects_overlap
+from tests.support.cli import run
 
 from .conftest import SAMPLE
 
@@ -31,23 +32,10 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def spec_file(tmp_path: Path) -> Path:
-    path = tmp_path / "spec.toml"
-    path.write_bytes(tomli_w.dumps(SAMPLE).encode())
-    return path
-
-
-@pytest.fixture
 def work(tmp_path: Path) -> Path:
     path = tmp_path / "project"
     path.mkdir()
     return path
-
-
-def run(capsys: pytest.CaptureFixture[str], argv: list[str], env: dict[str, str]) -> Any:
-    code = main(argv, env)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_dry_run_prints_the_plan_and_creates_nothing(
@@ -196,16 +184,7 @@ def test_missing_kvm_names_the_fix(
     capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    # A spec whose binaries exist, so the KVM check is what fails.
-    sample = json.loads(json.dumps(SAMPLE))
-    true = shutil.which("true")
-    assert true is not None
-    sample["host"] = {"qemu": true, "virtiofsd": true}
-    sample["guest"] |= {"kernel": str(tmp_path / "k"), "initrd": str(tmp_path / "i")}
-    (tmp_path / "k").write_text("")
-    (tmp_path / "i").write_text("")
-    spec = tmp_path / "ok.toml"
-    spec.write_bytes(tomli_w.dumps(sample).encode())
+    spec = _runnable_spec(tmp_path)  # its binaries exist: the KVM check is what fails
     real_exists = Path.exists
     monkeypatch.setattr(
         Path, "exists", lambda self: False if str(self) == "/dev/kvm" else real_exists(self)
@@ -683,3 +662,60 @@ def test_an_agent_home_inside_the_project_is_bad_input(
     assert code == 2 and err.count("\n") == 1
     assert "lies inside the project" in err
     assert not (work / ".agent").exists()
+
+
+# -- one plan per launch: what --dry-run prints is what launches ------------------------
+
+FAKE_NIX = """#!/bin/sh
+# Stands in for nix print-dev-env: counts its calls, prints one variable.
+echo call >> "$FAKE_CALLS"
+echo '{"variables": {"FROM_DEVSHELL": {"type": "exported", "value": "yes"}}}'
+"""
+
+
+def test_a_launch_plans_once_with_its_slot_and_dev_shell_as_dry_run_showed(
+    capsys: pytest.CaptureFixture[str], env: dict[str, str], work: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from microvm_run import cli, host, localdirs, plan  # noqa: PLC0415
+
+    (work / "flake.nix").write_text("{ }\n")
+    (work / "package.json").write_text("{}\n")  # node_modules on the local disk
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nix").write_text(FAKE_NIX)
+    (bin_dir / "nix").chmod(0o755)
+    calls = tmp_path / "nix-calls"
+    env |= {
+        "PATH": f"{bin_dir}:{env['PATH']}",
+        "FAKE_CALLS": str(calls),
+        "DIRENV_ALLOW": "1",
+        "MICROVM_RUN_ALLOW_ROOT": "1",
+    }
+    # Another instance holds disk slot 0: this launch gets 1, and so does the dry run.
+    _, held = localdirs.claim_slot(host.project_state_dir(work, env))
+    argv = ["--spec", str(_runnable_spec(tmp_path)), "--work-dir", str(work), "--accel", "tcg"]
+    try:
+        shown = dry_run(capsys, env, Path(argv[1]), work, "--accel", "tcg")
+        assert not calls.exists()  # --dry-run evaluates nothing
+        assert shown["devshell"].startswith("evaluated at launch")
+        built: list[Any] = []
+        real_build = plan.build_plan
+        monkeypatch.setattr(
+            plan, "build_plan", lambda *a: built.append(real_build(*a)) or built[-1]
+        )
+        launched: list[Any] = []
+        monkeypatch.setattr(cli, "_launch_logged", lambda p, *_: launched.append(p) or 0)
+        code, _, err = run(capsys, argv, env)
+    finally:
+        os.close(held)
+    assert code == 0, err
+    assert calls.read_text() == "call\n"  # evaluated once, before the one plan
+    assert len(built) == 1 and launched == built
+    ran = launched[0]
+    assert ran.devshell.startswith("dev shell ready")
+    assert "MICROVM_DEVSHELL" in ran.launch_data
+    assert ran.local_image == localdirs.image_dir(host.project_state_dir(work, env)) / "1.img"
+    # Everything --dry-run printed is what ran, but for the instance id and that line.
+    ran_dict = {**ran.to_dict(), "devshell": shown["devshell"]}
+    assert _same_but_id(shown, ran_dict)

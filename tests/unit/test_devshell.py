@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from microvm_run import consent, devshell, process, safefs
+from microvm_run.contract import GUEST_HOME
 from microvm_run.devshell import (
     KEY_FILES,
     Progress,
@@ -904,3 +905,53 @@ def test_with_another_vm_on_the_project_only_a_hit_is_used(fake: Fake) -> None:
     (fake.work / "flake.lock").unlink()
     hit, _ = fake.prepare(others_running=True)
     assert hit.status == "hit" and fake.call_count() == 1
+
+
+# --- foresee: what --dry-run shows ---------------------------------------------
+
+
+def foresee(fake: Fake, allow: str = "1", **kwargs: Any) -> tuple[str | None, str]:
+    return devshell.foresee(fake.work, state_dir=fake.state, allow=allow, **kwargs)
+
+
+def test_foresee_runs_nothing_and_records_no_consent(fake: Fake) -> None:
+    guest_file, line = foresee(fake)
+    # What the launch will set if the evaluation succeeds, and says it evaluates.
+    assert guest_file == f"{GUEST_HOME}/.microvm-devshell.sh"
+    assert line.startswith("evaluated at launch (nix print-dev-env)")
+    assert fake.call_count() == 0
+    assert not fake.state.exists()  # no consent recorded, no cache made
+    assert not (fake.home / ".microvm-devshell.err").exists()
+
+
+def test_foresee_shows_the_cached_evaluation_without_refreshing_it(fake: Fake) -> None:
+    evaluated, _ = fake.prepare()
+    assert evaluated.env_file is not None
+    os.utime(evaluated.env_file, (1_000_000, 1_000_000))
+    guest_file, line = foresee(fake)
+    assert guest_file == evaluated.guest_env_file
+    assert line == f"cached, no evaluation ({evaluated.env_file})"
+    assert evaluated.env_file.stat().st_mtime == 1_000_000  # pruning order untouched
+    assert fake.call_count() == 1
+
+
+def test_foresee_says_why_the_launch_would_not_evaluate(fake: Fake) -> None:
+    guest_file, line = foresee(fake, others_running=True)
+    assert guest_file is None and line.startswith("not evaluated: another VM runs on this")
+    fake.prepare()
+    # Another VM on the project: a cached evaluation is still used.
+    assert foresee(fake, others_running=True)[1].startswith("cached, no evaluation")
+    (fake.work / "flake.lock").write_text("{}")
+    record = (fake.state / consent.RECORD).read_bytes()
+    guest_file, line = foresee(fake)
+    assert guest_file is None and "flake.lock changed since you allowed it" in line
+    digest = allowed_digest(line)
+    # The new digest would be allowed, and evaluated, but nothing is recorded yet.
+    assert foresee(fake, allow=digest)[1].startswith("evaluated at launch")
+    assert (fake.state / consent.RECORD).read_bytes() == record
+    (fake.work / "flake.nix").unlink()
+    assert foresee(fake) == (
+        None,
+        "none: the project declares no dev shell (flake.nix, devenv.nix)",
+    )
+    assert fake.call_count() == 1

@@ -9,10 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import tomli_w
 
-from .conftest import SAMPLE
-from .test_cli import run
+from tests.support.cli import run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,13 +26,6 @@ def env(tmp_path: Path) -> dict[str, str]:
         "XDG_RUNTIME_DIR": str(tmp_path / "run"),
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
     }
-
-
-@pytest.fixture
-def spec_file(tmp_path: Path) -> Path:
-    path = tmp_path / "spec.toml"
-    path.write_bytes(tomli_w.dumps(SAMPLE).encode())
-    return path
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from microvm_run import host
-from microvm_run.plan import PlanError
 
 
 def test_without_a_runtime_dir_the_tmp_fallback_is_used_when_free_or_ours(
@@ -64,7 +63,7 @@ def test_a_work_dir_of_another_user_is_refused(tmp_path: Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
     os.chown(other, 4242, 4242)
-    with pytest.raises(PlanError, match="owned by uid 4242"):
+    with pytest.raises(host.HostError, match="owned by uid 4242"):
         host.resolve_work_dir(str(other), None, allow_home=False)
 
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from microvm_run import newvm
-
-from .test_cli import run
+from tests.support.cli import host_roots, run
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
@@ -21,10 +20,6 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
             rel = str(path.relative_to(root))
             found[rel] = path.read_bytes() if path.is_file() and not path.is_symlink() else None
     return found
-
-
-def host_roots(state: Path) -> list[str]:
-    return ["--workspace-root", str(state / "workspaces"), "--user", "alice"]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run import host, ops, process, state
+from microvm_run import host, ops, process, qmp, state
 from microvm_run.state import Entry
 from tests.support.interrupt import wait_for
 
@@ -346,22 +346,20 @@ def test_stop_powers_off_through_qmp_first(
 
 
 def test_qmp_powerdown_reports_why_not(tmp_path: Path) -> None:
-    assert "QMP" in (ops.qmp_powerdown(tmp_path / "absent.sock") or "")
-    qmp = FakeQmp(tmp_path / "qmp.sock", lambda: None, error="guest refuses")
+    assert "QMP" in (qmp.powerdown(tmp_path / "absent.sock") or "")
+    fake = FakeQmp(tmp_path / "qmp.sock", lambda: None, error="guest refuses")
     try:
-        assert ops.qmp_powerdown(tmp_path / "qmp.sock") == (
-            "system_powerdown failed: guest refuses"
-        )
+        assert qmp.powerdown(tmp_path / "qmp.sock") == ("system_powerdown failed: guest refuses")
     finally:
-        qmp.close()
+        fake.close()
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.bind(str(tmp_path / "silent.sock"))
     silent.listen(1)
     try:
-        answer = ops.qmp_powerdown(tmp_path / "silent.sock", timeout=0.2)
+        answer = qmp.powerdown(tmp_path / "silent.sock", timeout=0.2)
         assert answer == "QMP did not answer within 0.2 s"
-        assert ops.qmp_probe(tmp_path / "silent.sock")
-        assert not ops.qmp_probe(tmp_path / "absent.sock")
+        assert qmp.probe(tmp_path / "silent.sock")
+        assert not qmp.probe(tmp_path / "absent.sock")
     finally:
         silent.close()
 

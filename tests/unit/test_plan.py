@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -8,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from microvm_run.plan import PlanError, RunOptions, build_plan
+from microvm_run.plan import PlanError, RunOptions, build_plan, decide
 from microvm_run.spec import Spec, parse_spec
 
 from .conftest import make_facts
@@ -435,3 +436,27 @@ def test_egress_log_and_instance_come_from_the_facts(spec: Spec) -> None:
     assert plan.egress.log == Path("/state/egress.log")
     assert plan.egress.instance_id == "deadbeef"
     assert plan.to_dict()["egress"]["socket"] == EGRESS_SOCKET
+
+
+def test_what_only_a_launch_gathers_changes_no_decision(spec: Spec) -> None:
+    # The launch decides (and refuses bad input) before it claims a disk slot
+    # and prepares the dev shell; its one plan then differs only in those.
+    options = RunOptions(ports=("8080:80",), allow=("example.org",))
+    facts = make_facts(implied_local_dirs=("node_modules",))
+    gathered = replace(
+        facts, local_slot=3, devshell_guest_file="/home/agent/.microvm-devshell.sh", devshell="ok"
+    )
+    assert decide(spec, options, facts) == decide(spec, options, gathered)
+    before, after = build_plan(spec, options, facts), build_plan(spec, options, gathered)
+    assert after.local_image is not None and after.local_image.name == "3.img"
+    assert "MICROVM_DEVSHELL=/home/agent/.microvm-devshell.sh" in after.launch_data
+    assert "MICROVM_DEVSHELL" not in before.launch_data
+    assert (before.egress, before.virtiofsd) == (after.egress, after.virtiofsd)
+
+
+def test_decide_refuses_what_build_plan_refuses(spec: Spec) -> None:
+    for options in (RunOptions(net="none", ports=("8080:80",)), RunOptions(fs_cache="x")):
+        with pytest.raises(PlanError) as refused:
+            decide(spec, options, make_facts())
+        with pytest.raises(PlanError, match=re.escape(str(refused.value))):
+            build_plan(spec, options, make_facts())

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from microvm_run import newvm, skill_cli
-
-from .test_cli import run
+from tests.support.cli import run
 
 REPO = Path(__file__).resolve().parents[2]
 SKILL = REPO / "skills" / "create-agent-vm" / "SKILL.md"

@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from microvm_run import host, live, netpolicy, ops, usage
-from microvm_run.plan import PlanError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +69,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         live.append(entry.path, rule, once=args.once)
         saved = _add_to_project(st.agent, st.project, environ, args.entry) if args.project else None
-    except (OSError, UnicodeDecodeError, PlanError) as err:
+    except (OSError, UnicodeDecodeError, host.HostError) as err:
         print(f"microvm-run: allow: {err}", file=sys.stderr)
         return 1
     scope = "for one connection" if args.once else "while it runs"

@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from microvm_run import evaljobs, process, usage
+from microvm_run import evaljobs, host, process, usage
 from microvm_run.contract import EXIT_BAD_INPUT
 from microvm_run.egresslog import printable
 from microvm_run.evaljobs import Derivation, Failure, Job, Target
@@ -186,7 +185,7 @@ def find_eval_jobs(environ: Mapping[str, str]) -> str | None:
     explicit = environ.get("MICROVM_RUN_NIX_EVAL_JOBS")
     if explicit:
         return explicit if os.access(explicit, os.X_OK) and os.path.isfile(explicit) else None
-    return shutil.which("nix-eval-jobs", path=environ.get("PATH", os.defpath))
+    return host.which("nix-eval-jobs", environ)
 
 
 def _shell_word(word: str) -> str:

@@ -1,4 +1,11 @@
-"""Command line: parse, validate, plan, then either print the plan or launch."""
+"""Command line: parse, validate, then print the plan (--dry-run) or launch.
+
+A launch plans once: bad input is refused (plan.decide) and the host
+checked (preflight.py) before anything is created; then the launch gathers
+what only it can (the local-directories slot it claims, the dev shell it
+evaluates) and builds the plan it runs.  --dry-run builds the same plan
+with the slot free now and the dev shell as foreseen (devshell.foresee).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,6 @@ import argparse
 import contextlib
 import importlib
 import os
-import stat
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +26,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from microvm_run.agentgit import GitPlan
+    from microvm_run.devshell import DevshellResult
     from microvm_run.plan import HostFacts, LaunchPlan, RunOptions
     from microvm_run.spec import Spec
 
@@ -164,7 +171,7 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     if words and words[0] in SUBCOMMANDS:
         return SUBCOMMANDS[words[0]].run(words, env)
     from microvm_run import host  # noqa: PLC0415 - see the note at the imports
-    from microvm_run.plan import PlanError, build_plan  # noqa: PLC0415
+    from microvm_run.plan import PlanError, build_plan, decide, private_dirs  # noqa: PLC0415
     from microvm_run.spec import SpecError  # noqa: PLC0415
 
     parser = _parser(env)
@@ -180,64 +187,62 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         options = _options(args, agent_args)
         facts = host.gather(spec, env, work_dir_arg=args.work_dir, allow_home=args.allow_home)
         facts = replace(facts, git=_plan_git(facts, args.worktree, env, trust=args.trust_git))
-        plan = build_plan(spec, options, facts)
-    except (SpecError, PlanError) as err:
-        return usage.bad_input(str(err))
-    if args.dry_run:
-        if args.json:
-            import json  # noqa: PLC0415 - only --json needs it
+        if args.dry_run:
+            return _dry_run(build_plan(spec, options, _foreseen(spec, facts, env)), args.json)
+        from microvm_run import preflight  # noqa: PLC0415 - only a launch checks the host
 
-            print(json.dumps(plan.to_dict(), indent=2))
-        else:
-            print(_describe(plan))
-        return 0
-    # The key stays in this process's memory (the key proxy needs it) and in
-    # its initial environment: make both unreadable to the user's other
-    # processes, the dev-shell evaluation included.
-    keep_keys_private()
-    try:
-        _check_runnable(spec, options.accel)
-        _check_dirs(plan)
-        _check_not_root(env)
-        if args.trust_git and _others_running(plan):
-            raise PlanError(
-                "--trust-git while another VM runs on this project (or a directory containing "
-                "it or inside it): its agent could still change .git; stop it first"
-            )
-    except PlanError as err:
+        # The key stays in this process's memory (the key proxy needs it) and
+        # in its initial environment: make both unreadable to the user's
+        # other processes, the dev-shell evaluation included.
+        keep_keys_private()
+        # Bad input and a host that cannot launch are refused before anything
+        # is created; the plan waits for what the launch gathers (_launch).
+        decide(spec, options, facts)
+        preflight.check(
+            spec,
+            options.accel,
+            private_dirs=private_dirs(spec, facts),
+            runtime_base=facts.runtime_base,
+            work_dir=facts.work_dir,
+            environ=env,
+            trust_git=args.trust_git,
+        )
+    except (SpecError, PlanError, host.HostError) as err:
         return usage.bad_input(str(err))
-    return _launch(spec, options, facts, plan, env, trust_git=args.trust_git)
+    return _launch(spec, options, facts, env, trust_git=args.trust_git)
+
+
+def _dry_run(plan: LaunchPlan, as_json: bool) -> int:
+    if as_json:
+        import json  # noqa: PLC0415 - only --json needs it
+
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(_describe(plan))
+    return 0
 
 
 def _launch(
-    spec: Spec,
-    options: RunOptions,
-    facts: HostFacts,
-    plan: LaunchPlan,
-    env: dict[str, str],
-    *,
-    trust_git: bool,
+    spec: Spec, options: RunOptions, facts: HostFacts, env: dict[str, str], *, trust_git: bool
 ) -> int:
-    """Launch the checked plan; the agent's exit status."""
+    """Gather what only a launch can (the local-directories slot, the dev
+    shell), build the one plan, and launch it; the agent's exit status."""
     from microvm_run import git_cli, launch, openfiles  # noqa: PLC0415 - keeps --dry-run imports small
-    from microvm_run.plan import PlanError, build_plan  # noqa: PLC0415
+    from microvm_run.plan import PlanError, build_plan, chosen_local_dirs, private_dirs  # noqa: PLC0415
 
-    too_many = openfiles.warning(plan.work_dir, openfiles.hard_limit())
+    too_many = openfiles.warning(facts.work_dir, openfiles.hard_limit())
     if too_many is not None:
         print(f"microvm-run: warning: {too_many}", file=sys.stderr)
     slot_lock = None
     try:
         try:
-            if plan.local_dirs:
+            if chosen_local_dirs(options, facts):
                 # Held until the VM has ended: no other instance mounts this disk.
                 slot, slot_lock = _claim_local_slot(facts)
-                if slot != facts.local_slot:
-                    facts = replace(facts, local_slot=slot)
-                    plan = build_plan(spec, options, facts)
-            launch.create_private_dirs(plan)
-            devshell_file = _prepare_devshell(spec, plan, facts.state_dir, env)
-            if devshell_file is not None:
-                plan = build_plan(spec, options, replace(facts, devshell_guest_file=devshell_file))
+                facts = replace(facts, local_slot=slot)
+            launch.create_private_dirs(private_dirs(spec, facts))
+            facts = _prepare_devshell(spec, facts, env)
+            plan = build_plan(spec, options, facts)
             session = git_cli.before_run(plan.git, env, project=plan.work_dir, trust_git=trust_git)
         except (launch.LaunchError, git_cli.GitError) as err:
             print(f"microvm-run: {err}", file=sys.stderr)
@@ -351,12 +356,12 @@ def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
     """`doctor --boot`: boot the flavor's guest with `true` in a throw-away project."""
     import tempfile  # noqa: PLC0415 - only doctor --boot needs it
 
-    from microvm_run import host, launch, process  # noqa: PLC0415
+    from microvm_run import host, launch, preflight, process  # noqa: PLC0415
     from microvm_run.plan import RunOptions, build_plan  # noqa: PLC0415
     from microvm_run.spec import load_spec  # noqa: PLC0415
 
     spec = replace(load_spec(spec_path), command=("true",))
-    _check_runnable(spec, accel)
+    preflight.check_runnable(spec, accel)
     with tempfile.TemporaryDirectory(prefix="microvm-doctor-") as scratch:
         work = Path(scratch) / "work"
         work.mkdir()
@@ -367,35 +372,60 @@ def _boot_check(env: Mapping[str, str], spec_path: Path, accel: str) -> int:
         return launch.launch(plan, boot_env)
 
 
-def _prepare_devshell(
-    spec: Spec, plan: LaunchPlan, state_dir: Path, env: Mapping[str, str]
-) -> str | None:
-    """With DIRENV_ALLOW, the project's dev shell for the guest (cached on the host)."""
+def _devshell_request(spec: Spec, env: Mapping[str, str]) -> tuple[str, str] | str | None:
+    """DIRENV_ALLOW: (its value, the guest's home) to evaluate the dev shell
+    for, a line on why it is ignored, or None when not asked for."""
     allow = env.get("DIRENV_ALLOW")
     if not allow or allow == "0":
         return None
     from microvm_run import consent  # noqa: PLC0415 - only DIRENV_ALLOW needs it
 
     if not consent.is_allow_value(allow):
-        print(
-            f"microvm-run: DIRENV_ALLOW={allow!r} ignored: use 1, or the digest "
-            "microvm-run printed",
-            file=sys.stderr,
-        )
-        return None
+        return f"DIRENV_ALLOW={allow!r} ignored: use 1, or the digest microvm-run printed"
     home_share = spec.share_by_source("home")
     if home_share is None:
-        print("microvm-run: DIRENV_ALLOW=1 ignored: this flavor shares no home", file=sys.stderr)
-        return None
-    from microvm_run import devshell, evalguard, process  # noqa: PLC0415 - only DIRENV_ALLOW=1
+        return "DIRENV_ALLOW=1 ignored: this flavor shares no home"
+    return allow, home_share.mount_point
 
-    base = plan.runtime_dir.parent
+
+def _foreseen(spec: Spec, facts: HostFacts, env: Mapping[str, str]) -> HostFacts:
+    """--dry-run: the dev shell as the launch would find it, nothing evaluated."""
+    request = _devshell_request(spec, env)
+    if request is None:
+        return facts
+    if isinstance(request, str):
+        return replace(facts, devshell=request)
+    from microvm_run import devshell, preflight  # noqa: PLC0415 - only DIRENV_ALLOW=1
+
+    allow, guest_home = request
+    guest_file, line = devshell.foresee(
+        facts.work_dir,
+        state_dir=facts.state_dir,
+        allow=allow,
+        guest_home=guest_home,
+        others_running=preflight.others_running(facts.runtime_base, facts.work_dir),
+    )
+    return replace(facts, devshell_guest_file=guest_file, devshell=line)
+
+
+def _prepare_devshell(spec: Spec, facts: HostFacts, env: Mapping[str, str]) -> HostFacts:
+    """With DIRENV_ALLOW, the project's dev shell for the guest (cached on the host)."""
+    request = _devshell_request(spec, env)
+    if request is None:
+        return facts
+    if isinstance(request, str):
+        print(f"microvm-run: {request}", file=sys.stderr)
+        return replace(facts, devshell=request)
+    from microvm_run import devshell, evalguard, preflight, process  # noqa: PLC0415 - only DIRENV_ALLOW=1
+
+    allow, guest_home = request
+    base = facts.runtime_base
     with contextlib.ExitStack() as announced:
         # Announced before looking for VMs, held until Nix is done: a VM
         # that starts meanwhile waits for it (evalguard).
         try:
-            announced.enter_context(evalguard.evaluating(base, plan.work_dir))
-            others_running = _others_running(plan)
+            announced.enter_context(evalguard.evaluating(base, facts.work_dir))
+            others_running = preflight.others_running(base, facts.work_dir)
         except OSError as err:
             print(
                 f"microvm-run: the dev shell is not evaluated: cannot lock it in {base}: "
@@ -404,17 +434,26 @@ def _prepare_devshell(
             )
             others_running = True
         result = devshell.prepare(
-            plan.work_dir,
-            plan.agent_home,
-            state_dir=state_dir,
+            facts.work_dir,
+            facts.agent_home,
+            state_dir=facts.state_dir,
             allow=allow,
             others_running=others_running,
             progress=sys.stderr,
-            guest_home=home_share.mount_point,
+            guest_home=guest_home,
             # The project's Nix code runs here: it gets no API key to copy.
             env=process.without(env, spec.api_key_vars),
         )
-    return result.guest_env_file
+    return replace(
+        facts, devshell_guest_file=result.guest_env_file, devshell=_devshell_line(result)
+    )
+
+
+def _devshell_line(result: DevshellResult) -> str:
+    """What became of the dev shell (devshell.DevshellResult), for the plan."""
+    if result.status == "hit":
+        return f"cached, no evaluation ({result.env_file})"
+    return str(result.message or result.status)
 
 
 _PR_SET_DUMPABLE = 4
@@ -435,39 +474,6 @@ def keep_keys_private() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
-
-
-def _check_not_root(env: Mapping[str, str]) -> None:
-    """Running as root gives the guest root's hands on the shared files.
-
-    virtiofsd refuses ID maps when started by root, so guest files would be
-    root's, and anything the guest plants is trusted by root.
-    MICROVM_RUN_ALLOW_ROOT=1 is for hosts whose Nix works only as root (and
-    this project's own dev-shell tests); README says what it costs.
-    """
-    from microvm_run.plan import PlanError  # noqa: PLC0415
-
-    if os.geteuid() == 0 and env.get("MICROVM_RUN_ALLOW_ROOT") != "1":
-        raise PlanError(
-            "refusing to run as root: virtiofsd would write the shares as root (set-uid "
-            "root files, any owner); run microvm-run as your own user"
-        )
-
-
-def _others_running(plan: LaunchPlan) -> bool:
-    """Does another VM run on this project now?  Its agent could change the
-    files between the consent check and Nix reading them.  A VM on a
-    directory that contains this project, or lies inside it, counts too: its
-    agent writes these files as well."""
-    from microvm_run import state  # noqa: PLC0415
-    from microvm_run.evalguard import projects_overlap  # noqa: PLC0415
-
-    return any(
-        entry.state is not None
-        and projects_overlap(entry.state.project, plan.work_dir)
-        and state.is_alive(entry.state.runner_pid, entry.state.runner_start)
-        for entry in state.scan(plan.runtime_dir.parent)
-    )
 
 
 def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -690,94 +696,7 @@ def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
     return value
 
 
-def _check_runnable(spec: Spec, accel: str) -> None:
-    """Host prerequisites that only matter when actually launching."""
-    from microvm_run.plan import PlanError  # noqa: PLC0415
-
-    for what, path in (("qemu", spec.qemu), ("virtiofsd", spec.virtiofsd)):
-        if not os.access(path, os.X_OK):
-            raise PlanError(f"{what} {path} is missing or not executable")
-    for what, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
-        if not os.access(path, os.R_OK):
-            raise PlanError(f"{what} {path} is missing or not readable")
-    if accel == "kvm":
-        kvm = Path("/dev/kvm")
-        if not kvm.exists():
-            raise PlanError(
-                "/dev/kvm does not exist: enable virtualisation (BIOS, kvm_intel/kvm_amd) "
-                "or use --accel tcg (slow)"
-            )
-        if not os.access(kvm, os.R_OK | os.W_OK):
-            raise PlanError(
-                "/dev/kvm is not accessible: add yourself to its group "
-                "(sudo usermod -aG kvm $USER, then log in again) or use --accel tcg"
-            )
-
-
-# Sockets, the launch file and logs need little; less than this is "full".
-MIN_RUNTIME_FREE = 1024 * 1024
-
-
-def _check_dirs(plan: LaunchPlan) -> None:
-    """The dirs the launch writes to: checked before anything is created."""
-    from microvm_run.plan import PlanError  # noqa: PLC0415
-
-    for directory in plan.dirs_to_create:
-        _check_share_root(directory)
-        existing = _nearest_existing(directory)
-        if existing is None or not os.access(existing, os.W_OK | os.X_OK):
-            raise PlanError(
-                f"AGENT_HOME {directory} is not writable ({existing} is not); "
-                "fix its permissions or set AGENT_HOME elsewhere"
-            )
-    from microvm_run import state  # noqa: PLC0415
-
-    problem = state.base_problem(plan.runtime_dir.parent, os.getuid())
-    if problem:
-        raise PlanError(f"runtime dir: {problem}")
-    base = _nearest_existing(plan.runtime_dir.parent)
-    if base is not None:
-        try:
-            stats = os.statvfs(base)
-        except OSError:
-            return
-        if stats.f_bavail * stats.f_frsize < MIN_RUNTIME_FREE:
-            raise PlanError(
-                f"the runtime dir's file system is full ({base}); "
-                "free space there, or run microvm-run gc"
-            )
-
-
-def _check_share_root(directory: Path) -> None:
-    """A share root that exists must be a real directory of this user.
-
-    The guest may have replaced it by a symlink (its target would be shared
-    read-write) or another user may own it.
-    """
-    from microvm_run.plan import PlanError  # noqa: PLC0415
-
-    try:
-        info = directory.lstat()
-    except FileNotFoundError:
-        return
-    except OSError as err:
-        raise PlanError(f"cannot inspect {directory}: {err.strerror}") from None
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise PlanError(f"{directory} is not a real directory (a symlink?); remove it")
-    if info.st_uid != os.getuid():
-        raise PlanError(f"{directory} is owned by uid {info.st_uid}, not by you")
-
-
-def _nearest_existing(path: Path) -> Path | None:
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return None
-
-
 def _describe(plan: LaunchPlan) -> str:
-    from microvm_run.egresslog import printable  # noqa: PLC0415 - only --dry-run needs it
-
     lines = [
         f"agent        {plan.agent} (spec {plan.spec})",
         f"instance     {plan.instance_id}",
@@ -792,29 +711,14 @@ def _describe(plan: LaunchPlan) -> str:
         where = f"unit {daemon.unit}" if plan.supervisor == "systemd" else "child process"
         lines.append(f"  share {daemon.tag}: {daemon.shared_dir} ({where})")
         lines.append(f"    {' '.join(daemon.argv)}")
-    if plan.egress is not None:
-        rules = ", ".join(str(rule) for rule in plan.egress.rules) or "none"
-        lines.append(
-            f"egress       {plan.egress.mode} via proxy {plan.egress.socket} "
-            f"(log {plan.egress.log})"
-        )
-        if plan.egress.mode == "allowlist":
-            lines.append(f"  allowlist: {rules}")
-            for use in plan.presets:
-                found = f" ({printable(use.found, spaces=True)})" if use.found else ""
-                how = "" if use.applied else f" -- not applied: --allow-preset {use.name} or auto"
-                lines.append(f"  preset {use.name}{found}: {', '.join(use.hosts)}{how}")
-        else:
-            inward = [str(rule) for rule in plan.egress.rules if rule.private]
-            if inward:
-                lines.append(f"  allow-private: {', '.join(inward)}")
-        for route in plan.egress.key_routes:
-            lines.append(f"  key proxy: {route.var} -> {route.upstream} ({route.header})")
+    lines += _describe_egress(plan)
     if plan.git is not None:
         git = plan.git
         lines.append(f"git          {git.mode}: agent branch {git.branch}, state {git.run_dir}")
         for flag, source, target in git.binds:
             lines.append(f"  {flag} {source} -> {target} (in virtiofsd's namespace)")
+    if plan.devshell:
+        lines.append(f"dev shell    {plan.devshell}")
     if plan.local_dirs:
         lines.append(
             f"local dirs   {' '.join(plan.local_dirs)} on {plan.local_image} "
@@ -829,3 +733,26 @@ def _describe(plan: LaunchPlan) -> str:
     lines.append("qemu")
     lines.append("  " + " ".join(plan.qemu_argv))
     return "\n".join(lines)
+
+
+def _describe_egress(plan: LaunchPlan) -> list[str]:
+    from microvm_run.egresslog import printable  # noqa: PLC0415 - only --dry-run needs it
+
+    if plan.egress is None:
+        return []
+    rules = ", ".join(str(rule) for rule in plan.egress.rules) or "none"
+    egress = plan.egress
+    lines = [f"egress       {egress.mode} via proxy {egress.socket} (log {egress.log})"]
+    if plan.egress.mode == "allowlist":
+        lines.append(f"  allowlist: {rules}")
+        for use in plan.presets:
+            found = f" ({printable(use.found, spaces=True)})" if use.found else ""
+            how = "" if use.applied else f" -- not applied: --allow-preset {use.name} or auto"
+            lines.append(f"  preset {use.name}{found}: {', '.join(use.hosts)}{how}")
+    else:
+        inward = [str(rule) for rule in plan.egress.rules if rule.private]
+        if inward:
+            lines.append(f"  allow-private: {', '.join(inward)}")
+    for route in plan.egress.key_routes:
+        lines.append(f"  key proxy: {route.var} -> {route.upstream} ({route.header})")
+    return lines

@@ -52,12 +52,18 @@ class Decision:
 
 
 def decide(
-    state_dir: Path, files: Mapping[str, str], allow: str, *, may_record: bool = True
+    state_dir: Path,
+    files: Mapping[str, str],
+    allow: str,
+    *,
+    may_record: bool = True,
+    write: bool = True,
 ) -> Decision:
     """May these files be evaluated?  Records a new consent when given.
 
     ``may_record`` False (another VM on the project could be changing the
-    files right now): only a consent given before counts.
+    files right now): only a consent given before counts.  ``write`` False
+    (--dry-run): the same answer, and a consent that would be recorded is not.
     """
     current = digest(files)
     shown = current[:SHOWN]
@@ -75,7 +81,7 @@ def decide(
     except DamagedRecord as damaged:
         if allow != "1" and current.startswith(allow):
             # Allowed by value: the user reviewed exactly this content.
-            return _record(state_dir, encoded)
+            return _record(state_dir, encoded) if write else Decision(True, None)
         # A record that cannot be read is not "never allowed": the first
         # DIRENV_ALLOW=1 would then allow whatever the agent wrote.
         return Decision(
@@ -92,7 +98,7 @@ def decide(
         )
     if allow != "1":
         if current.startswith(allow):
-            return _record(state_dir, encoded)
+            return _record(state_dir, encoded) if write else Decision(True, None)
         return Decision(
             False,
             f"DIRENV_ALLOW={allow} does not match the dev shell's files now "
@@ -101,7 +107,7 @@ def decide(
     if record is None:
         # The first DIRENV_ALLOW=1 for this project is the user's consent to
         # what is there now, as `direnv allow` is.
-        return _record(state_dir, encoded)
+        return _record(state_dir, encoded) if write else Decision(True, None)
     allowed_digest, allowed_files = record
     if allowed_digest == current:
         return Decision(True, None)

@@ -351,11 +351,7 @@ def prepare(
         decision = consent.decide(state_dir, files, allow_value, may_record=not others_running)
     except (OSError, ValueError) as error:  # UnicodeError is a ValueError
         # Whatever the agent made of the project: one line, and the VM boots.
-        if isinstance(error, safefs.UnsafeFile):
-            reason = error.strerror  # names in it are escaped already
-        else:
-            reason = safefs.shown(str(error.strerror if isinstance(error, OSError) else error))
-        message = f"dev shell not evaluated: {reason}; starting without it"
+        message = f"dev shell not evaluated: {_unsafe_reason(error)}; starting without it"
         return _refused(agent_home, message, progress)
     if not decision.allowed:
         assert decision.message is not None
@@ -398,6 +394,51 @@ def prepare(
         agent_home, paths, status="evaluated", guest_file=guest_file,
         message=f"dev shell ready ({elapsed:.1f} s)", progress=progress,
     )  # fmt: skip
+
+
+def _unsafe_reason(error: OSError | ValueError) -> str:
+    """Why the project's files could not be read, escaped for a terminal."""
+    if isinstance(error, safefs.UnsafeFile):
+        return str(error.strerror)  # names in it are escaped already
+    return safefs.shown(str(error.strerror if isinstance(error, OSError) else error))
+
+
+def foresee(
+    work_dir: Path,
+    *,
+    state_dir: Path,
+    allow: str,
+    guest_home: str = contract.GUEST_HOME,
+    nix: str = "nix",
+    devenv: str = "devenv",
+    others_running: bool = False,
+) -> tuple[str | None, str]:
+    """What :func:`prepare` would do, for ``--dry-run``: the guest file the
+    launch would set (None: none) and one line saying why.  Evaluates
+    nothing, starts no process and writes nothing (no consent recorded, no
+    cache entry refreshed); it reads the project's files as prepare does."""
+    guest_file = f"{guest_home.rstrip('/')}/{GUEST_ENV_FILE}"
+    try:
+        with safefs.opened_dir(work_dir) as work_fd:
+            kind = _detect(work_fd)
+            files = shell_files(work_fd) if kind is not None else {}
+        if kind is None:
+            return None, "none: the project declares no dev shell (flake.nix, devenv.nix)"
+        decision = consent.decide(
+            state_dir, files, allow, may_record=not others_running, write=False
+        )
+    except (OSError, ValueError) as error:
+        return None, f"not evaluated: {_unsafe_reason(error)}"
+    if not decision.allowed:
+        return None, str(decision.message).removeprefix("dev shell ")
+    command = evaluation_command(kind, work_dir, nix=nix, devenv=devenv)
+    paths = CachePaths(state_dir / CACHE_SUBDIR, cache_key(files, command))
+    if _is_intact(paths.env_file):
+        return guest_file, f"cached, no evaluation ({paths.env_file})"
+    if others_running:
+        return None, "not evaluated: another VM runs on this project (no cached evaluation)"
+    label = f"{Path(command[0]).name} print-dev-env"
+    return guest_file, f"evaluated at launch ({label}); the VM starts without it if that fails"
 
 
 def _give_guest(

@@ -121,7 +121,8 @@ def config_text(object_format: str, identity: Mapping[str, str]) -> str:
             "logallrefupdates": "true",
             # The guest sees other inode numbers, owners and ctimes than the
             # host wrote into the index: compare size, whole-second mtime and
-            # mode only, or the first `git status` re-hashes every file (#22).
+            # mode only, or the first `git status` re-hashes every file
+            # (bench/git_status measures both).
             "checkStat": "minimal",
             "trustCtime": "false",
         }
@@ -184,6 +185,8 @@ def _write_excludes(plan: GitPlan, environ: Mapping[str, str]) -> None:
     if configured:
         global_file = Path(configured)
     else:
+        # Where git itself looks (any non-empty XDG_CONFIG_HOME), not the
+        # runner's own config_home (absolute values only).
         xdg = environ.get("XDG_CONFIG_HOME") or str(Path(environ.get("HOME", "/")) / ".config")
         global_file = Path(xdg) / "git" / "ignore"
     parts = []

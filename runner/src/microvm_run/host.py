@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 # helpers and stay quick.
 
 
+class HostError(ValueError):
+    """What the host has that refuses a launch (the project directory, the
+    agent home, the allowlist file); the message is one line for the user."""
+
+
 def resolve_work_dir(
     raw: str,
     user_home: Path | None,
@@ -33,27 +38,25 @@ def resolve_work_dir(
     writes the project, so a project that holds them would let the agent
     rewrite what the user allowed.
     """
-    from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
-
     path = Path(raw).expanduser()
     try:
         resolved = path.resolve(strict=True)
     except FileNotFoundError:
-        raise PlanError(f"WORK_DIR {raw} does not exist") from None
+        raise HostError(f"WORK_DIR {raw} does not exist") from None
     except (OSError, RuntimeError) as err:
-        raise PlanError(f"WORK_DIR {raw} cannot be resolved: {err}") from None
+        raise HostError(f"WORK_DIR {raw} cannot be resolved: {err}") from None
     if not resolved.is_dir():
-        raise PlanError(f"WORK_DIR {raw} is not a directory")
+        raise HostError(f"WORK_DIR {raw} is not a directory")
     owner = resolved.stat().st_uid
     if owner != os.getuid():
         # The guest writes it as you; someone else's directory is not yours to hand over.
-        raise PlanError(f"WORK_DIR {raw} is owned by uid {owner}, not by you")
+        raise HostError(f"WORK_DIR {raw} is owned by uid {owner}, not by you")
     if not os.access(resolved, os.R_OK | os.X_OK):
-        raise PlanError(f"WORK_DIR {raw} is not readable")
+        raise HostError(f"WORK_DIR {raw} is not readable")
     if resolved == Path("/"):
-        raise PlanError("WORK_DIR is /: refusing to share the whole file system")
+        raise HostError("WORK_DIR is /: refusing to share the whole file system")
     if user_home is not None and resolved == user_home.resolve() and not allow_home:
-        raise PlanError(
+        raise HostError(
             f"WORK_DIR is your home directory {resolved}: refusing to share it "
             "(keys, tokens, history); pass --allow-home to do it anyway"
         )
@@ -62,11 +65,11 @@ def resolve_work_dir(
         and resolved != user_home.resolve()
         and user_home.resolve().is_relative_to(resolved)
     ):
-        raise PlanError(f"WORK_DIR {resolved} contains your home directory: refusing to share it")
+        raise HostError(f"WORK_DIR {resolved} contains your home directory: refusing to share it")
     for what, directory in runner_dirs:
         inside = directory.resolve()
         if inside.is_relative_to(resolved):
-            raise PlanError(
+            raise HostError(
                 f"WORK_DIR {resolved} contains the runner's {what} {inside}: the agent could "
                 "rewrite what you allowed; run from the project directory, or move it "
                 "(XDG_STATE_HOME, XDG_CONFIG_HOME, XDG_CACHE_HOME, XDG_RUNTIME_DIR)"
@@ -96,9 +99,7 @@ def resolve_agent_home(spec: Spec, work_dir: Path, environ: Mapping[str, str]) -
     # symlink is refused, never followed.
     resolved = given.parent.resolve() / given.name
     if resolved.is_relative_to(work_dir):
-        from microvm_run.plan import PlanError  # noqa: PLC0415 - see the note at the imports
-
-        raise PlanError(
+        raise HostError(
             f"AGENT_HOME {resolved} lies inside the project {work_dir}: the agent could replace "
             "it with a link to any of your directories; set it elsewhere"
         )
@@ -171,8 +172,9 @@ def user_manager(environ: Mapping[str, str]) -> tuple[bool, str]:
 
 def which(program: str, environ: Mapping[str, str]) -> str | None:
     """Where ``environ``'s PATH finds an executable ``program`` (a name with a
-    / is taken as it is), or None.  Not shutil.which: it reads the runner's
-    own PATH unless told, and importing shutil costs more than this."""
+    / is taken as it is), or None.  The runner's one PATH lookup.  Not
+    shutil.which: it reads the runner's own PATH unless told, and importing
+    shutil costs more than this."""
     if os.sep in program:
         return program if _executable(program) else None
     for entry in environ.get("PATH", os.defpath).split(os.pathsep):
@@ -233,20 +235,19 @@ def project_allow_file(agent: str, work_dir: Path, environ: Mapping[str, str]) -
 
 def read_project_allow(path: Path) -> tuple[str, ...]:
     from microvm_run import netpolicy  # noqa: PLC0415 - see the note at the imports
-    from microvm_run.plan import PlanError  # noqa: PLC0415
 
     try:
         text = path.read_text()
     except FileNotFoundError:
         return ()
     except (OSError, UnicodeDecodeError) as err:
-        raise PlanError(f"cannot read the project allowlist {path}: {err}") from None
+        raise HostError(f"cannot read the project allowlist {path}: {err}") from None
 
     try:
         # Checked here, where the file and line are known.
         netpolicy.parse_allow_file(text, str(path))
     except netpolicy.PolicyError as err:
-        raise PlanError(str(err)) from None
+        raise HostError(str(err)) from None
     return tuple(entry for _, entry in netpolicy.allow_file_entries(text))
 
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from microvm_run import host
+
 TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
 if TYPE_CHECKING:
     from typing import Any
@@ -88,12 +90,10 @@ def _entry(entry: Any, path: Path) -> HostVM:
 
 def state(vm: HostVM, environ: Mapping[str, str]) -> str:
     """``systemctl is-active microvm@NAME``: active, inactive, failed, ... or unknown."""
-    import shutil  # noqa: PLC0415 - only with host VMs declared: keeps `ps` quick
-
-    from microvm_run import process  # noqa: PLC0415 - subprocess likewise
+    from microvm_run import process  # noqa: PLC0415 - only with host VMs declared: keeps `ps` quick
 
     env = _tool_env(environ)
-    systemctl = shutil.which("systemctl", path=env.get("PATH"))
+    systemctl = host.which("systemctl", env)
     if systemctl is None:
         return "unknown"
     try:

@@ -23,7 +23,7 @@ import stat
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -120,7 +120,7 @@ def launch(
     with _terminal_restored(), _signals_forwarded(instance):
         try:
             try:
-                create_private_dirs(plan)
+                create_private_dirs(plan.dirs_to_create)
                 if plan.local_image is not None:
                     # The runner's own file in its state dir; the guest formats it.
                     localdirs.ensure_image(plan.local_image, plan.local_size_bytes)
@@ -155,14 +155,14 @@ def launch(
 # -- preparing ---------------------------------------------------------------
 
 
-def create_private_dirs(plan: LaunchPlan) -> None:
+def create_private_dirs(dirs: Sequence[Path]) -> None:
     """The share roots the runner owns (agent home, container storage), 0700.
 
     Each is checked to be a real directory of this user, not a symlink the
     guest left, and its mode is re-applied on every launch: a guest's
     ``chmod 0777 ~`` must not leave the home open to other local users.
     """
-    for directory in plan.dirs_to_create:
+    for directory in dirs:
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.close(safefs.check_share_root(directory, os.getuid(), 0o700))

@@ -10,14 +10,12 @@ bounded, and rate-limited (a guest that loops must not flood the desktop).
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import TextIO
 
-from microvm_run import process
+from microvm_run import host, process
 from microvm_run.egresslog import printable
 
 MAX_TEXT = 200
@@ -84,7 +82,7 @@ class Notifier:
         env = {k: v for k, v in self._environ.items() if k in _DESKTOP_ENV}
         if not (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY")):
             return False
-        program = shutil.which("notify-send", path=env.get("PATH", os.defpath))
+        program = host.which("notify-send", env)
         if program is None:
             return False
         try:

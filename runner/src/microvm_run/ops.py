@@ -19,12 +19,12 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microvm_run import host, state
+from microvm_run import host, qmp, state
 from microvm_run.state import Entry, HomeRecord, InstanceState
 
 TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
 if TYPE_CHECKING:
-    from typing import IO, Any
+    from typing import Any
 
     from microvm_run import process
 
@@ -33,9 +33,7 @@ if TYPE_CHECKING:
 YOUNG_S = 60.0
 TERM_GRACE_S = 10.0
 KILL_GRACE_S = 5.0
-QMP_TIMEOUT_S = 2.0
 SYSTEMCTL_TIMEOUT_S = 30.0
-MAX_QMP_LINE = 64 * 1024
 # Outcomes of stop.
 POWERED_OFF = "powered off"
 TERMINATED = "terminated"
@@ -58,73 +56,6 @@ Probe = Callable[[Path], bool]
 
 class OpsError(ValueError):
     """Bad input to an operation (an unknown id); one line for the user."""
-
-
-# -- QMP ---------------------------------------------------------------------------------
-
-
-def qmp_probe(path: Path) -> bool:
-    """Does something accept connections on this socket (QEMU's monitor)?"""
-    import socket  # noqa: PLC0415 - only instances that run need it: keeps `ps` quick
-
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(0.5)
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
-def qmp_powerdown(path: Path, timeout: float = QMP_TIMEOUT_S) -> str | None:
-    """Press the guest's power button over QMP; None if QEMU accepted it, else why not."""
-    import json  # noqa: PLC0415 - only `stop` needs these: keeps `ps` quick
-    import socket  # noqa: PLC0415
-
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            with sock.makefile("rb") as reader:
-                if "QMP" not in _qmp_read(reader):
-                    return "no QMP greeting"
-                for command in ("qmp_capabilities", "system_powerdown"):
-                    sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
-                    reply = _qmp_reply(reader)
-                    if "error" in reply:
-                        error = reply["error"]
-                        desc = error.get("desc") if isinstance(error, dict) else error
-                        return f"{command} failed: {desc}"
-    except TimeoutError:
-        return f"QMP did not answer within {timeout:g} s"
-    except OSError as err:
-        return f"QMP: {err.strerror or err}"
-    except ValueError as err:
-        return f"QMP: {err}"
-    return None
-
-
-def _qmp_read(reader: IO[bytes]) -> dict[str, Any]:
-    import json  # noqa: PLC0415 - see qmp_powerdown
-
-    line = reader.readline(MAX_QMP_LINE)
-    if not line:
-        raise ValueError("connection closed")
-    message = json.loads(line)
-    if not isinstance(message, dict):
-        raise ValueError("not a QMP message")
-    return message
-
-
-def _qmp_reply(reader: IO[bytes]) -> dict[str, Any]:
-    # Asynchronous events (e.g. POWERDOWN itself) may come before the reply.
-    for _ in range(100):
-        message = _qmp_read(reader)
-        if "return" in message or "error" in message:
-            return message
-    raise ValueError("no reply among the events")
 
 
 @dataclass(frozen=True)
@@ -204,7 +135,7 @@ def ps(
     *,
     alive: Alive = state.is_alive,
     rss: Callable[[int], int | None] = state.rss_kib,
-    qmp_answers: Probe = qmp_probe,
+    qmp_answers: Probe = qmp.probe,
     now: float | None = None,
 ) -> PsResult:
     rows = []
@@ -361,7 +292,7 @@ def _stop_all(
                 0o600,
             )
             os.close(fd)
-        why_not = qmp_powerdown(item.st.qmp_socket) if item.st.qemu_pid else "QEMU not started"
+        why_not = qmp.powerdown(item.st.qmp_socket) if item.st.qemu_pid else "QEMU not started"
         if why_not is None:
             asked.append(item)
         else:
@@ -414,7 +345,7 @@ def gc(
     uid: int,
     now: float | None = None,
     alive: Alive = state.is_alive,
-    qmp_answers: Probe = qmp_probe,
+    qmp_answers: Probe = qmp.probe,
     project_exists: Callable[[Path], bool | None] | None = None,
 ) -> GcReport:
     """Remove what dead instances left; list (and with prune delete) orphaned homes."""

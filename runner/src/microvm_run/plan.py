@@ -86,7 +86,10 @@ class HostFacts:
     environ: Mapping[str, str]
     user_manager: bool  # a systemd user manager answers
     user_manager_reason: str  # why (not), for --dry-run
+    # The dev shell: MICROVM_DEVSHELL for the guest (None: none), and one
+    # line on what becomes of it (cli.py: evaluated, or foreseen by --dry-run).
     devshell_guest_file: str | None = None
+    devshell: str = ""
     # The runner's own per-project state and the container storage root:
     # host-only places, never inside the guest-writable agent home.
     state_dir: Path = Path("/nonexistent/microvm-run-state")
@@ -153,6 +156,7 @@ class LaunchPlan:
     # them, whether the key goes to the guest or stays with the key proxy.
     secret_vars: tuple[str, ...] = ()
     git: GitPlan | None = None
+    devshell: str = ""  # HostFacts.devshell
     # The local-directories disk (localdirs.py): the dirs, its image and size.
     local_dirs: tuple[str, ...] = ()
     local_image: Path | None = None
@@ -164,7 +168,32 @@ class LaunchPlan:
         return data
 
 
-def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
+@dataclass(frozen=True)
+class Choices:
+    """What the options and host facts decide, every bad input refused on the
+    way.  Nothing here depends on what only a launch fixes (the disk slot it
+    claims, the dev shell it evaluates), so the launch decides before it acts
+    and then builds its one plan with what it found (cli.py)."""
+
+    accel: Accel
+    net: NetMode
+    supervisor: Supervisor
+    supervisor_reason: str
+    cri: tuple[str, ...]
+    runtime_dir: Path
+    daemons: tuple[VirtiofsdPlan, ...]
+    inject: bool
+    credentials: tuple[tuple[str, Path], ...]
+    forwards: tuple[netpolicy.PortForward, ...]
+    presets: tuple[presets.PresetUse, ...]
+    egress: EgressConfig | None
+    local_dirs: tuple[str, ...]
+    status_socket: Path
+    qmp_socket: Path
+
+
+def decide(spec: Spec, options: RunOptions, facts: HostFacts) -> Choices:
+    """Every choice and refusal of the plan (PlanError), without building it."""
     if options.fs_cache not in virtiofsd.FS_CACHE_MODES:
         modes = ", ".join(virtiofsd.FS_CACHE_MODES)
         raise PlanError(f"--fs-cache must be one of {modes}, not {options.fs_cache!r}")
@@ -199,10 +228,6 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         )
         for share in spec.shares
     )
-    dirs = [facts.agent_home]
-    if spec.share_by_source("cri-storage"):
-        dirs.append(sources["cri-storage"])
-
     inject = _inject_keys(spec, options, net)
     injected = {p.var for p in spec.key_proxies} if inject else set()
     credentials = tuple(
@@ -225,13 +250,35 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         inject=inject,
         preset_hosts=preset_hosts,
     )
-    local_dirs = _local_dirs(options, facts)
+    local_dirs = chosen_local_dirs(options, facts)
+    if local_dirs and "," in str(localdirs.image_dir(facts.state_dir)):
+        raise PlanError(f"the state dir {facts.state_dir} has a comma, which QEMU cannot take")
+    return Choices(
+        accel=accel,
+        net=net,
+        supervisor=supervisor,
+        supervisor_reason=reason,
+        cri=cri,
+        runtime_dir=runtime_dir,
+        daemons=daemons,
+        inject=inject,
+        credentials=credentials,
+        forwards=forwards,
+        presets=preset_uses,
+        egress=egress,
+        local_dirs=local_dirs,
+        status_socket=_socket(runtime_dir / "status.sock"),
+        qmp_socket=_socket(runtime_dir / "qmp.sock"),
+    )
+
+
+def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
+    chosen = decide(spec, options, facts)
+    runtime_dir, egress, local_dirs = chosen.runtime_dir, chosen.egress, chosen.local_dirs
     local_image = (
         localdirs.image_dir(facts.state_dir) / f"{facts.local_slot}.img" if local_dirs else None
     )
-    if local_image is not None and "," in str(local_image):
-        raise PlanError(f"the state dir {facts.state_dir} has a comma, which QEMU cannot take")
-    guest_env = _guest_env(facts, cri)
+    guest_env = _guest_env(facts, chosen.cri)
     if local_dirs:
         guest_env["PYTHONPYCACHEPREFIX"] = contract.LOCAL_PYCACHE
     if egress is not None:
@@ -242,27 +289,25 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         [(s.tag, s.mount_point) for s in spec.shares],
         guest_env,
         [*spec.command, *options.agent_args],
-        net=net,
+        net=chosen.net,
         tty_size=facts.terminal_size,
         local_dirs=local_dirs,
     ).decode()
     memory_mib = options.memory_mib or spec.memory_mib
     vcpus = options.vcpus or spec.vcpus
-    status_socket = _socket(runtime_dir / "status.sock")
-    qmp_socket = _socket(runtime_dir / "qmp.sock")
     argv = qemu.qemu_argv(
         spec,
         qemu.QemuInputs(
-            accel=accel,
+            accel=chosen.accel,
             memory_mib=memory_mib,
             vcpus=vcpus,
-            netdev=_netdev(net, egress, forwards, facts),
-            name=f"{basename}-{spec.agent}-vm-{facts.instance_id}",
-            fs_sockets=[(d.tag, d.socket) for d in daemons],
-            status_socket=status_socket,
-            qmp_socket=qmp_socket,
+            netdev=_netdev(chosen.net, egress, chosen.forwards, facts),
+            name=f"{home.project_basename(facts.work_dir)}-{spec.agent}-vm-{facts.instance_id}",
+            fs_sockets=[(d.tag, d.socket) for d in chosen.daemons],
+            status_socket=chosen.status_socket,
+            qmp_socket=chosen.qmp_socket,
             launch_file=launch_file,
-            credential_files=credentials,
+            credential_files=chosen.credentials,
             tsc_khz=facts.tsc_khz,
             local_image=local_image,
         ),
@@ -274,26 +319,27 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
         work_dir=facts.work_dir,
         agent_home=facts.agent_home,
         runtime_dir=runtime_dir,
-        supervisor=supervisor,
-        supervisor_reason=reason,
-        accel=accel,
-        net=net,
+        supervisor=chosen.supervisor,
+        supervisor_reason=chosen.supervisor_reason,
+        accel=chosen.accel,
+        net=chosen.net,
         boot_timeout_s=options.boot_timeout_s,
-        port_forwards=tuple(str(f) for f in forwards),
+        port_forwards=tuple(str(f) for f in chosen.forwards),
         egress=egress,
-        presets=preset_uses,
-        inject_keys=inject,
+        presets=chosen.presets,
+        inject_keys=chosen.inject,
         memory_mib=memory_mib,
         vcpus=vcpus,
-        dirs_to_create=tuple(dirs),
-        virtiofsd=daemons,
-        status_socket=status_socket,
-        qmp_socket=qmp_socket,
+        dirs_to_create=private_dirs(spec, facts),
+        virtiofsd=chosen.daemons,
+        status_socket=chosen.status_socket,
+        qmp_socket=chosen.qmp_socket,
         launch_file=launch_file,
         launch_data=launch_data,
-        credentials=credentials,
+        credentials=chosen.credentials,
         secret_vars=spec.api_key_vars,
         git=facts.git,
+        devshell=facts.devshell,
         local_dirs=local_dirs,
         local_image=local_image,
         local_size_bytes=options.local_dirs_size_gib << 30 if local_dirs else 0,
@@ -301,7 +347,14 @@ def build_plan(spec: Spec, options: RunOptions, facts: HostFacts) -> LaunchPlan:
     )
 
 
-def _local_dirs(options: RunOptions, facts: HostFacts) -> tuple[str, ...]:
+def private_dirs(spec: Spec, facts: HostFacts) -> tuple[Path, ...]:
+    """The share roots the runner makes and owns: the agent home, the container storage."""
+    if spec.share_by_source("cri-storage"):
+        return (facts.agent_home, facts.cri_storage)
+    return (facts.agent_home,)
+
+
+def chosen_local_dirs(options: RunOptions, facts: HostFacts) -> tuple[str, ...]:
     """The /work directories on the guest's own disk (every spec shares /work)."""
     if not 1 <= options.local_dirs_size_gib <= localdirs.MAX_SIZE_GIB:
         raise PlanError(

@@ -108,15 +108,12 @@ class Child:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, signum)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def stop(self, *, grace: float | None = None, kill_grace: float | None = None) -> Stopped:
+    def stop(self) -> Stopped:
         """The stop ladder, then reap it (already gone: BY_ITSELF)."""
-        outcome = stop([self.pidfd], grace=grace, kill_grace=kill_grace)[self.pidfd]
+        outcome = stop([self.pidfd])[self.pidfd]
         if outcome is not Stopped.SURVIVED:
             self.wait()
         return outcome
@@ -285,9 +282,9 @@ def replace(argv: Sequence[str], env: Mapping[str, str]) -> None:
 
     Returns only by raising ProcessError when the program cannot be run.
     """
-    import shutil  # noqa: PLC0415 - only attach needs it: keeps `ps` quick
+    from microvm_run.host import which  # noqa: PLC0415 - only attach needs it
 
-    found = shutil.which(argv[0], path=env.get("PATH"))
+    found = which(argv[0], env)
     if found is None:
         raise ProcessError(f"{argv[0]} not found on PATH")
     sys.stdout.flush()
