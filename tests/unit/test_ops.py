@@ -437,7 +437,10 @@ def test_gc_removes_an_old_unreadable_dir_but_not_one_whose_qemu_answers(
 
 
 def test_gc_kills_leftovers_whose_start_time_matches_only(base: Path, env: dict[str, str]) -> None:
-    leftover = spawn_sleep()
+    # A wedged leftover: it ignores SIGTERM, so only the ladder's SIGKILL ends it.
+    # (An ignored signal stays ignored across exec.)
+    leftover = process.spawn(["sh", "-c", "trap '' TERM; exec sleep 60"], stdin=process.DEVNULL)
+    wait_for(lambda: state.process_start_time(leftover.pid) is not None, 5)
     stranger = spawn_sleep()
     try:
         leftover_start = state.process_start_time(leftover.pid)

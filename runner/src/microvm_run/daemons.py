@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -131,8 +130,7 @@ class UnitSupervisor:
             try:
                 _, err = start.communicate(timeout=max(deadline - time.monotonic(), 0.1))
             except process.TimeoutExpired:
-                start.send_signal(signal.SIGKILL)
-                start.wait()
+                start.stop()
                 failures.append(f"systemd-run for {plan.unit} did not finish in time")
                 continue
             finally:

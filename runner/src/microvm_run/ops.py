@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import stat
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -467,9 +466,7 @@ def collect(entry: Entry, environ: Mapping[str, str], manager: tuple[bool, str])
         actions += _stop_units(entry.id, list(st.units), environ, manager)
         leftovers = [("qemu", st.qemu_pid, st.qemu_start)]
         leftovers += [("virtiofsd", pid, start) for pid, start in st.virtiofsd()]
-        for what, pid, start in leftovers:
-            if _kill_verified(pid, start):
-                actions.append(Action(entry.id, f"killed leftover {what} (pid {pid})"))
+        actions += _kill_leftovers(entry.id, leftovers)
     elif manager[0] and _PLAIN_ID.fullmatch(entry.id):
         # No state to name its units: find them by the instance id they end in.
         pattern = f"*-vm-virtiofsd-*-{entry.id}.service"
@@ -518,17 +515,34 @@ def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
     return actions
 
 
-def _kill_verified(pid: int, start: int) -> bool:
-    pidfd = state.open_verified(pid, start)
-    if pidfd is None:
-        return False
+def _kill_leftovers(instance_id: str, leftovers: Sequence[tuple[str, int, int]]) -> list[Action]:
+    """The processes of a runner that died (checked by start time, so never a
+    later process with a reused pid), ended through the one stop ladder with
+    no grace: nothing is left to shut down cleanly once the runner is gone."""
+    named: dict[int, tuple[str, int]] = {}
+    for what, pid, start in leftovers:
+        pidfd = state.open_verified(pid, start)
+        if pidfd is not None:
+            named[pidfd] = (what, pid)
+    if not named:
+        return []
+    from microvm_run import process  # noqa: PLC0415 - see _stop_all
+
     try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
+        outcomes = process.stop(list(named), grace=0.0)
     finally:
-        os.close(pidfd)
-    return True
+        for pidfd in named:
+            os.close(pidfd)
+    actions = []
+    for pidfd, (what, pid) in named.items():
+        outcome = outcomes[pidfd]
+        if outcome is process.Stopped.SURVIVED:
+            actions.append(
+                Action(instance_id, f"leftover {what} (pid {pid}) survived SIGKILL", ok=False)
+            )
+        elif outcome is not process.Stopped.BY_ITSELF:
+            actions.append(Action(instance_id, f"killed leftover {what} (pid {pid})"))
+    return actions
 
 
 def _stop_units(
