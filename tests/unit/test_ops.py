@@ -236,7 +236,7 @@ def test_stop_terminates_a_runner_without_qmp_and_marks_the_request(
 ) -> None:
     runner, runtime_dir = start_runner(runners, base, tmp_path, "ab12cd34")
     (result,) = ops.stop(base, ["ab12"], 5.0, env, uid=os.getuid())
-    assert result.outcome == ops.TERMINATED
+    assert result.outcome == ops.StopOutcome.TERMINATED
     assert "QEMU not started" in result.detail
     assert runner.gone()
     assert runner.seen.read_text() == "True"
@@ -251,7 +251,7 @@ def test_stop_kills_a_runner_that_ignores_sigterm(
     runner, runtime_dir = start_runner(runners, base, tmp_path, "ab12cd34", ignore_term=True)
     started = time.monotonic()
     (result,) = ops.stop(base, None, 0.0, env, uid=os.getuid(), term_grace_s=0.5)
-    assert result.outcome == ops.KILLED
+    assert result.outcome == ops.StopOutcome.KILLED
     assert time.monotonic() - started < 5
     assert runner.gone()
     assert runner.seen.read_text() == "True"  # SIGTERM came first
@@ -265,7 +265,7 @@ def test_stop_never_signals_a_reused_pid(base: Path, env: dict[str, str], tmp_pa
         assert start is not None
         make_instance(base, "ab12cd34", runner_pid=stranger.pid, runner_start=start + 1)
         (result,) = ops.stop(base, ["ab12cd34"], 0.0, env, uid=os.getuid(), term_grace_s=0.2)
-        assert result.outcome == ops.NOT_RUNNING
+        assert result.outcome == ops.StopOutcome.NOT_RUNNING
         assert "gc" in result.detail
         time.sleep(0.1)
         assert stranger.poll() is None
@@ -340,7 +340,7 @@ def test_stop_powers_off_through_qmp_first(
         (result,) = ops.stop(base, ["ab12cd34"], 5.0, env, uid=os.getuid())
     finally:
         qmp.close()
-    assert result.outcome == ops.POWERED_OFF
+    assert result.outcome == ops.StopOutcome.POWERED_OFF
     assert qmp.commands == ["qmp_capabilities", "system_powerdown"]
     assert not runner.seen.exists()  # no SIGTERM was needed
 
@@ -659,7 +659,7 @@ def test_stop_cannot_stop_an_instance_without_a_readable_state(
 ) -> None:
     (base / "ab12cd34").mkdir()
     (result,) = ops.stop(base, ["ab12cd34"], 0.0, env, uid=os.getuid())
-    assert result.outcome == ops.UNREADABLE
+    assert result.outcome == ops.StopOutcome.UNREADABLE
     assert result.detail == "unreadable state: no state.toml"
     assert (base / "ab12cd34").exists()
 

@@ -23,10 +23,9 @@ from microvm_run import contract, usage
 
 TYPE_CHECKING = False  # typing's, without importing typing (3 ms): see tests/unit/test_startup.py
 if TYPE_CHECKING:
-    from typing import Any
-
     from microvm_run.agentgit import GitPlan
     from microvm_run.devshell import DevshellResult
+    from microvm_run.git_cli import Session
     from microvm_run.plan import HostFacts, LaunchPlan, RunOptions
     from microvm_run.spec import Spec
 
@@ -255,7 +254,7 @@ def _launch(
             os.close(slot_lock)
 
 
-def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Any) -> int:
+def _launch_logged(plan: LaunchPlan, env: Mapping[str, str], session: Session | None) -> int:
     """Launch, import the agent's commits, and keep the instance's log (instancelog.py)."""
     from microvm_run import git_cli, instancelog, launch  # noqa: PLC0415
 
@@ -697,6 +696,8 @@ def _bounded(flag: str, raw: str | None, low: int, high: int) -> int | None:
 
 
 def _describe(plan: LaunchPlan) -> str:
+    from microvm_run.virtiofsd import Supervisor  # noqa: PLC0415 - see the note at the imports
+
     lines = [
         f"agent        {plan.agent} (spec {plan.spec})",
         f"instance     {plan.instance_id}",
@@ -708,7 +709,7 @@ def _describe(plan: LaunchPlan) -> str:
         f"virtiofsd    {plan.supervisor} ({plan.supervisor_reason})",
     ]
     for daemon in plan.virtiofsd:
-        where = f"unit {daemon.unit}" if plan.supervisor == "systemd" else "child process"
+        where = f"unit {daemon.unit}" if plan.supervisor == Supervisor.SYSTEMD else "child process"
         lines.append(f"  share {daemon.tag}: {daemon.shared_dir} ({where})")
         lines.append(f"    {' '.join(daemon.argv)}")
     lines += _describe_egress(plan)

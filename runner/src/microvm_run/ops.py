@@ -16,6 +16,7 @@ import stat
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from microvm_run import host, qmp, state
@@ -33,13 +34,19 @@ YOUNG_S = 60.0
 TERM_GRACE_S = 10.0
 KILL_GRACE_S = 5.0
 SYSTEMCTL_TIMEOUT_S = 30.0
-# Outcomes of stop.
-POWERED_OFF = "powered off"
-TERMINATED = "terminated"
-KILLED = "killed"
-NOT_RUNNING = "not running"
-UNREADABLE = "cannot stop"
-FAILED = "still running"
+
+
+class StopOutcome(StrEnum):
+    """What `stop` did to one instance (printed as is; --json carries the value)."""
+
+    POWERED_OFF = "powered off"
+    TERMINATED = "terminated"
+    KILLED = "killed"
+    NOT_RUNNING = "not running"
+    UNREADABLE = "cannot stop"
+    FAILED = "still running"
+
+
 # What gc says of a home it may delete.
 PRUNABLE = "project is gone"
 # What systemctl and its user manager need, and nothing else: the runner's
@@ -176,7 +183,7 @@ def _row(st: InstanceState, alive: Alive, rss: Callable[[int], int | None]) -> P
 @dataclass(frozen=True)
 class StopResult:
     id: str
-    outcome: str  # POWERED_OFF, TERMINATED, KILLED, NOT_RUNNING, UNREADABLE, FAILED
+    outcome: StopOutcome
     detail: str = ""
     cleaned: tuple[Action, ...] = ()
 
@@ -186,7 +193,7 @@ class _Stopping:
     entry: Entry
     st: InstanceState
     pidfd: int
-    outcome: str | None = None
+    outcome: StopOutcome | None = None
     detail: str = ""
 
 
@@ -247,12 +254,12 @@ def stop(
     for entry in chosen:
         st = entry.state
         if st is None:
-            results[entry.id] = StopResult(entry.id, UNREADABLE, entry.problem or "")
+            results[entry.id] = StopResult(entry.id, StopOutcome.UNREADABLE, entry.problem or "")
             continue
         pidfd = state.open_verified(st.runner_pid, st.runner_start)
         if pidfd is None:
             detail = "its runner has exited; microvm-run gc removes what is left"
-            results[entry.id] = StopResult(entry.id, NOT_RUNNING, detail)
+            results[entry.id] = StopResult(entry.id, StopOutcome.NOT_RUNNING, detail)
             continue
         stopping.append(_Stopping(entry, st, pidfd))
     try:
@@ -263,7 +270,7 @@ def stop(
     manager: tuple[bool, str] | None = None
     for item in stopping:
         cleaned: list[Action] = []
-        if item.outcome != FAILED and item.entry.path.exists():
+        if item.outcome != StopOutcome.FAILED and item.entry.path.exists():
             # The runner did not get to clean up (or was killed): its QEMU,
             # units and runtime dir may still be there.
             if manager is None:
@@ -304,14 +311,14 @@ def _stop_all(
     for item in stopping:
         outcome = stopped.get(item.pidfd, process.Stopped.BY_ITSELF)
         if item.pidfd in powered_off or (outcome is process.Stopped.BY_ITSELF and item in asked):
-            item.outcome = POWERED_OFF
+            item.outcome = StopOutcome.POWERED_OFF
         elif outcome is process.Stopped.SURVIVED:
-            item.outcome = FAILED
+            item.outcome = StopOutcome.FAILED
             item.detail = f"runner {item.st.runner_pid} survived SIGKILL"
         elif outcome is process.Stopped.KILLED:
-            item.outcome = KILLED
+            item.outcome = StopOutcome.KILLED
         else:
-            item.outcome = TERMINATED
+            item.outcome = StopOutcome.TERMINATED
 
 
 # -- gc ------------------------------------------------------------------------------------

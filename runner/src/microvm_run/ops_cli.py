@@ -26,7 +26,12 @@ if TYPE_CHECKING:
 # subcommands that use them: `ps` and `stop` stay quick.
 
 SUBCOMMANDS = ("ps", "stop", "gc", "doctor")
-_STOPPED = (ops.POWERED_OFF, ops.TERMINATED, ops.KILLED, ops.NOT_RUNNING)
+_STOPPED = (
+    ops.StopOutcome.POWERED_OFF,
+    ops.StopOutcome.TERMINATED,
+    ops.StopOutcome.KILLED,
+    ops.StopOutcome.NOT_RUNNING,
+)
 
 
 def main(

@@ -224,7 +224,7 @@ def decide(spec: Spec, options: RunOptions, facts: HostFacts) -> Choices:
             runtime_dir=runtime_dir,
             basename=basename,
             facts=facts,
-            fs_cache=options.fs_cache,
+            fs_cache=virtiofsd.FsCache(options.fs_cache),
         )
         for share in spec.shares
     )
@@ -374,7 +374,7 @@ def _daemon(
     runtime_dir: Path,
     basename: str,
     facts: HostFacts,
-    fs_cache: str,
+    fs_cache: virtiofsd.FsCache,
 ) -> VirtiofsdPlan:
     socket = _socket(runtime_dir / f"fs-{share.tag}.sock")
     masked = share.source == "work" and facts.git is not None

@@ -30,11 +30,21 @@ _CACHE = {"nix-store": "always"}
 # The shares the host edits too (the project, the agent home) take the
 # user's --fs-cache; README "Bench" has the measurements behind the default.
 USER_CACHED_SOURCES = ("work", "home")
-FS_CACHE_MODES = ("auto", "always", "never")
-DEFAULT_FS_CACHE = "auto"
 
 
-def cache_mode(source: str, chosen: str) -> str:
+class FsCache(StrEnum):
+    """--fs-cache: virtiofsd's --cache for the shares the host edits too."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+FS_CACHE_MODES = tuple(mode.value for mode in FsCache)
+DEFAULT_FS_CACHE = FsCache.AUTO
+
+
+def cache_mode(source: str, chosen: FsCache) -> str:
     """virtiofsd's --cache for a share: the store's fixed one, else the user's for
     the project and the home, else auto."""
     if source in _CACHE:
@@ -51,7 +61,7 @@ def virtiofsd_argv(
     gid: int,
     read_only: bool,
     source: str,
-    cache: str = DEFAULT_FS_CACHE,
+    cache: FsCache = DEFAULT_FS_CACHE,
 ) -> list[str]:
     """One unprivileged virtiofsd for one share.
 
