@@ -248,3 +248,22 @@ def test_a_second_ctrl_c_kills_qemu_at_once(
     finally:
         for timer in timers:
             timer.cancel()
+
+
+def test_a_signal_during_cleanup_does_not_abandon_the_share_repair(
+    spec: Spec, short_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-C or a closed terminal while the runner repairs the shares (set-id
+    # bits the guest planted): the repair still runs to its end.
+    real = launch.restore_shares
+    finished = []
+
+    def interrupted_repair(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        real(*args)  # type: ignore[arg-type]
+        finished.append(True)
+
+    monkeypatch.setattr(launch, "restore_shares", interrupted_repair)
+    _run(spec, short_tmp, "exit")
+    assert finished == [True]
+    assert "cleanup:" not in capsys.readouterr().err

@@ -277,7 +277,7 @@ def test_key_route_refuses_other_methods(method: str) -> None:
     "target",
     ["/", "/v1", "/v2/messages", "/api/oauth", "/v1/../admin", "/v1/./x", "/v1//x",
      "/v1/%2e%2e/admin", "/v1/%2E%2E/admin", "/v1%2fadmin", "/v1/x%2Fy", "/v1/x%5cy",
-     "/v1/x\\y", "/v1/x y", "v1/messages", "/v1/x%00"],
+     "/v1/x\\y", "/v1/x y", "v1/messages", "/v1/x%00", "/v1/..;/..;/admin", "/v1/x;y"],
 )  # fmt: skip
 def test_key_route_refuses_paths_outside_the_api_in_any_spelling(target: str) -> None:
     assert key_route_refusal(_route(), "POST", target) is not None

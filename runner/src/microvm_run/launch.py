@@ -415,7 +415,9 @@ class _Watcher:
         boot_deadline = time.monotonic() + plan.boot_timeout_s
         while True:
             events = self.poller.select(self._timeout(boot_deadline))
-            if not events and self._kill_if_stop_overdue():
+            # On every pass: a stream of status or wake events must not
+            # postpone the kill of a QEMU that ignored SIGTERM.
+            if self._kill_if_stop_overdue() and not events:
                 continue
             if not events and self.poweroff_deadline is not None:
                 # The agent has reported; a guest whose power-off hangs does
@@ -694,6 +696,12 @@ def _signals_forwarded(instance: Instance) -> Iterator[None]:
             # must not interrupt the abort itself or the cleanup.
             if first and not instance.cleaning:
                 raise Interrupted(signum)
+            return
+        if instance.cleaning:
+            # Cleanup stops QEMU through the full ladder itself, and may have
+            # closed its pidfd and the wake pipe (whose fd numbers a later
+            # open may reuse): a signal now must not abandon a step such as
+            # the set-id repair of the shares.
             return
         if not qemu.exited():
             # The first signal asks QEMU to stop (the watcher kills it after

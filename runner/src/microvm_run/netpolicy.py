@@ -273,7 +273,9 @@ class KeyRoute:
 # A path the key route passes: plain segments of RFC 3986 path characters.
 # No percent-encoded dot, slash or backslash, no empty or dot segments: the
 # prefix check must see the path the upstream will route.
-_ROUTE_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?")
+# No ";": some gateways read "..;" as ".." (path parameters), which would
+# lead a route's key out of its prefix.
+_ROUTE_PATH = re.compile(r"(/[A-Za-z0-9._~!$&'()*+,=:@%-]+)+/?")
 _ENCODED_SEPARATOR = re.compile(r"%(2[eEfF]|5[cC]|00)")
 
 
