@@ -292,6 +292,9 @@ in
   # OPENAI_API_KEY and OPENAI_BASE_URL (packages/core/src/models/constants.ts
   # in QwenLM/qwen-code), but only once an auth type is chosen, and sends
   # POST $OPENAI_BASE_URL/chat/completions with `Authorization: Bearer`.
+  # The host's key is DASHSCOPE_API_KEY (Model Studio's own name for it), not
+  # OPENAI_API_KEY: an OpenAI key exported for codex must never be sent to
+  # Alibaba. The guest's session hands it to Qwen Code (preStart).
   qwen = {
     title = "Qwen Code";
     package = "qwen-code";
@@ -300,7 +303,7 @@ in
       "qwen"
       "--yolo"
     ];
-    keyVars = [ "OPENAI_API_KEY" ];
+    keyVars = [ "DASHSCOPE_API_KEY" ];
     configDir = ".qwen";
     allow = [
       # Alibaba Cloud Model Studio's OpenAI-compatible API, Qwen Code's
@@ -312,7 +315,7 @@ in
     ];
     keyProxy = [
       {
-        var = "OPENAI_API_KEY";
+        var = "DASHSCOPE_API_KEY";
         upstream = "https://dashscope.aliyuncs.com/compatible-mode";
         header = "authorization";
         baseUrlVar = "OPENAI_BASE_URL";
@@ -342,7 +345,8 @@ in
       };
     };
     preStart = ''
-      if [ -n "''${OPENAI_API_KEY:-}" ]; then
+      if [ -n "''${DASHSCOPE_API_KEY:-}" ]; then
+        export OPENAI_API_KEY="$DASHSCOPE_API_KEY"
         export QWEN_CODE_SYSTEM_DEFAULTS_PATH=/etc/${qwenDefaults}
       fi
     '';
