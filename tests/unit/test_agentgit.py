@@ -644,3 +644,14 @@ def test_a_vm_above_the_project_during_a_run_stops_the_import_and_gc_runs_no_git
 def test_an_address_with_a_scope_id_is_never_offered_as_a_command() -> None:
     refusal = netpolicy.Refusal("fe80::1%$(id)", 443, "x", netpolicy.FIX_ALLOW, "allowlist", "a")
     assert "microvm-run allow" not in refusal.text()
+
+
+def test_host_git_gets_no_api_keys_and_no_git_variables() -> None:
+    env = agentgit.git_env(
+        {"PATH": "/bin", "HOME": "/h", "ANTHROPIC_API_KEY": "k", "DASHSCOPE_API_KEY": "k",
+         "GIT_DIR": "/elsewhere", "GIT_CONFIG_PARAMETERS": "'core.fsmonitor=x'"}
+    )  # fmt: skip
+    assert env["PATH"] == "/bin" and env["HOME"] == "/h"
+    assert not any(k.endswith("_API_KEY") for k in env)
+    assert "GIT_DIR" not in env and "GIT_CONFIG_PARAMETERS" not in env
+    assert env["GIT_ALLOW_PROTOCOL"] == "file"

@@ -338,7 +338,11 @@ def git_env(environ: Mapping[str, str], *, isolated: bool = False) -> dict[str, 
 
     isolated: the runner's scratch repository: no system or global config.
     """
-    env = {k: v for k, v in environ.items() if not k.startswith("GIT_")}
+    # No API keys either (every flavor's is a *_API_KEY): a program a
+    # repository's config names (a filter, a hook) must not read them.
+    env = {
+        k: v for k, v in environ.items() if not k.startswith("GIT_") and not k.endswith("_API_KEY")
+    }
     env["GIT_TERMINAL_PROMPT"] = "0"
     # Above any repository's own protocol.<name>.allow: only local files.
     env["GIT_ALLOW_PROTOCOL"] = "file"
