@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
 
-from microvm_run import check_cli, evaljobs
+from microvm_run import check_cli, evaljobs, newvm
 from microvm_run.evaljobs import Derivation, Failure
 from tests.support.cli import run
 
 from .conftest import SAMPLE
 
 RECORDED = Path(__file__).resolve().parents[1] / "fixtures" / "check" / "eval-jobs-flavors.jsonl"
-# The flavors, from the one file the Nix tests hold to lib/flavors.nix
-# (tests/nix/cases.nix: one line per flavor): each with and without CRI.
-_NAMES = re.findall(
-    r"^([a-z0-9-]+) \S+ \S+$", (RECORDED.parents[2] / "clis" / "versions.env").read_text(), re.M
-)
-FLAVORS = {f"{name}{cri}" for name in _NAMES for cri in ("", "-cri")}
+# The flavors (newvm.AGENTS, held to lib/flavors.nix by test_newvm), each
+# with and without CRI.
+FLAVORS = {f"{name}{cri}" for name in newvm.AGENTS for cri in ("", "-cri")}
 
 
 def vm(attr: str, spec: object, **kw: object) -> Derivation:

@@ -56,14 +56,24 @@ def test_a_child_dies_with_the_runner() -> None:
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", runner], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", runner],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert proc.stdout is not None
-    pid = int(proc.stdout.readline())
-    assert _alive(pid)
-    proc.kill()
-    proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line.strip().isdigit():
+        proc.kill()
+        raise AssertionError(f"the runner did not start its child: {line!r} {proc.stderr.read()}")
+    pid = int(line)
+    try:
+        assert _alive(pid)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid), "the child outlived the runner"
