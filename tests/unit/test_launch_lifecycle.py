@@ -29,6 +29,7 @@ from microvm_run.plan import LaunchPlan, RunOptions, build_plan
 from microvm_run.spec import Spec
 
 from .conftest import make_facts
+from .test_process import alive
 
 FAKE_VIRTIOFSD = textwrap.dedent(
     """
@@ -148,17 +149,9 @@ def _run(spec: Spec, tmp: Path, qemu: str, virtiofsd: str = "serve", boot: float
     pids = [int(line) for line in (tmp / "pids").read_text().split()]
     assert len(pids) == len(plan.virtiofsd) + 1
     for pid in pids:
-        assert not _running(pid), f"pid {pid} outlived the launch"
+        assert not alive(pid), f"pid {pid} outlived the launch"
     assert not plan.runtime_dir.exists()
     return code
-
-
-def _running(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def test_the_guests_exit_status_is_the_launchs_and_daemons_exit_with_qemu(

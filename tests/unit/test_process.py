@@ -17,7 +17,8 @@ from microvm_run import process
 SRC = Path(process.__file__).resolve().parents[1]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Is ``pid`` a process that runs (not a zombie)?"""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
@@ -69,11 +70,11 @@ def test_a_child_dies_with_the_runner() -> None:
         raise AssertionError(f"the runner did not start its child: {line!r} {proc.stderr.read()}")
     pid = int(line)
     try:
-        assert _alive(pid)
+        assert alive(pid)
     finally:
         proc.kill()
         proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(pid), "the child outlived the runner"
+    assert not alive(pid), "the child outlived the runner"
