@@ -26,7 +26,9 @@ WAITING = 'echo kept > "$HOME/kept"; echo before > /work/before; sleep 60'
 def _started(vm: VM, work: Path) -> subprocess.Popen[str]:
     running = vm.start(work, WAITING)
     deadline = time.monotonic() + 60
-    while not (work / "before").exists():
+    # The whole line, not only the file: `echo before >` creates it before it
+    # writes, and a runner killed in between would leave it empty.
+    while not (work / "before").exists() or (work / "before").read_text() != "before\n":
         assert running.poll() is None, running.communicate()
         assert time.monotonic() < deadline, "the guest never wrote /work/before"
         time.sleep(0.1)
