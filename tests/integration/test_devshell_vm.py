@@ -46,6 +46,7 @@ def test_the_agent_sees_the_projects_dev_shell(root_vm: VM) -> None:
     without = root_vm.run(work, 'printf "%s" "$MY_PROJECT_VAR" > /work/seen')
     assert without.returncode == 0, without.stderr
     assert (work / "seen").read_text() == ""  # no consent, no dev shell
+    assert root_vm.runtime_dir is not None
     assert wait_until_clean(root_vm.user, [root_vm.runtime_dir]) == []
 
 

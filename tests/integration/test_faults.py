@@ -104,6 +104,7 @@ def test_the_runner_killed_takes_qemu_and_virtiofsd_with_it_and_gc_removes_the_r
     found = wait_until_clean(vm.user, [])
     assert found == []
     # The runtime dir is what a SIGKILLed runner cannot remove: gc does.
+    assert vm.runtime_dir is not None
     base = vm.runtime_dir / "microvm-run"
     (leftover,) = list(base.iterdir())
     assert not any(p.suffix == ".sock" and _listening(p) for p in leftover.iterdir())

@@ -175,7 +175,8 @@ def test_allowlist_admits_the_listed_host_and_refuses_and_logs_the_other(
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _listening_on(port: int) -> list[str]:
@@ -494,7 +495,7 @@ def test_idle_guest_connections_cost_no_host_process(
         ]
     )
     running = vm.start(work, script, "--net", "open")
-    relays: list[str] = []
+    stragglers: list[str] = []
     try:
         deadline = time.monotonic() + 180
         while not (work / "opened").exists():
@@ -509,7 +510,7 @@ def test_idle_guest_connections_cost_no_host_process(
             time.monotonic() < deadline
         ):
             time.sleep(0.5)
-        relays = [_describe(pid) for pid in relays]
+        stragglers = [_describe(pid) for pid in relays]
         held = _sockets_held(running.pid)
         (work / "done").touch()
         _, err = running.communicate(timeout=120)
@@ -517,7 +518,7 @@ def test_idle_guest_connections_cost_no_host_process(
         if running.poll() is None:
             running.kill()
     assert running.returncode == 0, err
-    assert relays == [], f"relay processes still running: {relays}"
+    assert stragglers == [], f"relay processes still running: {stragglers}"
     assert held >= 140, f"only {held} guest connections reached the proxy"
 
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -224,10 +225,16 @@ def _toml_list(values: list[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
+def _key_route(data: dict[str, object]) -> dict[str, Any]:
+    """The flavor's one key route (lib/network.nix's keyProxy entry)."""
+    (route,) = cast(list[dict[str, Any]], data["keyProxy"])
+    return route
+
+
 def _flavor_spec(base: Path, flavor: str, data: dict[str, object]) -> Path:
     """The guest's spec as the flavor's own: name, key, command, allowlist, key route."""
     command = [str(a) for a in data["command"]]  # type: ignore[attr-defined]
-    (route,) = data["keyProxy"]  # type: ignore[misc]
+    route = _key_route(data)
     allow = [str(n) for n in data["allow"]]  # type: ignore[attr-defined]
     text = base.read_text().replace("spec_version = 1", "spec_version = 2")
     text = text.replace('name = "testagent"', f'name = "{flavor}"')
@@ -290,7 +297,7 @@ def _check_requests(
     requests: list[dict[str, object]], data: dict[str, object], key_var: str
 ) -> list[dict[str, object]]:
     """The model calls among ``requests``; each carries the real key, none the placeholder."""
-    (route,) = data["keyProxy"]  # type: ignore[misc]
+    route = _key_route(data)
     header = str(route["header"])
     want = f"Bearer {KEY}" if header == "authorization" else KEY
     calls = [r for r in requests if r["method"] == "POST"]
@@ -327,7 +334,7 @@ def test_the_real_cli_answers_through_the_key_proxy(
 ) -> None:
     path, versions = clis[which]
     data = network_data[flavor]
-    (route,) = data["keyProxy"]  # type: ignore[misc]
+    route = _key_route(data)
     key_var = str(route["var"])
     cli_vm.spec = _flavor_spec(_flavor_guest(scratch, flavor, path, which), flavor, data)
     work = cli_vm.project()
@@ -364,7 +371,7 @@ def test_the_tui_first_start_reaches_the_prompt_without_a_login(
     require(shutil.which("tmux") is not None, "tmux")
     path, versions = clis["latest"]
     data = network_data[flavor]
-    (route,) = data["keyProxy"]  # type: ignore[misc]
+    route = _key_route(data)
     cli_vm.spec = _flavor_spec(_flavor_guest(scratch, flavor, path, "latest"), flavor, data)
     work = cli_vm.project()
     # The key reaches the runner through a root-only file, never an argv.

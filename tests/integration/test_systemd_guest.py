@@ -228,6 +228,7 @@ def test_the_dev_shell_reaches_the_agent_and_home_stays_its_own(
     )
     assert result.returncode == 0, result.stderr
     assert (work / "seen").read_text().splitlines() == ["hello-from-devshell", "/home/agent"]
+    assert vm.runtime_dir is not None
     assert wait_until_clean(vm.user, [vm.runtime_dir]) == []
 
 

@@ -67,7 +67,7 @@ def _anthropic(path: str, body: dict[str, object]) -> tuple[str, bytes]:
         return "application/json", json.dumps({"input_tokens": 12}).encode()
     model = str(body.get("model", "claude"))
     usage = {"input_tokens": 12, "output_tokens": 6}
-    message = {
+    message: dict[str, object] = {
         "id": "msg_standin",
         "type": "message",
         "role": "assistant",
@@ -140,7 +140,7 @@ def _gemini(path: str, body: dict[str, object]) -> tuple[str, bytes]:
     if isinstance(config, dict) and config.get("responseMimeType") == "application/json":
         schema = config.get("responseJsonSchema") or config.get("responseSchema")
         text = json.dumps(_from_schema(schema))
-    answer = {
+    answer: dict[str, object] = {
         "candidates": [
             {
                 "content": {"role": "model", "parts": [{"text": text}]},

@@ -638,7 +638,7 @@ def test_a_relative_spec_is_resolved_once_for_the_whole_launch(
 
 def _same_but_id(one: dict[str, Any], two: dict[str, Any]) -> bool:
     text = json.dumps(two).replace(two["instance_id"], one["instance_id"])
-    return json.loads(text) == one
+    return bool(json.loads(text) == one)
 
 
 def test_projects_that_contain_each_other_overlap(tmp_path: Path) -> None:
@@ -701,11 +701,19 @@ def test_a_launch_plans_once_with_its_slot_and_dev_shell_as_dry_run_showed(
         assert shown["devshell"].startswith("evaluated at launch")
         built: list[Any] = []
         real_build = plan.build_plan
-        monkeypatch.setattr(
-            plan, "build_plan", lambda *a: built.append(real_build(*a)) or built[-1]
-        )
+
+        def build(*args: Any) -> Any:
+            built.append(real_build(*args))
+            return built[-1]
+
         launched: list[Any] = []
-        monkeypatch.setattr(cli, "_launch_logged", lambda p, *_: launched.append(p) or 0)
+
+        def launch(launch_plan: Any, *_: Any) -> int:
+            launched.append(launch_plan)
+            return 0
+
+        monkeypatch.setattr(plan, "build_plan", build)
+        monkeypatch.setattr(cli, "_launch_logged", launch)
         code, _, err = run(capsys, argv, env)
     finally:
         os.close(held)

@@ -11,6 +11,7 @@ import tomli_w
 
 from microvm_run import doctor
 from microvm_run.doctor import FAIL, OK, WARN, Check, DoctorPaths
+from microvm_run.qemu import Accel
 
 from .conftest import SAMPLE
 
@@ -91,7 +92,7 @@ def test_a_line_says_status_what_and_fix() -> None:
 
 
 def test_missing_kvm_fails_and_names_tcg(tmp_path: Path) -> None:
-    check = doctor.check_kvm(tmp_path / "kvm", "kvm")
+    check = doctor.check_kvm(tmp_path / "kvm", Accel.KVM)
     assert check.status == FAIL
     assert "does not exist" in check.detail
     assert "--accel tcg" in check.fix
@@ -99,19 +100,19 @@ def test_missing_kvm_fails_and_names_tcg(tmp_path: Path) -> None:
 
 
 def test_missing_kvm_is_only_a_warning_under_tcg(tmp_path: Path) -> None:
-    assert doctor.check_kvm(tmp_path / "kvm", "tcg").status == WARN
+    assert doctor.check_kvm(tmp_path / "kvm", Accel.TCG).status == WARN
 
 
 def test_kvm_that_is_not_a_device_fails(tmp_path: Path) -> None:
     (tmp_path / "kvm").write_text("")
-    check = doctor.check_kvm(tmp_path / "kvm", "kvm")
+    check = doctor.check_kvm(tmp_path / "kvm", Accel.KVM)
     assert check.status == FAIL
     assert "not a character device" in check.detail
 
 
 def test_an_accessible_character_device_is_ok() -> None:
     # /dev/null stands in for a usable /dev/kvm.
-    assert doctor.check_kvm(Path("/dev/null"), "kvm").status == OK
+    assert doctor.check_kvm(Path("/dev/null"), Accel.KVM).status == OK
 
 
 def test_the_checks_use_the_injected_kvm_path(

@@ -13,11 +13,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 import microvm_run
 from microvm_run.egress import EgressConfig, EgressError, EgressProxy, KeyRoute
+from microvm_run.netmode import NetMode
 from microvm_run.netpolicy import parse_allow
 
 from .test_sniff import client_hello, dns_message, parse_answer
@@ -130,7 +132,7 @@ def proxy_factory(sock_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Egre
         # The upstreams here all listen on loopback, which only a private
         # rule (--allow-private) reaches: ``private=False`` tests that.
         config = EgressConfig(
-            mode=mode,
+            mode=NetMode(mode),
             rules=tuple(parse_allow(entry, private=private) for entry in allow),
             socket=socket_path or sock_dir / "egress.sock",
             log=tmp_path / "state" / "egress.log",
@@ -291,7 +293,8 @@ def test_open_mode_log_names_the_host_and_the_address(
     exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     text = wait_for_log(proxy, "deny")
     assert f"deny localhost:{server.port} via http (resolves to non-public address" in text
-    assert proxy.summary() is not None and f"localhost:{server.port} (1x)" in proxy.summary()
+    summary = proxy.summary()
+    assert summary is not None and f"localhost:{server.port} (1x)" in summary
 
 
 def test_allowlist_admits_loopback_only_when_listed(
@@ -827,7 +830,7 @@ def test_start_on_a_bound_path_fails_closed(
     proxy_factory: Callable[..., EgressProxy], sock_dir: Path, tmp_path: Path
 ) -> None:
     first = proxy_factory("open")
-    config = EgressConfig("open", (), first.config.socket, tmp_path / "other.log", "x")
+    config = EgressConfig(NetMode.OPEN, (), first.config.socket, tmp_path / "other.log", "x")
     second = EgressProxy(config, {})
     with pytest.raises(EgressError, match="cannot set up the egress proxy"):
         second.start()
@@ -843,7 +846,7 @@ def test_start_where_no_socket_can_be_bound_fails_closed(
     sock_dir: Path, tmp_path: Path, where: str
 ) -> None:
     (sock_dir / "file").write_text("")
-    config = EgressConfig("open", (), sock_dir / where, tmp_path / "egress.log", "x")
+    config = EgressConfig(NetMode.OPEN, (), sock_dir / where, tmp_path / "egress.log", "x")
     proxy = EgressProxy(config, {})
     with pytest.raises(EgressError):
         proxy.start()
@@ -876,9 +879,9 @@ def test_end_to_end_through_relay_py(
         guest, child = socket.socketpair()
         relay = subprocess.Popen(
             [sys.executable, "-I", "-S", str(relay_py), str(server.port), str(proxy.config.socket)],
-            stdin=child,
-            stdout=child,
-            stderr=child,
+            stdin=child.fileno(),
+            stdout=child.fileno(),
+            stderr=child.fileno(),
         )
         child.close()
         with guest:
@@ -932,13 +935,14 @@ def test_the_hosts_own_address_is_refused_before_any_handshake(
     # remains is "one of our own", asked of the kernel before connecting.
     server = upstream()
     accepted: list[object] = []
-    handle = server.server.RequestHandlerClass.handle
+    handler = cast(type[socketserver.BaseRequestHandler], server.server.RequestHandlerClass)
+    handle = handler.handle
 
     def counting(self: socketserver.BaseRequestHandler) -> None:
         accepted.append(self.client_address)
         handle(self)
 
-    monkeypatch.setattr(server.server.RequestHandlerClass, "handle", counting)
+    monkeypatch.setattr(handler, "handle", counting)
     monkeypatch.setattr("microvm_run.netpolicy.public_address", lambda _address: True)
     proxy = proxy_factory("open")
     response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")

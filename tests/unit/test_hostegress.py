@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from microvm_run import hostegress
-from microvm_run.egress import EgressProxy
+from microvm_run.egress import EgressConfig, EgressProxy
 from microvm_run.hostegress import ConfigError, parse_config, read_keys
 
 from .test_sniff import dns_message, parse_answer
@@ -156,7 +156,7 @@ def test_dns_answers_with_the_gateway_for_a_host_vm(tmp_path: Path) -> None:
     host = parse_config(json.dumps(data), "test.json")
     # Through the relay socket (the TCP path needs nftables' redirect).
     proxy = EgressProxy(
-        hostegress.EgressConfig(
+        EgressConfig(
             **{**host.config.__dict__, "listen": None, "socket": tmp_path / "egress.sock"}
         ),
         {},

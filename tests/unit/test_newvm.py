@@ -80,7 +80,7 @@ def test_bad_packages_are_refused(package: str) -> None:
 )
 def test_bad_flavor_options_are_refused(kw: dict[str, object], match: str) -> None:
     with pytest.raises(NewError, match=match):
-        plan_new(flavor(**kw), Observed(managed=None))
+        plan_new(flavor("web", **kw), Observed(managed=None))
 
 
 def test_detection_maps_project_files_to_packages_in_order_without_repeats() -> None:

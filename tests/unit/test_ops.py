@@ -524,7 +524,12 @@ def test_gc_lists_orphaned_homes_without_prune(
     base: Path, env: dict[str, str], homes: dict[str, Path]
 ) -> None:
     asked: list[str] = []
-    report = run_gc(base, env, confirm=lambda q: asked.append(q) or True)
+
+    def confirm(question: str) -> bool:
+        asked.append(question)
+        return True
+
+    report = run_gc(base, env, confirm=confirm)
     assert asked == []
     said = {h.record.path: h.what for h in report.homes}
     assert said[homes["gone1"]].endswith("is gone (microvm-run gc --prune deletes it)")

@@ -293,9 +293,12 @@ def test_doctor_boot_calls_the_given_function(
     capsys: pytest.CaptureFixture[str], env: dict[str, str]
 ) -> None:
     called: list[Any] = []
-    code, out, _ = run(
-        capsys, ["doctor", "--boot"], env, boot=lambda *args: called.append(args) or 0
-    )
+
+    def boot(*args: Any) -> int:
+        called.append(args)
+        return 0
+
+    code, out, _ = run(capsys, ["doctor", "--boot"], env, boot=boot)
     # The spec did not load, so the boot is reported as skipped, not attempted.
     assert code == 1
     assert called == []
@@ -308,11 +311,16 @@ def test_doctor_boot_gets_the_spec_and_accel(
     spec = tmp_path / "spec.toml"
     spec.write_text(tomli_w.dumps(SAMPLE))
     called: list[Any] = []
+
+    def boot(*args: Any) -> int:
+        called.append(args)
+        return 0
+
     code, out, _ = run(
         capsys,
         ["doctor", "--boot", "--accel", "tcg"],
         env | {"MICROVM_RUN_SPEC": str(spec)},
-        boot=lambda *args: called.append(args) or 0,
+        boot=boot,
     )
     assert called == [(spec, "tcg")]
     assert out.splitlines()[-1].startswith("ok    boot: booted and ran `true` in ")

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Any
 
 from microvm_run.plan import RunOptions, build_plan
-from microvm_run.qemu import QemuInputs, qemu_argv
+from microvm_run.qemu import Accel, QemuInputs, qemu_argv
 from microvm_run.spec import Spec, parse_spec
 
 from .conftest import make_facts
@@ -90,7 +90,7 @@ def test_status_port_qmp_and_fw_cfg_point_into_the_runtime_dir(spec: Spec) -> No
 
 def _inputs(netdev: str | None) -> QemuInputs:
     return QemuInputs(
-        accel="kvm", memory_mib=512, vcpus=1, netdev=netdev, name="vm", fs_sockets=[],
+        accel=Accel.KVM, memory_mib=512, vcpus=1, netdev=netdev, name="vm", fs_sockets=[],
         status_socket=Path("/r/status.sock"), qmp_socket=Path("/r/qmp.sock"),
         launch_file=Path("/r/launch.sh"), credential_files=[],
     )  # fmt: skip

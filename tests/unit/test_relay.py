@@ -73,9 +73,9 @@ def start_relay(
     guest, child = pair()
     relay = subprocess.Popen(
         [sys.executable, "-I", "-S", str(RELAY), port, str(proxy_path)],
-        stdin=child,
-        stdout=child,
-        stderr=child,
+        stdin=child.fileno(),
+        stdout=child.fileno(),
+        stderr=child.fileno(),
         close_fds=True,
     )
     child.close()

@@ -189,7 +189,8 @@ def strip_as_the_owner(root: Path) -> safefs.ModeRepair:
     with os.fdopen(read_end, "rb") as reader:
         data = reader.read()
     os.waitpid(pid, 0)
-    return pickle.loads(data)
+    repair: safefs.ModeRepair = pickle.loads(data)
+    return repair
 
 
 @pytest.fixture

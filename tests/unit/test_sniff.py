@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import ssl
 import struct
+from typing import TypedDict
 
 import pytest
 
@@ -311,7 +312,23 @@ def dns_message(
 _OPT = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
 
 
-def parse_answer(message: bytes) -> dict[str, object]:
+class Answer(TypedDict):
+    """A DNS reply taken apart: the header's fields, the question, the records."""
+
+    id: int
+    qr: bool
+    opcode: int
+    rd: bool
+    ra: bool
+    rcode: int
+    counts: tuple[int, int, int, int]
+    name: str
+    qtype: int
+    qclass: int
+    records: list[tuple[int, int, int, int, bytes]]
+
+
+def parse_answer(message: bytes) -> Answer:
     ident, flags, qd, an, ns, ar = struct.unpack_from("!HHHHHH", message, 0)
     pos = 12
     labels = []
@@ -320,7 +337,7 @@ def parse_answer(message: bytes) -> dict[str, object]:
         pos += 1 + message[pos]
     qtype, qclass = struct.unpack_from("!HH", message, pos + 1)
     pos += 5
-    records = []
+    records: list[tuple[int, int, int, int, bytes]] = []
     for _ in range(an):
         pointer, rtype, rclass, ttl, rdlen = struct.unpack_from("!HHHIH", message, pos)
         pos += 12
