@@ -49,7 +49,7 @@ venv:
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	cd runner && $(VENV)/bin/mypy src
+	cd runner && $(VENV)/bin/mypy src ../tests
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
