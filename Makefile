@@ -9,10 +9,11 @@ PREFIX ?= $(or $(AMVM_TEST_PREFIX),/opt/agent-microvm-test)
 VENV ?= $(PREFIX)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# Python that ruff checks: the packages, and the scripts without a .py name.
-LINT_PATHS := runner tests tests/guest-systemd/render tests/host-network/render bench/runner_overhead bench/devshell_hit \
+# Python scripts without a .py name: ruff and mypy check them too.
+SCRIPTS := tests/guest-systemd/render tests/host-network/render bench/runner_overhead bench/devshell_hit \
   bench/idle_memory bench/relay_memory bench/share_restore bench/git_status bench/check_eval \
   bench/startup bench/fs bench/scaling
+LINT_PATHS := runner tests $(SCRIPTS)
 
 .PHONY: help setup venv test lint unit unit-sandboxed integration nix-test-all bench ci-fresh
 
@@ -46,10 +47,12 @@ venv:
 	  echo "$(CURDIR)" > $(VENV)/.installed; \
 	fi
 
+# mypy takes the scripts one at a time: each is a module named __main__.
 lint: venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	cd runner && $(VENV)/bin/mypy src ../tests
+	cd runner && for script in $(SCRIPTS); do $(VENV)/bin/mypy --no-error-summary ../$$script || exit 1; done
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
