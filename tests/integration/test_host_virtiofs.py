@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -79,9 +80,20 @@ def share_guest(host_env: dict[str, str], scratch: Path) -> Path:
 def _virtiofsd_argv(
     host_env: dict[str, str], args: list[str], socket: Path, shared: Path
 ) -> list[str]:
-    """microvm.nix's command line for one share; `nproc` is what its shell expands."""
+    """microvm.nix's command line for one share.  `nproc` is what its shell
+    expands; the open-file limit is the hard one here (its unit raises the
+    hard limit to that value with LimitNOFILE=, which needs CAP_SYS_RESOURCE
+    this machine's root may lack; the number decides nothing about files)."""
     argv = [host_env["AMVM_VIRTIOFSD"], f"--socket-path={socket}", f"--shared-dir={shared}"]
-    return argv + [str(os.cpu_count() or 1) if arg == "`nproc`" else arg for arg in args]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for before, arg in zip(["", *args], args, strict=False):
+        if arg == "`nproc`":
+            argv.append(str(os.cpu_count() or 1))
+        elif before == "--rlimit-nofile" and hard != resource.RLIM_INFINITY:
+            argv.append(str(min(int(arg), hard)))
+        else:
+            argv.append(arg)
+    return argv
 
 
 @pytest.fixture
