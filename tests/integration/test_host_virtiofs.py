@@ -105,8 +105,9 @@ def daemons(
     uid = int(str(declared["uid"]))
     shares = declared["shares"]
     assert isinstance(shares, dict)
+    # Root's only: a device node guest root may make there reaches no one else.
     work = scratch / f"declared-{os.urandom(3).hex()}"
-    work.mkdir()
+    work.mkdir(mode=0o700)
     dirs: dict[str, Path] = {}
     processes: list[subprocess.Popen[bytes]] = []
     try:
