@@ -121,10 +121,12 @@ def daemons(
                 os.chown(path, uid, uid)
             socket = work / f"{tag}.sock"
             argv = _virtiofsd_argv(host_env, shares[tag]["args"], socket, shared)
-            log = (work / f"{tag}.log").open("wb")
-            processes.append(
-                subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            )
+            with (work / f"{tag}.log").open("wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
             deadline = time.monotonic() + 30
             while not socket.exists():
                 assert processes[-1].poll() is None, (work / f"{tag}.log").read_text()
