@@ -56,6 +56,25 @@ let
     exec ${pkgs.bashInteractive}/bin/bash -l
   '';
 
+  # microvm.nix's microvm-virtiofsd@NAME runs virtiofsd as root on the host,
+  # with no ID mapping: what guest root did in a writable share, host root
+  # did (set-uid root programs, device nodes, file capabilities, root-owned
+  # files in the user's workspace). So every guest uid and gid becomes the
+  # agent's (the host user's) on the host, and virtiofsd keeps neither
+  # CAP_MKNOD nor CAP_SETFCAP. microvm.nix refuses --translate-* with
+  # posixAcl (`--posix-acl --xattr`), which these shares therefore go without.
+  # Every guest id (0 up to 2^32 - 2) to one host id: the agent's uid, which
+  # is also its group's gid.
+  squashed = "squash-guest:0:${toString cfg.uid}:4294967295";
+  writableShare = {
+    posixAcl = false;
+    extraArgs = [
+      "--translate-uid=${squashed}"
+      "--translate-gid=${squashed}"
+      "--modcaps=-mknod:-setfcap"
+    ];
+  };
+
   tmux = "${pkgs.tmux}/bin/tmux -L agent-microvm";
   # What `microvm-run attach NAME` runs over SSH: the session, started when
   # it is not running (the agent exited and its shell was closed).
@@ -163,18 +182,24 @@ in
           mountPoint = "/nix/.ro-store";
           readOnly = true;
         }
-        {
-          proto = "virtiofs";
-          tag = "work";
-          source = cfg.workspace;
-          mountPoint = workDir;
-        }
-        {
-          proto = "virtiofs";
-          tag = "home";
-          source = "${cfg.stateDir}/home";
-          mountPoint = home;
-        }
+        (
+          writableShare
+          // {
+            proto = "virtiofs";
+            tag = "work";
+            source = cfg.workspace;
+            mountPoint = workDir;
+          }
+        )
+        (
+          writableShare
+          // {
+            proto = "virtiofs";
+            tag = "home";
+            source = "${cfg.stateDir}/home";
+            mountPoint = home;
+          }
+        )
         {
           proto = "virtiofs";
           tag = "ssh-host-keys";

@@ -133,7 +133,28 @@ let
             ;
           interfaces = map (i: { inherit (i) type id mac; }) g.microvm.interfaces;
           guest = g.microvm.guest.enable;
-          shares = map (s: { inherit (s) tag source mountPoint; }) g.microvm.shares;
+          shares = map (s: {
+            inherit (s)
+              tag
+              source
+              mountPoint
+              proto
+              readOnly
+              posixAcl
+              cache
+              extraArgs
+              ;
+          }) g.microvm.shares;
+          # What microvm.nix's virtiofsd-run builds each share's command line from
+          # (nixos-modules/microvm/virtiofsd/default.nix).
+          virtiofsd = {
+            inherit (g.microvm.virtiofsd)
+              extraArgs
+              threadPoolSize
+              inodeFileHandles
+              group
+              ;
+          };
         };
         network = g.systemd.network.networks;
         resolvConf = g.environment.etc."resolv.conf".text;

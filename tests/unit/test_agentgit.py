@@ -11,6 +11,7 @@ import pytest
 
 from microvm_run import agentgit, git_cli, gitimport, gitmask, gitprepare, netpolicy
 from microvm_run.agentgit import GitPlan, Meta
+from microvm_run.ops import remove_tree
 from microvm_run.plan import RunOptions, build_plan
 from microvm_run.spec import Spec
 
@@ -353,6 +354,33 @@ def test_a_rebased_agent_branch_survives_a_run_without_new_commits(
          env=git_env)  # fmt: skip
     assert gitimport.import_commits(plan, meta, git_env) == gitimport.Imported("agent/keep", 0)
     assert agentgit.rev(repo, "refs/heads/agent/keep", git_env) == meta.start
+
+
+@needs_git
+def test_a_reused_worktree_survives_a_deep_tree_the_guest_left_where_alternates_go(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    """The guest made objects/info/alternates a directory 3,000 levels deep:
+    the next launch on the worktree puts the runner's file back (a recursive
+    delete would die on the depth, and the worktree could never start again)."""
+    plan, _ = _prepared(repo, git_env, worktree="deep")
+    alternates = plan.agent_git / "objects" / "info" / "alternates"
+    alternates.unlink()
+    alternates.mkdir()
+    fd = os.open(alternates, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=fd)
+        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = below
+    os.close(fd)
+    try:
+        gitprepare.prepare(plan, git_env, "2026-11-29T00:00:01Z")
+        assert alternates.read_text() == "../user-objects\n"
+    finally:
+        # pytest's own clean-up of tmp_path is recursive: never leave it the depth.
+        if alternates.is_dir():
+            assert remove_tree(alternates) is None
 
 
 @needs_git

@@ -75,3 +75,31 @@ def test_a_worktree_and_the_agents_git_dir_lose_set_id_bits_too(tmp_path: Path) 
     launch.restore_shares(plan, 0o700)  # type: ignore[arg-type]
     assert [p.stat().st_mode & 0o7777 for p in planted] == [0o755, 0o755]
     assert tree.stat().st_mode & 0o7777 == 0o700
+
+
+def test_a_vm_on_an_outer_directory_cannot_redirect_the_restore_through_a_symlink(
+    tmp_path: Path,
+) -> None:
+    """An agent whose share holds a directory on the way to this project (a VM
+    on ~/src while this one runs on ~/src/a/proj) swaps that directory for a
+    symlink while this VM runs.  The restore after the run must not follow
+    it: the user's directory of the same name elsewhere keeps its modes."""
+    outer = tmp_path / "src"
+    work = outer / "a" / "proj"
+    work.mkdir(parents=True, mode=0o755)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    victim = tmp_path / "private" / "proj"  # the user's, named like the project
+    (victim / "kept").mkdir(parents=True)
+    victim.chmod(0o700)
+    (victim / "kept").chmod(0o500)
+    (victim / "shared-notes").write_text("")
+    (victim / "shared-notes").chmod(0o664)
+    plan = SimpleNamespace(work_dir=work, agent_home=home, dirs_to_create=(home,), git=None)
+    # The outer agent, meanwhile:
+    (outer / "a").rename(outer / "a.moved")
+    (outer / "a").symlink_to(tmp_path / "private")
+    launch.restore_shares(plan, 0o755)  # type: ignore[arg-type]
+    assert victim.stat().st_mode & 0o7777 == 0o700
+    assert (victim / "kept").stat().st_mode & 0o7777 == 0o500
+    assert (victim / "shared-notes").stat().st_mode & 0o7777 == 0o664

@@ -272,8 +272,11 @@ def _replace_with_dir(path: Path) -> None:
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
-        import shutil  # noqa: PLC0415 - keeps --dry-run's imports small
+        # Iterative, no symlink followed: the guest sets the depth and the modes.
+        from microvm_run.ops import remove_tree  # noqa: PLC0415 - keeps --dry-run's imports small
 
-        shutil.rmtree(path)
+        error = remove_tree(path)
+        if error:
+            raise GitError(f"cannot remove what the agent left at {safefs.shown(path)}: {error}")
     else:
         path.unlink()

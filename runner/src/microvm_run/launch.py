@@ -179,7 +179,7 @@ def _work_mode(plan: LaunchPlan) -> int | None:
     leaves when its runner was killed before restoring it: closed here.
     """
     try:
-        fd = safefs.check_share_root(plan.work_dir, os.getuid())
+        fd = safefs.check_share_root(plan.work_dir, os.getuid(), resolved=True)
     except OSError:
         return None
     try:
@@ -210,14 +210,16 @@ def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
             walked.append(plan.git.share_root)
         walked.append(plan.git.agent_git)
     fixed: list[str] = []
+    # Resolved when planned: a symlink on their way now is an outer agent's.
+    resolved = (plan.work_dir, plan.agent_home)
     for root, mode in roots:
         with contextlib.suppress(OSError):
-            os.close(safefs.check_share_root(root, uid, mode))
+            os.close(safefs.check_share_root(root, uid, mode, resolved=root in resolved))
     # Container storage keeps its images' set-uid files (su, ping): its root
     # is 0700 again, so no other user can reach them.  Each tree on its own:
     # trouble in /work must not spare the home.
     for root in walked:
-        repair = safefs.strip_unsafe_modes(root, uid)
+        repair = safefs.strip_unsafe_modes(root, uid, resolved=root in resolved)
         fixed += [safefs.shown(root / name) for name in repair.setid]
         if repair.failed:
             more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""

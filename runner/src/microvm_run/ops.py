@@ -498,8 +498,10 @@ def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
     fixed: list[str] = []
     failed: list[str] = []
     for root, is_home in ((st.project, False), (st.agent_home, True)):
+        # Both were resolved when the launch was planned: a symlink on the
+        # way now is an outer agent's, never followed.
         with contextlib.suppress(OSError):
-            fd = safefs.check_share_root(root, uid)
+            fd = safefs.check_share_root(root, uid, resolved=True)
             try:
                 mode = os.fstat(fd).st_mode & 0o7777
                 wanted = 0o700 if is_home else mode & ~0o022
@@ -507,7 +509,7 @@ def _close_shares(instance_id: str, st: InstanceState) -> list[Action]:
                     os.fchmod(fd, wanted)
             finally:
                 os.close(fd)
-        repair = safefs.strip_unsafe_modes(root, uid)
+        repair = safefs.strip_unsafe_modes(root, uid, resolved=True)
         fixed += repair.setid
         if repair.failed:
             more = f" and {len(repair.failed) - 1} more" if len(repair.failed) > 1 else ""

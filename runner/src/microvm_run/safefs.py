@@ -57,15 +57,23 @@ class UnsafeFile(OSError):
     """A guest-writable path that is not what the runner may touch; one line."""
 
 
-def check_share_root(path: Path, uid: int, mode: int | None = None) -> int:
+def check_share_root(
+    path: Path, uid: int, mode: int | None = None, *, resolved: bool = False
+) -> int:
     """Open a share root the guest will write: a real directory owned by ``uid``.
 
     Refuses a symlink or anything not a directory, and a directory owned by
     someone else.  With ``mode``, re-applies it (a guest's ``chmod 0777`` of
-    its home does not outlive the launch).  Returns an O_DIRECTORY fd.
+    its home does not outlive the launch).  ``resolved``: ``path`` was
+    resolved when the launch was planned (the project, the agent home), so
+    no directory on the way may be a symlink now (open_resolved_dir): one
+    that is was planted by an agent whose share holds it.  Returns an
+    O_DIRECTORY fd.
     """
     try:
-        fd = os.open(path, _DIR_FLAGS)
+        fd = open_resolved_dir(path) if resolved else os.open(path, _DIR_FLAGS)
+    except UnsafeFile:
+        raise
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.ENOTDIR):
             raise UnsafeFile(err.errno, f"{path} is not a real directory (a symlink?)") from None
@@ -251,7 +259,7 @@ class _Frame:
     names: list[str]
 
 
-def strip_unsafe_modes(root: Path, uid: int) -> ModeRepair:
+def strip_unsafe_modes(root: Path, uid: int, *, resolved: bool = False) -> ModeRepair:
     """Clear set-uid/set-gid bits on regular files, and write for group and
     others on files and directories, everywhere below ``root``.
 
@@ -265,11 +273,11 @@ def strip_unsafe_modes(root: Path, uid: int) -> ModeRepair:
     it left, and gives a directory the user cannot list ``u+rwx`` before
     entering it.  No symlink is followed; modes change through the parent's
     fd or an O_PATH fd of the entry itself.  What it could not check is in
-    ``failed``, never silently skipped.
+    ``failed``, never silently skipped.  ``resolved``: as for check_share_root.
     """
     repair = ModeRepair()
     try:
-        root_fd = check_share_root(root, uid)
+        root_fd = check_share_root(root, uid, resolved=resolved)
     except FileNotFoundError:
         return repair
     except OSError as err:
