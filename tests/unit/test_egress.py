@@ -1003,6 +1003,24 @@ def test_an_absolute_url_on_the_transparent_port_must_match_the_host_header(
     assert len(server.received) == 1
 
 
+@pytest.mark.parametrize(
+    "hosts",
+    [b"Host: localhost\r\nHost: internal.example\r\n", b"Host: localhost\r\nhost: localhost\r\n"],
+)
+def test_a_second_host_header_never_reaches_the_upstream(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], hosts: bytes
+) -> None:
+    # The proxy decides by the first Host header; an upstream that routes by
+    # the last (Twisted's NameVirtualHost does) would serve another virtual
+    # host on the allowed address.  RFC 9112 3.2: more than one Host is a 400.
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\n" + hosts + b"\r\n")
+    assert status(response) == 400 and b"exactly one Host header" in response
+    assert server.received == []
+    assert "(a request needs exactly one Host header)" in wait_for_log(proxy, "deny")
+
+
 def test_a_chunked_body_is_forwarded_whole_and_what_follows_it_is_not(
     proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
 ) -> None:

@@ -366,13 +366,11 @@ class EgressProxy:
             return
         head = sniff.http_head(data)
         assert isinstance(head, sniff.HttpHead)  # _read_destination found a Host in it
-        if not head.target.startswith("/") and head.target != "*":
-            # The upstream would route by the URL, not the Host header.
-            authority = _authority(head.target)
-            if authority is None or not _same_authority(authority, host, port):
-                self._record("deny", host, port, via, "request URL and Host header differ")
-                await _refuse_http(writer, host, "request URL and Host header differ", 400)
-                return
+        why = _vhost_refusal(head, host, port)
+        if why is not None:
+            self._record("deny", host, port, via, why)
+            await _refuse_http(writer, host, why, 400)
+            return
         await self._forward_request(
             reader, writer, head=head, data=data, host=host, port=port, via=via, target=head.target
         )
@@ -699,6 +697,27 @@ def _to_self(writer: asyncio.StreamWriter) -> bool:
         return bool(sock.getsockname()[0] == sock.getpeername()[0])
     except (OSError, AttributeError, IndexError):
         return True
+
+
+def _vhost_refusal(head: sniff.HttpHead, host: str, port: int) -> str | None:
+    """Why a plain HTTP request for ``host`` must not go to its address, or None.
+
+    The upstream routes the request to a virtual host by its URL, if
+    absolute, or by its Host header: both must name ``host``.  With more
+    than one Host header, an upstream that takes the last (Twisted's
+    NameVirtualHost does) would route by one the policy never saw.
+    """
+    hosts = [value for key, value in head.headers if key.lower() == "host"]
+    if len(hosts) != 1:
+        return "a request needs exactly one Host header"
+    named = sniff.split_host_port(hosts[0], 0)
+    if named is None or netpolicy.normalise_host(named[0]) != netpolicy.normalise_host(host):
+        return "the Host header names another host"
+    if not head.target.startswith("/") and head.target != "*":
+        authority = _authority(head.target)
+        if authority is None or not _same_authority(authority, host, port):
+            return "request URL and Host header differ"
+    return None
 
 
 def _authority(target: str) -> str | None:
