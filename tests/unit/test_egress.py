@@ -1021,6 +1021,42 @@ def test_a_second_host_header_never_reaches_the_upstream(
     assert "(a request needs exactly one Host header)" in wait_for_log(proxy, "deny")
 
 
+@pytest.mark.parametrize("mode", ["allowlist", "open"])
+def test_a_connect_tunnel_to_the_http_port_carries_one_request_for_its_own_host(
+    proxy_factory: Callable[..., EgressProxy],
+    upstream: Callable[..., Upstream],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    # Spliced, a tunnel to an allowed name's port 80 carried any request
+    # after the first, for any virtual host on that address (the name
+    # "internal.example" resolves nowhere: only its server knows it).
+    server = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    # Port 80 itself needs privileges: the web's HTTP port is the upstream's here.
+    monkeypatch.setattr("microvm_run.netpolicy.HTTP_PORT", server.port)
+    proxy = proxy_factory(mode, ("localhost",) if mode == "allowlist" else ())
+    if mode == "open":  # loopback stands for a public address
+        monkeypatch.setattr("microvm_run.netpolicy.public_address", lambda address: True)
+        monkeypatch.setattr("microvm_run.egress._local_address", lambda address: False)
+        monkeypatch.setattr("microvm_run.egress._to_self", lambda writer: False)
+    tunnel = f"CONNECT localhost:{server.port} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    first = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    second = b"GET /b HTTP/1.1\r\nHost: internal.example\r\n\r\n"
+    assert exchange(proxy, 3128, tunnel + first + second) == established + server.reply
+    forwarded = [first[:-2] + b"Connection: close\r\n\r\n"]
+    assert server.received == forwarded
+    for request in (second, b"GET http://internal.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    first.replace(b"\r\n\r\n", b"\r\nHost: internal.example\r\n\r\n")):  # fmt: skip
+        response = exchange(proxy, 3128, tunnel + request)
+        assert response.startswith(established + b"HTTP/1.1 400 ")
+    # Not HTTP at all (e.g. a leading empty line, which servers skip): closed.
+    assert exchange(proxy, 3128, tunnel + b"\r\n" + second) == established
+    # The refused tunnels' upstream connections were opened (before the 200)
+    # and closed with nothing sent.
+    assert [got for got in server.received if got] == forwarded
+
+
 def test_a_chunked_body_is_forwarded_whole_and_what_follows_it_is_not(
     proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
 ) -> None:

@@ -401,6 +401,9 @@ class EgressProxy:
                 await _refuse_http(writer, target[0], str(denied), text=denied.refusal.text())
                 return
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if target[1] == netpolicy.HTTP_PORT:
+                await self._http_in_tunnel(reader, writer, upstream, target, data[head.length :])
+                return
             await _splice(reader, writer, upstream, data[head.length :])
             return
         try:
@@ -440,6 +443,49 @@ class EgressProxy:
             reader, writer, head=head, data=data, host=host, port=port, via="proxy", target=path
         )
 
+    async def _http_in_tunnel(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        target: tuple[str, int],
+        initial: bytes,
+    ) -> None:
+        """A CONNECT tunnel to the plain HTTP port: one request, for the tunnel's own host.
+
+        Spliced, the tunnel would carry requests for any virtual host on the
+        address (a second, pipelined one, or a first with another Host):
+        held to what a connection to port 80 is held to.
+        """
+        host, port = target
+        try:
+            data = initial
+            if sniff.http_head(data) is sniff.NEED_MORE:
+                data += await _read_until(reader, lambda more: sniff.http_head(initial + more))
+            head = sniff.http_head(data)
+            if not isinstance(head, sniff.HttpHead):
+                if data:
+                    self._record("deny", host, port, "connect", "not an HTTP request")
+                return
+            why = _vhost_refusal(head, host, port)
+            if why is not None:
+                self._record("deny", host, port, "connect", why)
+                await _refuse_http(writer, host, why, 400)
+                return
+            await self._forward_request(
+                reader,
+                writer,
+                head=head,
+                data=data,
+                host=host,
+                port=port,
+                via="connect",
+                target=head.target,
+                upstream=upstream,
+            )
+        finally:
+            upstream[1].close()
+
     async def _forward_request(
         self,
         reader: asyncio.StreamReader,
@@ -451,18 +497,23 @@ class EgressProxy:
         port: int,
         via: str,
         target: str,
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
     ) -> None:
-        """One plain HTTP request to ``host``: decided, forwarded, and nothing after it."""
+        """One plain HTTP request to ``host``: decided, forwarded, and nothing after it.
+
+        ``upstream``: the connection the policy opened already (a tunnel's).
+        """
         framing = sniff.body_framing(head)
         if framing is None:
             self._record("deny", host, port, via, "ambiguous request body length")
             await _refuse_http(writer, host, "ambiguous request body length", 400)
             return
-        try:
-            upstream = await self._open(host, port, via)
-        except Denied as denied:
-            await _refuse_http(writer, host, str(denied), text=denied.refusal.text())
-            return
+        if upstream is None:
+            try:
+                upstream = await self._open(host, port, via)
+            except Denied as denied:
+                await _refuse_http(writer, host, str(denied), text=denied.refusal.text())
+                return
         headers = [(k, v) for k, v in head.headers if k.lower() not in _HOP_HEADERS]
         headers.append(("Connection", "close"))
         first = sniff.render_head(head, target, headers)
