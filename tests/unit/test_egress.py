@@ -1384,7 +1384,7 @@ class WebSocketUpstream:
         self.server.server_close()
 
 
-def _ws_route(ws: WebSocketUpstream) -> KeyRoute:
+def _ws_route(ws: WebSocketUpstream | ScriptedUpstream) -> KeyRoute:
     upstream = f"http://127.0.0.1:{ws.port}/v1"
     return KeyRoute("openai-api-key", "OPENAI_API_KEY", upstream, "authorization")
 
@@ -1442,6 +1442,99 @@ def test_a_refused_websocket_upgrade_is_one_response_and_nothing_after_it(
         assert status(response) == 404
         assert response.endswith(b"no websockets here")
         assert b"TRACE" not in b"".join(ws.after)
+    finally:
+        ws.close()
+
+
+class ScriptedUpstream:
+    """Reads one request head, then answers with ``answer(head, connection)``."""
+
+    def __init__(self, answer: Callable[[bytes, socket.socket], None]) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(TIMEOUT_S)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                with contextlib.suppress(OSError):
+                    answer(data.partition(b"\r\n\r\n")[0], self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_refused_websocket_upgrade_that_reflects_the_key_in_pieces_is_cut_off(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    # An upstream that refuses the handshake with the request in its error
+    # body, the key split over two reads (as a TLS record boundary splits
+    # it; the guest chooses the padding that puts it there).
+    key = KEYS["OPENAI_API_KEY"].encode()
+
+    def reflect_in_pieces(head: bytes, conn: socket.socket) -> None:
+        body = b"bad handshake: " + head
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(body))
+        cut = body.index(key) + 5
+        conn.sendall(body[:cut])
+        time.sleep(0.2)
+        conn.sendall(body[cut:])
+        time.sleep(0.5)  # a keep-alive upstream: no close after the answer
+
+    ws = ScriptedUpstream(reflect_in_pieces)
+    try:
+        proxy = proxy_factory("allowlist", (), (_ws_route(ws),), KEYS)
+        with connect(proxy, 4180) as sock:
+            sock.sendall(HANDSHAKE)
+            response = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    response += chunk
+        assert response.startswith(b"HTTP/1.1 400 ")
+        assert key[:5] not in response
+        assert "the response contained the key" in wait_for_log(proxy, "contained")
+    finally:
+        ws.close()
+
+
+def test_a_refused_websocket_upgrade_waits_for_a_guest_that_does_not_read(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    # A large answer to a handshake (a file the agent uploaded, fetched with
+    # Upgrade headers) must not pile up in the runner while the guest reads
+    # nothing: the upstream is held back instead.
+    total = 128 * 1024 * 1024
+    sent = [0]
+
+    def large(head: bytes, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        for _ in range(total // len(block)):
+            conn.sendall(block)
+            sent[0] += len(block)
+
+    ws = ScriptedUpstream(large)
+    try:
+        proxy = proxy_factory("allowlist", (), (_ws_route(ws),), KEYS)
+        with connect(proxy, 4180) as sock:
+            sock.sendall(HANDSHAKE)
+            time.sleep(1.0)
+            # What the kernel's socket buffers hold, not the whole answer.
+            assert sent[0] < total // 2
+            received = 0
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        assert received == total + len(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
     finally:
         ws.close()
 

@@ -900,30 +900,28 @@ async def _websocket(
             writer.transport.abort()
             return False
         status_line = answer.split(b"\r\n", 1)[0]
-        if secret.encode() in answer:
+        meter[2] += len(answer)
+        if secret.encode() in answer:  # before any of the guest's bytes go up
             writer.transport.abort()
             return True
         if status_line.split(b" ")[1:2] != [b"101"]:
-            writer.write(answer)
+            # Through the same cut-off as any response (a key split over two
+            # reads is seen), and no faster than the guest reads it.
             length = _content_length(answer[:end])
-            rest = length - (len(answer) - end) if length is not None else None
-            while rest is None or rest > 0:
-                chunk = await asyncio.wait_for(up_reader.read(_CHUNK), HEAD_TIMEOUT_S)
-                if not chunk:
-                    break
-                if secret.encode() in chunk:
-                    writer.transport.abort()
-                    return True
-                writer.write(chunk)
-                if rest is not None:
-                    rest -= len(chunk)
-            await writer.drain()
-            return False
-        writer.write(answer)
+            return await _copy_response(
+                up_reader,
+                writer,
+                secret.encode(),
+                meter,
+                first=answer,
+                more=length - (len(answer) - end) if length is not None else None,
+                timeout=HEAD_TIMEOUT_S,
+            )
         if buffered:
             up_writer.write(buffered)
         _, leaked = await asyncio.gather(
-            _copy(reader, up_writer), _copy_response(up_reader, writer, secret.encode(), meter)
+            _copy(reader, up_writer),
+            _copy_response(up_reader, writer, secret.encode(), meter, first=answer),
         )
         return leaked
     except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -1000,17 +998,26 @@ async def _send_body(
 
 
 async def _copy_response(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes, meter: list[int]
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    secret: bytes,
+    meter: list[int],
+    *,
+    first: bytes = b"",
+    more: int | None = None,
+    timeout: float | None = None,
 ) -> bool:
-    """Copy to EOF; with a secret, stop if it shows.
+    """Copy ``first``, then ``source`` to EOF; with a secret, stop if it shows.
 
-    Only an end that could be the start of the secret is held back until
-    the next bytes say otherwise: everything else goes on at once, so a
-    stream (server-sent events, WebSocket frames) is not delayed.
+    ``more``: copy no more than that many bytes of ``source`` (the rest of a
+    response on a connection the upstream may keep open); ``timeout``: for
+    each read.  Only an end that could be the start of the secret is held
+    back until the next bytes say otherwise: everything else goes on at
+    once, so a stream (server-sent events, WebSocket frames) is not delayed.
     """
     tail = b""
-    while chunk := await source.read(_CHUNK):
-        meter[2] += len(chunk)
+    chunk = first
+    while True:
         window = tail + chunk
         if secret and secret in window:
             sink.transport.abort()
@@ -1019,6 +1026,15 @@ async def _copy_response(
         tail = window[cut:]
         sink.write(window[:cut])
         await sink.drain()
+        if more is not None and more <= 0:
+            break
+        size = _CHUNK if more is None else min(_CHUNK, more)
+        chunk = await asyncio.wait_for(source.read(size), timeout)
+        if not chunk:
+            break
+        meter[2] += len(chunk)
+        if more is not None:
+            more -= len(chunk)
     sink.write(tail)
     await sink.drain()
     if sink.can_write_eof():
