@@ -634,6 +634,23 @@ def test_dns_in_open_mode_answers_every_name_with_the_egress_address(
     assert parse_answer(answer)["records"][0][4] == bytes([10, 0, 2, 100])
 
 
+def test_a_name_longer_than_dns_allows_is_a_format_error_not_a_traceback(
+    proxy_factory: Callable[..., EgressProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 65,535-byte query: its answer (the question echoed, plus the record)
+    # no longer fits DNS over TCP's length prefix.  It raised on the proxy
+    # thread, and asyncio printed the traceback on the user's terminal.
+    name = ".".join(["a" * 63] * 1023 + ["b" * 45])
+    huge = dns_message(name, ident=9)
+    assert len(huge) == 65535
+    proxy = proxy_factory("open")
+    refused, answered = dns_exchange(proxy, [huge, dns_message("example.net", ident=10)])
+    assert struct.unpack("!HH", refused[:4]) == (9, 0x8001)
+    assert parse_answer(answered)["records"][0][4] == bytes([10, 0, 2, 100])
+    proxy.stop()
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+
+
 # -- the key proxy ----------------------------------------------------------------------
 
 
