@@ -425,6 +425,45 @@ def test_one_request_per_decision_on_plain_http(vm: VM, upstreams: dict[str, Ups
     assert upstreams[DENIED].received == []
 
 
+def test_no_other_virtual_host_on_port_80_through_a_tunnel_or_a_second_host_header(
+    vm: VM,
+) -> None:
+    # The allowed name's port 80: through CONNECT (spliced, it carried any
+    # request after the first) and with two Host headers (the proxy read the
+    # first; a server that takes the last routes by one the policy never saw).
+    try:
+        allowed = Upstream("127.0.0.2", 80)
+    except OSError as err:  # port 80 needs root, as `make setup` runs these
+        pytest.fail(f"cannot listen on 127.0.0.2:80: {err}")
+    try:
+        work = vm.project()
+        first = f"GET /a HTTP/1.1\r\nHost: {ALLOWED}\r\n\r\n"
+        other = f"GET /b HTTP/1.1\r\nHost: {DENIED}\r\n\r\n"
+        tunnel = f"CONNECT {ALLOWED}:80 HTTP/1.1\r\nHost: {ALLOWED}:80\r\n\r\n"
+        two_hosts = f"GET /c HTTP/1.1\r\nHost: {ALLOWED}\r\nHost: {DENIED}\r\n\r\n"
+        script = "; ".join(
+            [
+                f"printf {shlex.quote(tunnel + first + other)} | nc -w 5 {EGRESS} 3128 "
+                "> /work/pipelined",
+                f"printf {shlex.quote(tunnel + other)} | nc -w 5 {EGRESS} 3128 > /work/other",
+                f"printf {shlex.quote(two_hosts)} | nc -w 5 {EGRESS} 80 > /work/two-hosts",
+                "true",
+            ]
+        )
+        result = vm.run(work, script, "--net", "allowlist", "--allow-private", ALLOWED)
+        assert result.returncode == 0, result.stderr
+        pipelined = (work / "pipelined").read_text()
+        assert pipelined.startswith("HTTP/1.1 200 Connection established")
+        assert pipelined.count("answer from 127.0.0.2") == 1
+        assert "HTTP/1.1 400" in (work / "other").read_text()
+        assert (work / "two-hosts").read_text().startswith("HTTP/1.1 400")
+        # The upstream saw the one request for its own name, and nothing else.
+        assert [r.split(b"\r\n", 1)[0] for r in allowed.received if r] == [b"GET /a HTTP/1.1"]
+        assert not any(DENIED.encode() in r for r in allowed.received)
+    finally:
+        allowed.close()
+
+
 @pytest.fixture
 def reflecting_spec(vm: VM) -> Iterator[tuple[Path, Upstream]]:
     """The test guest's spec with a key route to an upstream that echoes each request."""

@@ -634,6 +634,23 @@ def test_dns_in_open_mode_answers_every_name_with_the_egress_address(
     assert parse_answer(answer)["records"][0][4] == bytes([10, 0, 2, 100])
 
 
+def test_a_name_longer_than_dns_allows_is_a_format_error_not_a_traceback(
+    proxy_factory: Callable[..., EgressProxy], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A 65,535-byte query: its answer (the question echoed, plus the record)
+    # no longer fits DNS over TCP's length prefix.  It raised on the proxy
+    # thread, and asyncio printed the traceback on the user's terminal.
+    name = ".".join(["a" * 63] * 1023 + ["b" * 45])
+    huge = dns_message(name, ident=9)
+    assert len(huge) == 65535
+    proxy = proxy_factory("open")
+    refused, answered = dns_exchange(proxy, [huge, dns_message("example.net", ident=10)])
+    assert struct.unpack("!HH", refused[:4]) == (9, 0x8001)
+    assert parse_answer(answered)["records"][0][4] == bytes([10, 0, 2, 100])
+    proxy.stop()
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
+
+
 # -- the key proxy ----------------------------------------------------------------------
 
 
@@ -1003,6 +1020,60 @@ def test_an_absolute_url_on_the_transparent_port_must_match_the_host_header(
     assert len(server.received) == 1
 
 
+@pytest.mark.parametrize(
+    "hosts",
+    [b"Host: localhost\r\nHost: internal.example\r\n", b"Host: localhost\r\nhost: localhost\r\n"],
+)
+def test_a_second_host_header_never_reaches_the_upstream(
+    proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream], hosts: bytes
+) -> None:
+    # The proxy decides by the first Host header; an upstream that routes by
+    # the last (Twisted's NameVirtualHost does) would serve another virtual
+    # host on the allowed address.  RFC 9112 3.2: more than one Host is a 400.
+    server = upstream()
+    proxy = proxy_factory("allowlist", (f"localhost:{server.port}",))
+    response = exchange(proxy, server.port, b"GET / HTTP/1.1\r\n" + hosts + b"\r\n")
+    assert status(response) == 400 and b"exactly one Host header" in response
+    assert server.received == []
+    assert "(a request needs exactly one Host header)" in wait_for_log(proxy, "deny")
+
+
+@pytest.mark.parametrize("mode", ["allowlist", "open"])
+def test_a_connect_tunnel_to_the_http_port_carries_one_request_for_its_own_host(
+    proxy_factory: Callable[..., EgressProxy],
+    upstream: Callable[..., Upstream],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    # Spliced, a tunnel to an allowed name's port 80 carried any request
+    # after the first, for any virtual host on that address (the name
+    # "internal.example" resolves nowhere: only its server knows it).
+    server = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    # Port 80 itself needs privileges: the web's HTTP port is the upstream's here.
+    monkeypatch.setattr("microvm_run.netpolicy.HTTP_PORT", server.port)
+    proxy = proxy_factory(mode, ("localhost",) if mode == "allowlist" else ())
+    if mode == "open":  # loopback stands for a public address
+        monkeypatch.setattr("microvm_run.netpolicy.public_address", lambda address: True)
+        monkeypatch.setattr("microvm_run.egress._local_address", lambda address: False)
+        monkeypatch.setattr("microvm_run.egress._to_self", lambda writer: False)
+    tunnel = f"CONNECT localhost:{server.port} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    first = b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    second = b"GET /b HTTP/1.1\r\nHost: internal.example\r\n\r\n"
+    assert exchange(proxy, 3128, tunnel + first + second) == established + server.reply
+    forwarded = [first[:-2] + b"Connection: close\r\n\r\n"]
+    assert server.received == forwarded
+    for request in (second, b"GET http://internal.example/ HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                    first.replace(b"\r\n\r\n", b"\r\nHost: internal.example\r\n\r\n")):  # fmt: skip
+        response = exchange(proxy, 3128, tunnel + request)
+        assert response.startswith(established + b"HTTP/1.1 400 ")
+    # Not HTTP at all (e.g. a leading empty line, which servers skip): closed.
+    assert exchange(proxy, 3128, tunnel + b"\r\n" + second) == established
+    # The refused tunnels' upstream connections were opened (before the 200)
+    # and closed with nothing sent.
+    assert [got for got in server.received if got] == forwarded
+
+
 def test_a_chunked_body_is_forwarded_whole_and_what_follows_it_is_not(
     proxy_factory: Callable[..., EgressProxy], upstream: Callable[..., Upstream]
 ) -> None:
@@ -1330,7 +1401,7 @@ class WebSocketUpstream:
         self.server.server_close()
 
 
-def _ws_route(ws: WebSocketUpstream) -> KeyRoute:
+def _ws_route(ws: WebSocketUpstream | ScriptedUpstream) -> KeyRoute:
     upstream = f"http://127.0.0.1:{ws.port}/v1"
     return KeyRoute("openai-api-key", "OPENAI_API_KEY", upstream, "authorization")
 
@@ -1388,6 +1459,99 @@ def test_a_refused_websocket_upgrade_is_one_response_and_nothing_after_it(
         assert status(response) == 404
         assert response.endswith(b"no websockets here")
         assert b"TRACE" not in b"".join(ws.after)
+    finally:
+        ws.close()
+
+
+class ScriptedUpstream:
+    """Reads one request head, then answers with ``answer(head, connection)``."""
+
+    def __init__(self, answer: Callable[[bytes, socket.socket], None]) -> None:
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                self.request.settimeout(TIMEOUT_S)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = self.request.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                with contextlib.suppress(OSError):
+                    answer(data.partition(b"\r\n\r\n")[0], self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_refused_websocket_upgrade_that_reflects_the_key_in_pieces_is_cut_off(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    # An upstream that refuses the handshake with the request in its error
+    # body, the key split over two reads (as a TLS record boundary splits
+    # it; the guest chooses the padding that puts it there).
+    key = KEYS["OPENAI_API_KEY"].encode()
+
+    def reflect_in_pieces(head: bytes, conn: socket.socket) -> None:
+        body = b"bad handshake: " + head
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n" % len(body))
+        cut = body.index(key) + 5
+        conn.sendall(body[:cut])
+        time.sleep(0.2)
+        conn.sendall(body[cut:])
+        time.sleep(0.5)  # a keep-alive upstream: no close after the answer
+
+    ws = ScriptedUpstream(reflect_in_pieces)
+    try:
+        proxy = proxy_factory("allowlist", (), (_ws_route(ws),), KEYS)
+        with connect(proxy, 4180) as sock:
+            sock.sendall(HANDSHAKE)
+            response = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    response += chunk
+        assert response.startswith(b"HTTP/1.1 400 ")
+        assert key[:5] not in response
+        assert "the response contained the key" in wait_for_log(proxy, "contained")
+    finally:
+        ws.close()
+
+
+def test_a_refused_websocket_upgrade_waits_for_a_guest_that_does_not_read(
+    proxy_factory: Callable[..., EgressProxy],
+) -> None:
+    # A large answer to a handshake (a file the agent uploaded, fetched with
+    # Upgrade headers) must not pile up in the runner while the guest reads
+    # nothing: the upstream is held back instead.
+    total = 128 * 1024 * 1024
+    sent = [0]
+
+    def large(head: bytes, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        for _ in range(total // len(block)):
+            conn.sendall(block)
+            sent[0] += len(block)
+
+    ws = ScriptedUpstream(large)
+    try:
+        proxy = proxy_factory("allowlist", (), (_ws_route(ws),), KEYS)
+        with connect(proxy, 4180) as sock:
+            sock.sendall(HANDSHAKE)
+            time.sleep(1.0)
+            # What the kernel's socket buffers hold, not the whole answer.
+            assert sent[0] < total // 2
+            received = 0
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        assert received == total + len(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
     finally:
         ws.close()
 

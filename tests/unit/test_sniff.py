@@ -406,6 +406,12 @@ def test_the_root_name_parses() -> None:
     assert query is not None and query.name == ""
 
 
+def test_a_name_of_255_octets_parses() -> None:
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])  # 254 octets of labels, the root's 0
+    query = dns_query(dns_message(name))
+    assert query is not None and query.name == name
+
+
 @pytest.mark.parametrize(
     "message",
     [
@@ -419,6 +425,7 @@ def test_the_root_name_parses() -> None:
         struct.pack("!HHHHHH", 1, 0x0100, 0, 0, 0, 0),  # no question
         struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\xc0\x0c\x00\x01\x00\x01",  # pointer
         struct.pack("!HHHHHH", 1, 0x0100, 1, 0, 0, 0) + b"\x02\xff\xfe\x00\x00\x01\x00\x01",
+        dns_message(".".join(["a" * 63] * 4)),  # 257 octets: a name has at most 255
     ],
 )
 def test_malformed_queries_are_none(message: bytes) -> None:

@@ -366,13 +366,11 @@ class EgressProxy:
             return
         head = sniff.http_head(data)
         assert isinstance(head, sniff.HttpHead)  # _read_destination found a Host in it
-        if not head.target.startswith("/") and head.target != "*":
-            # The upstream would route by the URL, not the Host header.
-            authority = _authority(head.target)
-            if authority is None or not _same_authority(authority, host, port):
-                self._record("deny", host, port, via, "request URL and Host header differ")
-                await _refuse_http(writer, host, "request URL and Host header differ", 400)
-                return
+        why = _vhost_refusal(head, host, port)
+        if why is not None:
+            self._record("deny", host, port, via, why)
+            await _refuse_http(writer, host, why, 400)
+            return
         await self._forward_request(
             reader, writer, head=head, data=data, host=host, port=port, via=via, target=head.target
         )
@@ -403,6 +401,9 @@ class EgressProxy:
                 await _refuse_http(writer, target[0], str(denied), text=denied.refusal.text())
                 return
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if target[1] == netpolicy.HTTP_PORT:
+                await self._http_in_tunnel(reader, writer, upstream, target, data[head.length :])
+                return
             await _splice(reader, writer, upstream, data[head.length :])
             return
         try:
@@ -442,6 +443,49 @@ class EgressProxy:
             reader, writer, head=head, data=data, host=host, port=port, via="proxy", target=path
         )
 
+    async def _http_in_tunnel(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        target: tuple[str, int],
+        initial: bytes,
+    ) -> None:
+        """A CONNECT tunnel to the plain HTTP port: one request, for the tunnel's own host.
+
+        Spliced, the tunnel would carry requests for any virtual host on the
+        address (a second, pipelined one, or a first with another Host):
+        held to what a connection to port 80 is held to.
+        """
+        host, port = target
+        try:
+            data = initial
+            if sniff.http_head(data) is sniff.NEED_MORE:
+                data += await _read_until(reader, lambda more: sniff.http_head(initial + more))
+            head = sniff.http_head(data)
+            if not isinstance(head, sniff.HttpHead):
+                if data:
+                    self._record("deny", host, port, "connect", "not an HTTP request")
+                return
+            why = _vhost_refusal(head, host, port)
+            if why is not None:
+                self._record("deny", host, port, "connect", why)
+                await _refuse_http(writer, host, why, 400)
+                return
+            await self._forward_request(
+                reader,
+                writer,
+                head=head,
+                data=data,
+                host=host,
+                port=port,
+                via="connect",
+                target=head.target,
+                upstream=upstream,
+            )
+        finally:
+            upstream[1].close()
+
     async def _forward_request(
         self,
         reader: asyncio.StreamReader,
@@ -453,18 +497,23 @@ class EgressProxy:
         port: int,
         via: str,
         target: str,
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
     ) -> None:
-        """One plain HTTP request to ``host``: decided, forwarded, and nothing after it."""
+        """One plain HTTP request to ``host``: decided, forwarded, and nothing after it.
+
+        ``upstream``: the connection the policy opened already (a tunnel's).
+        """
         framing = sniff.body_framing(head)
         if framing is None:
             self._record("deny", host, port, via, "ambiguous request body length")
             await _refuse_http(writer, host, "ambiguous request body length", 400)
             return
-        try:
-            upstream = await self._open(host, port, via)
-        except Denied as denied:
-            await _refuse_http(writer, host, str(denied), text=denied.refusal.text())
-            return
+        if upstream is None:
+            try:
+                upstream = await self._open(host, port, via)
+            except Denied as denied:
+                await _refuse_http(writer, host, str(denied), text=denied.refusal.text())
+                return
         headers = [(k, v) for k, v in head.headers if k.lower() not in _HOP_HEADERS]
         headers.append(("Connection", "close"))
         first = sniff.render_head(head, target, headers)
@@ -701,6 +750,27 @@ def _to_self(writer: asyncio.StreamWriter) -> bool:
         return True
 
 
+def _vhost_refusal(head: sniff.HttpHead, host: str, port: int) -> str | None:
+    """Why a plain HTTP request for ``host`` must not go to its address, or None.
+
+    The upstream routes the request to a virtual host by its URL, if
+    absolute, or by its Host header: both must name ``host``.  With more
+    than one Host header, an upstream that takes the last (Twisted's
+    NameVirtualHost does) would route by one the policy never saw.
+    """
+    hosts = [value for key, value in head.headers if key.lower() == "host"]
+    if len(hosts) != 1:
+        return "a request needs exactly one Host header"
+    named = sniff.split_host_port(hosts[0], 0)
+    if named is None or netpolicy.normalise_host(named[0]) != netpolicy.normalise_host(host):
+        return "the Host header names another host"
+    if not head.target.startswith("/") and head.target != "*":
+        authority = _authority(head.target)
+        if authority is None or not _same_authority(authority, host, port):
+            return "request URL and Host header differ"
+    return None
+
+
 def _authority(target: str) -> str | None:
     try:
         return urlsplit(target).netloc or None
@@ -830,30 +900,28 @@ async def _websocket(
             writer.transport.abort()
             return False
         status_line = answer.split(b"\r\n", 1)[0]
-        if secret.encode() in answer:
+        meter[2] += len(answer)
+        if secret.encode() in answer:  # before any of the guest's bytes go up
             writer.transport.abort()
             return True
         if status_line.split(b" ")[1:2] != [b"101"]:
-            writer.write(answer)
+            # Through the same cut-off as any response (a key split over two
+            # reads is seen), and no faster than the guest reads it.
             length = _content_length(answer[:end])
-            rest = length - (len(answer) - end) if length is not None else None
-            while rest is None or rest > 0:
-                chunk = await asyncio.wait_for(up_reader.read(_CHUNK), HEAD_TIMEOUT_S)
-                if not chunk:
-                    break
-                if secret.encode() in chunk:
-                    writer.transport.abort()
-                    return True
-                writer.write(chunk)
-                if rest is not None:
-                    rest -= len(chunk)
-            await writer.drain()
-            return False
-        writer.write(answer)
+            return await _copy_response(
+                up_reader,
+                writer,
+                secret.encode(),
+                meter,
+                first=answer,
+                more=length - (len(answer) - end) if length is not None else None,
+                timeout=HEAD_TIMEOUT_S,
+            )
         if buffered:
             up_writer.write(buffered)
         _, leaked = await asyncio.gather(
-            _copy(reader, up_writer), _copy_response(up_reader, writer, secret.encode(), meter)
+            _copy(reader, up_writer),
+            _copy_response(up_reader, writer, secret.encode(), meter, first=answer),
         )
         return leaked
     except (OSError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -930,17 +998,26 @@ async def _send_body(
 
 
 async def _copy_response(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, secret: bytes, meter: list[int]
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    secret: bytes,
+    meter: list[int],
+    *,
+    first: bytes = b"",
+    more: int | None = None,
+    timeout: float | None = None,
 ) -> bool:
-    """Copy to EOF; with a secret, stop if it shows.
+    """Copy ``first``, then ``source`` to EOF; with a secret, stop if it shows.
 
-    Only an end that could be the start of the secret is held back until
-    the next bytes say otherwise: everything else goes on at once, so a
-    stream (server-sent events, WebSocket frames) is not delayed.
+    ``more``: copy no more than that many bytes of ``source`` (the rest of a
+    response on a connection the upstream may keep open); ``timeout``: for
+    each read.  Only an end that could be the start of the secret is held
+    back until the next bytes say otherwise: everything else goes on at
+    once, so a stream (server-sent events, WebSocket frames) is not delayed.
     """
     tail = b""
-    while chunk := await source.read(_CHUNK):
-        meter[2] += len(chunk)
+    chunk = first
+    while True:
         window = tail + chunk
         if secret and secret in window:
             sink.transport.abort()
@@ -949,6 +1026,15 @@ async def _copy_response(
         tail = window[cut:]
         sink.write(window[:cut])
         await sink.drain()
+        if more is not None and more <= 0:
+            break
+        size = _CHUNK if more is None else min(_CHUNK, more)
+        chunk = await asyncio.wait_for(source.read(size), timeout)
+        if not chunk:
+            break
+        meter[2] += len(chunk)
+        if more is not None:
+            more -= len(chunk)
     sink.write(tail)
     await sink.drain()
     if sink.can_write_eof():

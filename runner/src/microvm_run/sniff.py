@@ -160,6 +160,10 @@ _QTYPE_A = 1
 _QCLASS_IN = 1
 _RCODE_NXDOMAIN = 3
 _RCODE_FORMERR = 1
+# RFC 1035 2.3.4: a name is at most 255 octets, as labels on the wire.  A
+# longer one could make the answer (the question echoed) overflow DNS over
+# TCP's two-byte length.
+_MAX_NAME = 255
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,8 @@ def dns_query(message: bytes) -> DnsQuery | None:
                 return None
             labels.append(message[pos : pos + length].decode("ascii"))
             pos += length
+            if pos - 12 >= _MAX_NAME:  # the labels so far and the root's 0 octet
+                return None
         qtype, _qclass = struct.unpack_from("!HH", message, pos)
         pos += 4
     except (struct.error, IndexError, UnicodeDecodeError):
