@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from microvm_run.atomic import write_atomic
+from microvm_run.atomic import make_private_dir, write_atomic
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -42,3 +44,34 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@pytest.fixture
+def umask_000() -> Iterator[None]:
+    previous = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.usefixtures("umask_000")
+def test_a_private_dir_and_the_parents_it_makes_are_0700_under_any_umask(
+    tmp_path: Path,
+) -> None:
+    tmp_path.chmod(0o755)
+    target = tmp_path / "local" / "state" / "microvm-run"
+    make_private_dir(target)
+    for made in (tmp_path / "local", tmp_path / "local" / "state", target):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o700, made
+    # What existed is left as it was; a second call is harmless.
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+    make_private_dir(target)
+
+
+def test_a_file_in_the_way_of_a_private_dir_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("")
+    with pytest.raises(FileExistsError):
+        make_private_dir(tmp_path / "state")
+    with pytest.raises(NotADirectoryError):
+        make_private_dir(tmp_path / "state" / "microvm-run")

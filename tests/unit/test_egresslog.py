@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,41 @@ def test_the_deny_counter_tells_apart_a_bounded_number_of_names(tmp_path: Path) 
     assert summary is not None
     assert summary.startswith(f"egress denied {egresslog.MAX_DISTINCT + 1001} connection(s): ")
     assert "and 1000 to further names" in summary
+
+
+def test_the_log_is_the_users_alone_under_any_umask_and_after_rotation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(egresslog, "MAX_LOG_BYTES", 500)
+    clock = Clock()
+    path = tmp_path / "state" / "egress.log"
+    previous = os.umask(0)
+    try:
+        log = EgressLog(path, "cafe", clock)
+        log.open()
+        for i in range(30):
+            clock.now += 1
+            log.record("deny", f"host{i}.example", 443, "tls")
+        log.close()
+    finally:
+        os.umask(previous)
+    assert path.with_name("egress.log.1").exists()  # it rotated
+    for made in (path.parent, path, path.with_name("egress.log.1")):
+        assert stat.S_IMODE(made.stat().st_mode) == (0o700 if made.is_dir() else 0o600), made
+
+
+def test_a_log_left_open_to_others_is_closed_and_a_symlink_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "egress.log"
+    path.write_text("")
+    path.chmod(0o644)
+    log = EgressLog(path, "cafe", Clock())
+    log.open()
+    log.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("")
+    path.unlink()
+    path.symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        EgressLog(path, "cafe", Clock()).open()
+    assert elsewhere.read_text() == ""

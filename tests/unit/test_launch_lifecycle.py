@@ -91,6 +91,8 @@ FAKE_QEMU = textwrap.dedent(
     if scenario == "crash":
         os._exit(1)
     status.sendall(b"ready\\n")
+    if scenario == "hostile":  # status lines no real guest sends, then its status
+        status.sendall(b"exit " + b"9" * 5000 + b"\\n" + b"exit \\xd9\\xa3\\n")
     if scenario in ("ready-then-hang", "ready-ignore-term"):
         time.sleep(HANG_S)
     status.sendall(b"exit 7\\n")
@@ -260,3 +262,10 @@ def test_a_signal_during_cleanup_does_not_abandon_the_share_repair(
     _run(spec, short_tmp, "exit")
     assert finished == [True]
     assert "cleanup:" not in capsys.readouterr().err
+
+
+def test_a_guest_that_sends_a_huge_exit_number_does_not_crash_the_runner(
+    spec: Spec, short_tmp: Path
+) -> None:
+    # Over Python's 4300-digit int() limit: a ValueError once.
+    assert _run(spec, short_tmp, "hostile") == 7

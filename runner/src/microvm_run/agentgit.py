@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from microvm_run import home
-from microvm_run.atomic import write_atomic
+from microvm_run.atomic import make_private_dir, write_atomic
 
 if TYPE_CHECKING:
     from microvm_run import process
@@ -140,7 +140,7 @@ def trust_record(state_home: Path, project: Path) -> Path:
 
 
 def _touch(path: Path) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     path.touch(mode=0o600)  # an existing one gets the time now
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from microvm_run import host, live, netpolicy, ops, usage
+from microvm_run.atomic import make_private_dir
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +83,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 def _add_to_project(agent: str, project: Path, environ: Mapping[str, str], entry: str) -> Path:
     """Append ``entry`` to the per-project allow file unless it has it already."""
     path = host.project_allow_file(agent, project, environ)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     try:
         text = path.read_text()
     except FileNotFoundError:

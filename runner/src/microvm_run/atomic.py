@@ -50,3 +50,24 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600, *, shared: bool = F
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def make_private_dir(path: Path) -> None:
+    """``path`` and every missing directory on the way to it, each 0700.
+
+    Path.mkdir(parents=True) makes the parents with the umask's mode: under
+    ``umask 000`` a first run's ~/.local/state/microvm-run would be writable
+    by every local user, who could swap what the runner reads back.  0700 is
+    the XDG base directory spec's mode for the directories it creates.  An
+    existing directory is left as it is.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        make_private_dir(path.parent)
+        make_private_dir(path)
+    except FileExistsError:
+        if not path.is_dir():
+            raise

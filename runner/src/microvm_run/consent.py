@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from microvm_run import safefs
+from microvm_run.atomic import make_private_dir
 
 RECORD = "devshell-allowed.json"
 RECORD_VERSION = 1
@@ -172,6 +173,6 @@ def _record(state_dir: Path, encoded: bytes) -> Decision:
 
 
 def _write(state_dir: Path, encoded: bytes) -> None:
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(state_dir)
     with safefs.opened_dir(state_dir) as fd, contextlib.suppress(FileNotFoundError):
         safefs.write_replacing(fd, RECORD, encoded, 0o600)

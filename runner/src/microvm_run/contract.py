@@ -174,6 +174,14 @@ class GuestStatus:
         word, _, rest = line.strip().partition(" ")
         if word == "ready":
             return GuestStatus(ready=True, exit_code=self.exit_code)
-        if word == "exit" and rest.isascii() and rest.isdigit() and int(rest) <= 255:
+        # At most 3 digits before int(): the guest's thousands of digits
+        # would make int() raise (Python's 4300-digit limit).
+        if (
+            word == "exit"
+            and rest.isascii()
+            and rest.isdigit()
+            and len(rest) <= 3
+            and int(rest) <= 255
+        ):
             return GuestStatus(ready=True, exit_code=int(rest))
         return self

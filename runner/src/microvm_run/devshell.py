@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from microvm_run import consent, contract, host, process, safefs
-from microvm_run.atomic import write_atomic
+from microvm_run.atomic import make_private_dir, write_atomic
 
 # The files whose contents decide the dev shell.  Order and names are part of
 # the cache key, so moving content from one file to another changes the key.
@@ -536,7 +536,7 @@ def _evaluate(
     argv = [program, *command[1:]]
     if kind is not ProjectKind.DEVENV:
         argv[-1:-1] = ["-L", "--profile", str(paths.profile)]
-    paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(paths.directory)
     label = f"{Path(command[0]).name} print-dev-env"
     _say(progress, f"evaluating the dev shell ({label} in {work_dir}), log: {paths.log_file}")
     started = time.monotonic()
@@ -697,7 +697,7 @@ def _temp_file(directory: Path, key: str, suffix: str) -> Iterator[tuple[Path, T
 
 def _write_atomically(target: Path, text: str) -> None:
     """Readers see the old entry or the whole new one (atomic.write_atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(target.parent)
     write_atomic(target, text.encode("utf-8"), shared=True)
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from microvm_run.atomic import make_private_dir
+
 MAX_LOG_BYTES = 4 * 1024 * 1024  # then egress.log moves to egress.log.1
 LINES_PER_S = 20.0  # sustained; a burst of BURST_LINES goes through at once
 BURST_LINES = 200
@@ -64,8 +66,8 @@ class EgressLog:
         self.allowed_hosts: Counter[str] = Counter()
 
     def open(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._file = self.path.open("a", buffering=1, encoding="ascii")
+        make_private_dir(self.path.parent)
+        self._file = _open_private(self.path)
 
     def close(self) -> None:
         if self._file is not None:
@@ -146,4 +148,19 @@ class EgressLog:
             if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
                 os.replace(self.path, self.path.with_name(self.path.name + ".1"))
         self._file.close()
-        self._file = self.path.open("a", buffering=1, encoding="ascii")
+        self._file = _open_private(self.path)
+
+
+def _open_private(path: Path) -> TextIO:
+    """The log for appending, 0600 whatever the umask: it says where the
+    agent went, which no other local user is to read.  A symlink in its
+    place is refused; a log an older runner left open to others is closed."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        return os.fdopen(fd, "a", buffering=1, encoding="ascii")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -25,6 +25,8 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from microvm_run.atomic import make_private_dir
+
 _PREFIX = "devshell-eval-"
 _MAX_RECORD = 4096
 
@@ -32,7 +34,7 @@ _MAX_RECORD = 4096
 @contextlib.contextmanager
 def evaluating(base: Path, project: Path) -> Iterator[None]:
     """Hold this process's evaluation lock on ``project`` for the block."""
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(base)
     path = base / f"{_PREFIX}{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

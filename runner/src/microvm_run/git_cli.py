@@ -21,6 +21,7 @@ from pathlib import Path
 
 from microvm_run import agentgit, gitimport, gitprepare, process, safefs, state, usage
 from microvm_run.agentgit import GitError, GitPlan, Meta
+from microvm_run.atomic import make_private_dir
 from microvm_run.contract import EXIT_BAD_INPUT
 from microvm_run.ops import remove_tree  # iterative: the guest sets the depth
 
@@ -79,7 +80,8 @@ def before_run(
     mark_run(environ, plan.project, git_hidden=True)
     try:
         agentgit.make_dirs(plan)
-        plan.run_dir.mkdir(mode=0o700, parents=True, exist_ok=plan.mode == "worktree")
+        make_private_dir(plan.run_dir.parent)
+        plan.run_dir.mkdir(mode=0o700, exist_ok=plan.mode == "worktree")
     except OSError as err:
         raise GitError(f"cannot create {err.filename}: {err.strerror}") from None
     lock_fd = os.open(plan.run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -28,13 +28,14 @@ from microvm_run.agentgit import (
     user_git,
     write_meta,
 )
+from microvm_run.atomic import make_private_dir
 
 
 def prepare(plan: GitPlan, environ: Mapping[str, str], created: str) -> Meta | None:
     """Create (or, for a worktree, refresh) the agent's git directory."""
     if plan.mode == "gitfile":
         return None
-    plan.run_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(plan.run_dir.parent)
     fresh = not plan.agent_git.exists()
     if plan.mode == "shared" and not fresh:
         raise GitError(f"{plan.agent_git} already exists")

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from microvm_run import host, state
+from microvm_run.atomic import make_private_dir
 
 if TYPE_CHECKING:  # ps and gc read logs without the planner's imports
     from microvm_run.plan import LaunchPlan
@@ -61,7 +62,7 @@ class InstanceLog:
 
     def open(self) -> None:
         with contextlib.suppress(OSError):
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dir(self.path.parent)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             self._file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 

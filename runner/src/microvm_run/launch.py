@@ -42,6 +42,7 @@ from microvm_run import (
     shareroots,
     state,
 )
+from microvm_run.atomic import make_private_dir
 from microvm_run.contract import (
     EXIT_BOOT_DEADLINE,
     EXIT_NO_STATUS,
@@ -164,7 +165,7 @@ def create_private_dirs(dirs: Sequence[Path]) -> None:
     """
     for directory in dirs:
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dir(directory)
             os.close(safefs.check_share_root(directory, os.getuid(), 0o700))
         except OSError as err:
             raise LaunchError(f"cannot use {directory}: {err.strerror or err}") from None
@@ -235,7 +236,7 @@ def restore_shares(plan: LaunchPlan, work_mode: int | None) -> None:
 def _prepare_runtime_dir(plan: LaunchPlan, instance: Instance) -> None:
     base = plan.runtime_dir.parent
     try:
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(base)
         info = base.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise LaunchError(f"{base} is not a directory owned by you; remove it")

@@ -24,6 +24,8 @@ import re
 import stat
 from pathlib import Path
 
+from microvm_run.atomic import make_private_dir
+
 # (a file at the project's top, the directories it implies); every rule
 # whose file exists adds its directories.
 RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -175,6 +177,6 @@ def ensure_image(path: Path, size_bytes: int) -> bool:
 
 def _private_dir(directory: Path) -> Path:
     """The image dir and the project's state dir above it, 0700 when made."""
-    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(directory.parent)
     directory.mkdir(mode=0o700, exist_ok=True)
     return directory
