@@ -59,6 +59,19 @@ def test_set_id_file_names_the_guest_chose_reach_the_terminal_escaped(
     assert hostile.stat().st_mode & 0o7777 == 0o755
 
 
+def test_virtiofsd_log_lines_reach_the_terminal_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # virtiofsd's errors can name a path the guest chose.
+    log = tmp_path / "virtiofsd-work.log"
+    log.write_text("[2026] ERROR lookup /work/\x1b]0;owned\x07\x1b[2J failed\n")
+    plan = SimpleNamespace(tag="work", log=log)
+    daemons.show_logs([SimpleNamespace(plan=plan)], problems_only=True)  # type: ignore[list-item]
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err
+    assert "ERROR lookup /work/\\x1b]0;owned\\x07\\x1b[2J failed" in err
+
+
 def test_a_worktree_and_the_agents_git_dir_lose_set_id_bits_too(tmp_path: Path) -> None:
     # With --worktree, /work is the runner's tree and /work/.git the agent's
     # git directory; the guest may chmod 4755 in both.

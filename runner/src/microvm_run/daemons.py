@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from microvm_run import process
+from microvm_run.egresslog import printable
 from microvm_run.plan import VirtiofsdPlan
 from microvm_run.virtiofsd import Supervisor
 
@@ -230,7 +231,9 @@ def show_logs(daemons: Sequence[Daemon], *, problems_only: bool = False) -> None
             if problems_only:
                 lines = [line for line in lines if " ERROR " in line]
             if lines:
-                tail = "\n  ".join(lines[-5:])
+                # A path the guest named can be in a line: nothing of it may
+                # reach the user's terminal as a control sequence.
+                tail = "\n  ".join(printable(line, spaces=True, limit=500) for line in lines[-5:])
                 process.log(f"virtiofsd {daemon.plan.tag} log:\n  {tail}")
 
 
