@@ -843,6 +843,36 @@ def test_the_socket_is_private(proxy_factory: Callable[..., EgressProxy]) -> Non
     assert proxy.config.socket.stat().st_mode & 0o777 == 0o600
 
 
+def test_an_error_no_connection_handles_goes_to_the_log_not_the_terminal(
+    proxy_factory: Callable[..., EgressProxy],
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A proxy bug the guest's bytes set off (as an oversized DNS name once
+    # did): asyncio's default handler would print its traceback, escape
+    # sequences and all, on the user's terminal.
+    proxy = proxy_factory("open")
+
+    async def broken(conn: socket.socket) -> None:
+        conn.close()
+        raise RuntimeError("guest-made \x1b[2J")
+
+    monkeypatch.setattr(proxy, "_accept", broken)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as relay:
+        relay.connect(str(proxy.config.socket))
+    text = wait_for_log(proxy, "error:")
+    assert "RuntimeError: guest-made \\x1b[2J" in text
+
+    def fails() -> None:
+        raise ValueError("outside any connection \x07")
+
+    proxy._loop.call_soon_threadsafe(fails)
+    text = wait_for_log(proxy, "ValueError")
+    assert "ValueError: outside any connection \\x07" in text
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "\x1b" not in err + out
+
+
 def test_start_on_a_bound_path_fails_closed(
     proxy_factory: Callable[..., EgressProxy], sock_dir: Path, tmp_path: Path
 ) -> None:

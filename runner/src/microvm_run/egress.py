@@ -194,6 +194,7 @@ class EgressProxy:
 
     def _run(self, listener: socket.socket) -> None:
         asyncio.set_event_loop(self._loop)
+        self._loop.set_exception_handler(self._loop_error)
         server = self._loop.create_task(self._serve(listener))
         self._started.set()
         try:
@@ -211,6 +212,19 @@ class EgressProxy:
                 )
             listener.close()
             self._loop.close()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An error nothing handled goes to the egress log.
+
+        asyncio's default prints a traceback to stderr, the user's terminal,
+        where the guest, whose bytes caused it, must not reach.  (A
+        connection's own error is taken by _connection_done.)
+        """
+        error = context.get("exception")
+        what = str(context.get("message", "unhandled error"))
+        if error is not None:
+            what += f": {type(error).__name__}: {error}"
+        self._log.error(what)
 
     async def _serve(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -231,7 +245,12 @@ class EgressProxy:
             else:
                 task = loop.create_task(self._accept_tcp(conn))
             self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            task.add_done_callback(self._connection_done)
+
+    def _connection_done(self, task: asyncio.Task[None]) -> None:
+        self._connections.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._log.error(f"a connection failed: {type(error).__name__}: {error}")
 
     def _record(self, verdict: str, host: str, port: int, via: str, why: str = "") -> None:
         self._log.record(verdict, host, port, via, why)

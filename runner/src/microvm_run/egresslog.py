@@ -97,6 +97,14 @@ class EgressLog:
         self._flush_suppressed()
         self._write(line)
 
+    def error(self, what: str) -> None:
+        """A fault of the proxy itself: in the log, never on the user's terminal."""
+        if self._take_token():
+            self._flush_suppressed()
+            self._write(f"{self.instance_id} error: {printable(what, spaces=True)}")
+        else:
+            self._suppressed += 1
+
     def summary(self) -> str | None:
         """One line on what was denied, for the user's terminal at the end."""
         total = sum(self.denied.values()) + self.denied_others
