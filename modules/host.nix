@@ -402,6 +402,14 @@ in
       description = "The nftables tables, for tests.";
     };
 
+    prepareScripts = lib.mkOption {
+      type = lib.types.raw;
+      readOnly = true;
+      internal = true;
+      default = lib.mapAttrs (_: prepareState) resolved;
+      description = "Each VM's state preparation (run as root before microvm@NAME), for tests.";
+    };
+
     egressConfigs = lib.mkOption {
       type = lib.types.raw;
       readOnly = true;
