@@ -206,8 +206,12 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
             # ... and one on alpha's proxy port at another of H's addresses
             (
                 net.host,
-                [f"{gateway}:9000", f"{HOST_EXT}:9000", "127.0.0.1:9000"]
-                + [f"{HOST_EXT}:{40000 + _index(net, 'alpha')}"],
+                [
+                    f"{gateway}:9000",
+                    f"{HOST_EXT}:9000",
+                    "127.0.0.1:9000",
+                    f"{HOST_EXT}:{40000 + _index(net, 'alpha')}",
+                ],
             ),
         ):
             ready = net.scratch / "listen" / "ready"
