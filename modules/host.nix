@@ -519,6 +519,24 @@ in
 
     environment.etc."agent-microvm/vms.json".text = builtins.toJSON registry;
 
+    # microvm.nix's tmpfiles rule makes a share's missing source directory
+    # its `microvm` user's, group kvm, mode 0775: the user every VM's QEMU
+    # runs as would own the user's new workspace, where the agent (the
+    # user's uid) could not write. A workspace made here is the VM user's.
+    systemd.tmpfiles.settings."10-microvm" = lib.mapAttrs' (
+      name: vm:
+      let
+        uid = toString vm.guestConfig.agentVM.persistent.uid;
+      in
+      lib.nameValuePair cfg.vms.${name}.workspace {
+        d = {
+          user = lib.mkForce ":${uid}";
+          group = lib.mkForce ":${uid}";
+          mode = lib.mkForce ":0700";
+        };
+      }
+    ) resolved;
+
     systemd.services = lib.mkMerge (
       map (vm: {
         "microvm@${vm.name}" = {
