@@ -145,8 +145,11 @@ rec {
             "type filter hook input priority filter; policy accept;"
             "iifname ${br} ct state established,related accept"
           ]
+          # The proxy's port on the gateway only: an open VM's connections
+          # to this host's other addresses are not redirected.
           ++ map (
-            vm: "iifname ${br} ip saddr ${vm.address} tcp dport ${toString vm.proxyPort} accept"
+            vm:
+            "iifname ${br} ip saddr ${vm.address} ip daddr ${bridge.address} tcp dport ${toString vm.proxyPort} accept"
           ) proxied
           ++ [ "iifname ${br} counter drop" ]
         )

@@ -280,24 +280,58 @@ let
     ) (same "mac");
 
   # Host keys made on the first start, kept in the state directory across
-  # rebuilds; a known_hosts line for `microvm-run attach`.
+  # rebuilds; a known_hosts line for `microvm-run attach`. This runs as
+  # root in directories that are not root's: microvm.nix's tmpfiles rules
+  # make the state directory and the shares' sources (NAME/ssh, NAME/home)
+  # its `microvm` user's, which every VM's QEMU runs as, and a QEMU escaped
+  # from may leave symlinks there. So it enters a directory only when that
+  # name is the directory itself (same inode, no link), works relative to it
+  # from then on, makes ssh root's before reading or writing in it, and
+  # removes from it whatever is not a regular file of root's.
   prepareState =
     vm:
     pkgs.writeShellScript "agent-microvm-prepare-${vm.name}" ''
       set -eu
       # microvm.nix empties microvm@'s path (path = mkForce [ ]).
-      PATH=${lib.makeBinPath [ pkgs.coreutils ]}
-      dir=${stateDir}/${vm.name}
-      install -d -m 0755 "$dir" "$dir/ssh"
-      install -d -m 0700 -o ${toString vm.guestConfig.agentVM.persistent.uid} "$dir/home"
-      if [ ! -e "$dir/ssh/ssh_host_ed25519_key" ]; then
-        ${pkgs.openssh}/bin/ssh-keygen -q -t ed25519 -N "" -C "agent-microvm ${vm.name}" \
-          -f "$dir/ssh/ssh_host_ed25519_key"
-      fi
-      chmod 0644 "$dir/ssh/ssh_host_ed25519_key.pub"
-      printf '%s %s\n' ${vm.address} "$(cut -d' ' -f1,2 "$dir/ssh/ssh_host_ed25519_key.pub")" \
-        > "$dir/ssh/known_hosts"
-      chmod 0644 "$dir/ssh/known_hosts"
+      PATH=${
+        lib.makeBinPath [
+          pkgs.coreutils
+          pkgs.findutils
+        ]
+      }
+      fail() {
+        echo "agent-microvm: $1; not starting ${vm.name}" >&2
+        exit 1
+      }
+      enter() {
+        seen=$(stat -c %F:%d:%i -- "$1") || fail "no $1 in $(pwd -P)"
+        cd -P -- "$1" || fail "cannot enter $1"
+        [ "$seen" = "directory:$(stat -c %d:%i .)" ] || fail "$1 is not a directory (a symlink?)"
+      }
+      cd -P -- ${stateDir}
+      enter ${vm.name}
+      [ -e ssh ] || [ -L ssh ] || mkdir -m 0755 ssh
+      [ -e home ] || [ -L home ] || mkdir -m 0700 home
+      (
+        enter home
+        chown ${toString vm.guestConfig.agentVM.persistent.uid} .
+        chmod 0700 .
+      )
+      (
+        enter ssh
+        chown 0:0 .
+        chmod 0755 .
+        find . -mindepth 1 -maxdepth 1 \( ! -type f -o ! -user 0 -o -links +1 \) -exec rm -rf -- {} +
+        if [ ! -e ssh_host_ed25519_key ] || [ ! -e ssh_host_ed25519_key.pub ]; then
+          rm -f ssh_host_ed25519_key ssh_host_ed25519_key.pub
+          ${pkgs.openssh}/bin/ssh-keygen -q -t ed25519 -N "" -C "agent-microvm ${vm.name}" \
+            -f ./ssh_host_ed25519_key
+        fi
+        chmod 0600 ssh_host_ed25519_key
+        chmod 0644 ssh_host_ed25519_key.pub
+        printf '%s %s\n' ${vm.address} "$(cut -d' ' -f1,2 ssh_host_ed25519_key.pub)" >known_hosts
+        chmod 0644 known_hosts
+      )
     '';
 
   # What `microvm-run ps` / `attach` read.
@@ -402,6 +436,14 @@ in
       description = "The nftables tables, for tests.";
     };
 
+    prepareScripts = lib.mkOption {
+      type = lib.types.raw;
+      readOnly = true;
+      internal = true;
+      default = lib.mapAttrs (_: prepareState) resolved;
+      description = "Each VM's state preparation (run as root before microvm@NAME), for tests.";
+    };
+
     egressConfigs = lib.mkOption {
       type = lib.types.raw;
       readOnly = true;
@@ -476,6 +518,24 @@ in
     networking.firewall.trustedInterfaces = [ cfg.bridge.name ];
 
     environment.etc."agent-microvm/vms.json".text = builtins.toJSON registry;
+
+    # microvm.nix's tmpfiles rule makes a share's missing source directory
+    # its `microvm` user's, group kvm, mode 0775: the user every VM's QEMU
+    # runs as would own the user's new workspace, where the agent (the
+    # user's uid) could not write. A workspace made here is the VM user's.
+    systemd.tmpfiles.settings."10-microvm" = lib.mapAttrs' (
+      name: vm:
+      let
+        uid = toString vm.guestConfig.agentVM.persistent.uid;
+      in
+      lib.nameValuePair cfg.vms.${name}.workspace {
+        d = {
+          user = lib.mkForce ":${uid}";
+          group = lib.mkForce ":${uid}";
+          mode = lib.mkForce ":0700";
+        };
+      }
+    ) resolved;
 
     systemd.services = lib.mkMerge (
       map (vm: {

@@ -203,7 +203,16 @@ def topology(host_env: dict[str, str], scratch: Path) -> Iterator[Net]:
             (net.public, [f"{PUBLIC}:8080", f"{PUBLIC}:8081", f"{PUBLIC_DENIED}:8080"]),
             (net.router, [f"{LAN}:8080"]),
             (net.other_vm, [f"{net.other_vm_address}:8080"]),
-            (net.host, [f"{gateway}:9000", f"{HOST_EXT}:9000", "127.0.0.1:9000"]),
+            # ... and one on alpha's proxy port at another of H's addresses
+            (
+                net.host,
+                [
+                    f"{gateway}:9000",
+                    f"{HOST_EXT}:9000",
+                    "127.0.0.1:9000",
+                    f"{HOST_EXT}:{40000 + _index(net, 'alpha')}",
+                ],
+            ),
         ):
             ready = net.scratch / "listen" / "ready"
             ready.unlink(missing_ok=True)
@@ -341,6 +350,7 @@ def test_an_open_vm_reaches_the_public_peer_and_not_the_host_nor_the_lan(
     topology: Net, guest_build: Path
 ) -> None:
     gw = topology.gateway
+    own_port = 40000 + _index(topology, "alpha")
     script = "".join(
         [
             _section("public", f"echo hello-from-alpha | nc -w 5 {PUBLIC} 8080"),
@@ -350,13 +360,16 @@ def test_an_open_vm_reaches_the_public_peer_and_not_the_host_nor_the_lan(
             _section("host-ext", f"echo ext-from-alpha | nc -w 3 {HOST_EXT} 9000"),
             # the proxy ports of the other VM (beta) are not alpha's
             _section("beta-proxy", f"echo x | nc -w 3 {gw} {40000 + _index(topology, 'beta')}"),
+            # its own proxy port is open on the gateway only, not on H's other addresses
+            _section("own-port-ext", f"echo own-from-alpha | nc -w 3 {HOST_EXT} {own_port}"),
         ]
     )
     out = boot(topology, guest_build, "alpha", script)
     assert f"answer from {PUBLIC}_8080" in out["public"]
     assert "hello-from-alpha" in topology.listener_log(f"{PUBLIC}_8080")
-    for title in ("lan", "other-vm", "host-bridge", "host-ext", "beta-proxy"):
+    for title in ("lan", "other-vm", "host-bridge", "host-ext", "beta-proxy", "own-port-ext"):
         assert "answer from" not in out[title], title
+    assert "from-alpha" not in topology.listener_log(f"{HOST_EXT}_{own_port}")
     assert topology.listener_log(f"{topology.other_vm_address}_8080") == ""
     assert "from-alpha" not in topology.listener_log(f"{LAN}_8080")
     assert "from-alpha" not in topology.listener_log(f"{gw}_9000")

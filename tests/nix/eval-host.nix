@@ -186,6 +186,10 @@ else
     microvmVms = nixpkgsLib.mapAttrs (_: v: { inherit (v) autostart; }) config.microvm.vms;
     autostart = config.microvm.autostart;
     inherit (cfg) registry egressConfigs;
+    # The root-run script before each microvm@NAME, and the directories
+    # microvm.nix's tmpfiles rules make (owner, mode) before it runs.
+    prepare = nixpkgsLib.mapAttrs (_: s: s.text) cfg.prepareScripts;
+    tmpfiles = config.systemd.tmpfiles.settings."10-microvm";
     nftables = {
       inherit (config.networking.nftables) enable;
       tables = nixpkgsLib.mapAttrs (_: t: { inherit (t) family content name; }) config.networking.nftables.tables;

@@ -148,6 +148,21 @@ let
 
   # stage2ServiceOptions (serviceOptions: environment, path, serviceConfig
   # with checkService, script and the other job scripts).
+  # nixos/modules/system/boot/systemd/tmpfiles.nix: settings.<file>.<path>.<type>
+  tmpfilesEntry = types.submodule (
+    { name, ... }:
+    {
+      options = {
+        type = opt types.str name;
+        mode = opt types.str "-";
+        user = opt types.str "-";
+        group = opt types.str "-";
+        age = opt types.str "-";
+        argument = opt types.str "";
+      };
+    }
+  );
+
   serviceType = types.submodule {
     options = commonUnitOptions // {
       environment = opt (types.attrsOf (
@@ -550,7 +565,7 @@ in
       services = opt (types.attrsOf serviceType) { };
       sockets = opt (types.attrsOf socketType) { };
       targets = anyAttrs;
-      tmpfiles.settings = anyAttrs;
+      tmpfiles.settings = opt (types.attrsOf (types.attrsOf (types.attrsOf tmpfilesEntry))) { };
       mounts = opt (types.listOf mountType) [ ];
       generators = opt (types.attrsOf types.path) { };
       tpm2.enable = flag;

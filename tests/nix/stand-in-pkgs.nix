@@ -49,6 +49,7 @@ let
     "curl"
     "docker-compose"
     "e2fsprogs"
+    "findutils"
     "git"
     "iptables"
     "jq"
