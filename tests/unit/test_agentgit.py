@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from microvm_run import agentgit, git_cli, gitimport, gitmask, gitprepare, netpolicy
-from microvm_run.agentgit import GitPlan, Meta
+from microvm_run.agentgit import USER_OBJECTS, GitPlan, Meta
 from microvm_run.ops import remove_tree
 from microvm_run.plan import RunOptions, build_plan
 from microvm_run.spec import Spec
@@ -20,6 +22,9 @@ from .conftest import make_facts
 STATE = Path("/home/alice/.local/state")
 HAVE_GIT = shutil.which("git") is not None
 needs_git = pytest.mark.skipif(not HAVE_GIT, reason="git is not installed")
+needs_lfs = pytest.mark.skipif(
+    not HAVE_GIT or shutil.which("git-lfs") is None, reason="git-lfs is not installed"
+)
 
 
 # -- planning ---------------------------------------------------------------------------
@@ -683,3 +688,65 @@ def test_host_git_gets_no_api_keys_and_no_git_variables() -> None:
     assert not any(k.endswith("_API_KEY") for k in env)
     assert "GIT_DIR" not in env and "GIT_CONFIG_PARAMETERS" not in env
     assert env["GIT_ALLOW_PROTOCOL"] == "file"
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """The agent's LFS server: records what reaches it."""
+
+    seen: list[str]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.seen.append(f"{self.path} {self.rfile.read(length).decode(errors='replace')}")
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@needs_lfs
+def test_land_lets_no_committed_lfsconfig_send_a_request_from_the_host(
+    repo: Path, git_env: dict[str, str]
+) -> None:
+    """git-lfs set up as `git lfs install` does; the agent commits an LFS
+    pointer whose object id carries data, and a .lfsconfig naming its server."""
+    seen: list[str] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for key, value in (
+            ("filter.lfs.clean", "git-lfs clean -- %f"),
+            ("filter.lfs.smudge", "git-lfs smudge -- %f"),
+            ("filter.lfs.process", "git-lfs filter-process"),
+            ("filter.lfs.required", "true"),
+        ):
+            _git(repo, "config", "--global", key, value, env=git_env)
+        plan, meta = _prepared(repo, git_env, worktree="lfs")
+        tree = plan.share_root
+        secret = b"the user's token".hex().ljust(64, "0")
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{secret}\nsize 16\n"
+        (tree / ".gitattributes").write_text("*.bin filter=lfs diff=lfs merge=lfs -text\n")
+        url = f"http://127.0.0.1:{server.server_address[1]}/exfil"
+        (tree / ".lfsconfig").write_text(f"[lfs]\n\turl = {url}\n")
+        (tree / "data.bin").write_text(pointer)
+        agent = plan.agent_git
+        (agent / USER_OBJECTS).rmdir()
+        (agent / USER_OBJECTS).symlink_to(repo / ".git" / "objects")
+        guest = {**git_env, "GIT_DIR": str(agent), "GIT_WORK_TREE": str(tree)}
+        no_lfs = ["-c", "filter.lfs.process=", "-c", "filter.lfs.clean="]
+        _git(tree, *no_lfs, "-c", "filter.lfs.required=0", "add", "-A", env=guest)
+        _git(tree, "commit", "-q", "-m", "add data", env=guest)
+        (agent / USER_OBJECTS).unlink()
+        (agent / USER_OBJECTS).mkdir()
+        imported = gitimport.import_commits(plan, meta, git_env)
+        agentgit.write_meta(plan.run_dir, replace(meta, imported=imported.head))
+        landed = git_cli.main(["land", plan.name, "--work-dir", str(repo)], git_env)
+        assert seen == []  # before: a POST to /exfil/objects/batch naming the "secret"
+        assert landed == 0
+        assert (repo / "data.bin").read_text() == pointer  # a pointer, as committed
+        assert _git(repo, "status", "--porcelain", env=git_env) == ""
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -333,10 +333,17 @@ HARDENING = (
 )  # fmt: skip
 
 
-def git_env(environ: Mapping[str, str], *, isolated: bool = False) -> dict[str, str]:
+def git_env(
+    environ: Mapping[str, str], *, isolated: bool = False, lfs_offline: bool = False
+) -> dict[str, str]:
     """The environment for host git: no GIT_* from the caller steers it.
 
     isolated: the runner's scratch repository: no system or global config.
+    lfs_offline: a checkout of the agent's commits (land): git-lfs's smudge
+    filter, where the user has it, downloads nothing.  The server it would
+    ask is the one a committed ``.lfsconfig`` names (the agent's writing), and
+    the request leaves from the host, outside the VM's allowlist, with object
+    ids the agent chose: a channel out for whatever the agent read.
     """
     # No API keys either (every flavor's is a *_API_KEY): a program a
     # repository's config names (a filter, a hook) must not read them.
@@ -349,6 +356,9 @@ def git_env(environ: Mapping[str, str], *, isolated: bool = False) -> dict[str, 
     # No lazy fetch from a promisor remote a repository names (git >= 2.44).
     env["GIT_NO_LAZY_FETCH"] = "1"
     env["GIT_ASKPASS"] = "true"
+    if lfs_offline:
+        # LFS files stay pointers; `git lfs checkout` fills them from the local store.
+        env["GIT_LFS_SKIP_SMUDGE"] = "1"
     if isolated:
         env["GIT_CONFIG_NOSYSTEM"] = "1"
         env["GIT_CONFIG_GLOBAL"] = "/dev/null"
@@ -362,10 +372,11 @@ def git(
     isolated: bool = False,
     check: bool = True,
     index_file: Path | None = None,
+    lfs_offline: bool = False,
 ) -> process.Completed:
     from microvm_run import process  # noqa: PLC0415 - keeps --dry-run's imports small
 
-    env = git_env(environ, isolated=isolated)
+    env = git_env(environ, isolated=isolated, lfs_offline=lfs_offline)
     if index_file is not None:
         env["GIT_INDEX_FILE"] = str(index_file)
     try:
@@ -385,9 +396,14 @@ def last_line(text: str) -> str:
 
 
 def user_git(
-    project: Path, args: list[str], environ: Mapping[str, str], *, check: bool = True
+    project: Path,
+    args: list[str],
+    environ: Mapping[str, str],
+    *,
+    check: bool = True,
+    lfs_offline: bool = False,
 ) -> process.Completed:
-    return git(["-C", str(project), *args], environ, check=check)
+    return git(["-C", str(project), *args], environ, check=check, lfs_offline=lfs_offline)
 
 
 def rev(project: Path, what: str, environ: Mapping[str, str]) -> str | None:

@@ -419,7 +419,9 @@ def _fast_forward(
     environ: Mapping[str, str],
 ) -> None:
     if checked_out and meta.mode == "worktree":
-        result = agentgit.user_git(project, ["merge", "--ff-only", "-q", tip], environ, check=False)
+        result = agentgit.user_git(
+            project, ["merge", "--ff-only", "-q", tip], environ, check=False, lfs_offline=True
+        )
         if result.returncode != 0:
             raise _Refused(f"git merge --ff-only refused: {agentgit.last_line(result.stderr)}")
         return
@@ -458,6 +460,7 @@ def _merge(
         ["merge", "--no-ff", "--no-edit", "-q", "-m", f"Merge {branch}", tip],
         environ,
         check=False,
+        lfs_offline=True,
     )
     if result.returncode != 0:
         raise _Refused(f"git merge stopped: {agentgit.last_line(result.stderr or result.stdout)}")
