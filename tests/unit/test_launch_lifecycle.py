@@ -9,6 +9,8 @@ each one does is the scenario word after the script's path.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import shutil
 import signal
@@ -262,6 +264,39 @@ def test_a_signal_during_cleanup_does_not_abandon_the_share_repair(
     _run(spec, short_tmp, "exit")
     assert finished == [True]
     assert "cleanup:" not in capsys.readouterr().err
+
+
+class _HungUpTerminal(io.TextIOBase):
+    """stderr once the terminal is gone: every write fails with EIO."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def test_a_closed_terminal_still_gets_everything_cleaned_up(
+    spec: Spec, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A closed window or `tmux kill-session`: SIGHUP, and the cleanup's
+    # messages (here the set-id repair's, for a file the guest planted; in
+    # CI the egress summary) cannot be written.  Each later step, the
+    # runtime dir's removal last, must still run (_run checks).
+    real = launch.restore_shares
+
+    def after_a_guest_planted_a_set_id_file(plan: LaunchPlan, work_mode: int | None) -> None:
+        planted = plan.work_dir / "planted"
+        planted.write_text("")
+        planted.chmod(0o4755)
+        real(plan, work_mode)
+
+    monkeypatch.setattr(launch, "restore_shares", after_a_guest_planted_a_set_id_file)
+    monkeypatch.setattr(sys, "stderr", _HungUpTerminal())
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGHUP))
+    timer.start()
+    try:
+        assert _run(spec, short_tmp, "ready-then-hang") == 128 + signal.SIGHUP
+    finally:
+        timer.cancel()
+    assert (short_tmp / "work" / "planted").stat().st_mode & 0o7777 == 0o755
 
 
 def test_a_guest_that_sends_a_huge_exit_number_does_not_crash_the_runner(

@@ -320,4 +320,8 @@ def without(environ: Mapping[str, str], names: Sequence[str]) -> dict[str, str]:
 
 
 def log(message: str) -> None:
-    print(f"microvm-run: {message}", file=sys.stderr, flush=True)
+    # The terminal may be gone (a closed window, tmux kill-session: SIGHUP,
+    # then EIO on every write): a message nobody can read must not stop the
+    # cleanup it reports on.
+    with contextlib.suppress(OSError, ValueError):
+        print(f"microvm-run: {message}", file=sys.stderr, flush=True)
