@@ -27,7 +27,23 @@ from .test_sniff import client_hello, dns_message, parse_answer
 TIMEOUT_S = 10.0
 
 
-class Upstream:
+class LocalServer:
+    """A threaded TCP server on 127.0.0.1 with ``handler``, until close()."""
+
+    def serve(self, handler: type[socketserver.BaseRequestHandler]) -> None:
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        ).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Upstream(LocalServer):
     """A TCP server on 127.0.0.1 that records what each connection sent and replies.
 
     ``until_eof``: read until the client half-closes (what a transparent
@@ -68,17 +84,7 @@ class Upstream:
                 with contextlib.suppress(OSError):
                     self.request.sendall(upstream.reply)
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def _complete_request(data: bytes) -> bool:
@@ -1258,7 +1264,7 @@ def test_guest_chosen_names_are_escaped_in_the_log_and_the_summary(
 # -- whole downloads: no task lost to the garbage collector -------------------------
 
 
-class BigUpstream:
+class BigUpstream(LocalServer):
     """Serves ``size`` bytes after any request head, in uneven, paced pieces."""
 
     def __init__(self, size: int) -> None:
@@ -1285,14 +1291,7 @@ class BigUpstream:
                         time.sleep(0.001)  # slower than the guest now and then
                 sock.close()
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def test_many_large_downloads_lose_no_bytes_under_garbage_collection(
@@ -1379,7 +1378,7 @@ def test_key_proxy_replaces_placeholders_in_every_credential_header(
         assert [v for k, v in headers if k == "authorization"] == ["Bearer sk-real-openai-1234"]
 
 
-class WebSocketUpstream:
+class WebSocketUpstream(LocalServer):
     """Answers a WebSocket handshake with 101, then echoes bytes and records them."""
 
     def __init__(self, status: bytes = b"101 Switching Protocols") -> None:
@@ -1419,16 +1418,7 @@ class WebSocketUpstream:
                         owner.after.append(chunk)
                         self.request.sendall(b"echo:" + chunk)
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def _ws_route(ws: WebSocketUpstream | ScriptedUpstream) -> KeyRoute:
@@ -1493,7 +1483,7 @@ def test_a_refused_websocket_upgrade_is_one_response_and_nothing_after_it(
         ws.close()
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(LocalServer):
     """Reads one request head, then answers with ``answer(head, connection)``."""
 
     def __init__(self, answer: Callable[[bytes, socket.socket], None]) -> None:
@@ -1509,16 +1499,7 @@ class ScriptedUpstream:
                 with contextlib.suppress(OSError):
                     answer(data.partition(b"\r\n\r\n")[0], self.request)
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def test_a_refused_websocket_upgrade_that_reflects_the_key_in_pieces_is_cut_off(
