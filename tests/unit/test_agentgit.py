@@ -16,6 +16,7 @@ from microvm_run.agentgit import USER_OBJECTS, GitPlan, Meta
 from microvm_run.ops import remove_tree
 from microvm_run.plan import RunOptions, build_plan
 from microvm_run.spec import Spec
+from tests.support.deeptree import dig
 
 from .conftest import make_facts
 
@@ -372,13 +373,7 @@ def test_a_reused_worktree_survives_a_deep_tree_the_guest_left_where_alternates_
     alternates = plan.agent_git / "objects" / "info" / "alternates"
     alternates.unlink()
     alternates.mkdir()
-    fd = os.open(alternates, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(3000):
-        os.mkdir("d", dir_fd=fd)
-        below = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = below
-    os.close(fd)
+    os.close(dig(alternates, 3000))
     try:
         gitprepare.prepare(plan, git_env, "2026-11-29T00:00:01Z")
         assert alternates.read_text() == "../user-objects\n"

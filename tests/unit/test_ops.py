@@ -17,6 +17,7 @@ import pytest
 
 from microvm_run import host, ops, process, qmp, state
 from microvm_run.state import Entry
+from tests.support.deeptree import dig
 from tests.support.interrupt import wait_for
 
 from .test_state import make_home, make_instance, make_state, own_process, spawn_sleep
@@ -646,12 +647,7 @@ def test_remove_tree_empties_read_only_directories(tmp_path: Path) -> None:
 def test_remove_tree_removes_a_chain_deeper_than_any_recursion(tmp_path: Path) -> None:
     tree = tmp_path / "home"
     tree.mkdir()
-    fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(2100):
-        os.mkdir("d", dir_fd=fd)
-        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
+    fd = dig(tree, 2100)
     os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
     os.fchmod(fd, 0)  # and the bottom one locked
     os.close(fd)
